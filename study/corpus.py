@@ -1,0 +1,41 @@
+"""Corpora as lists of documents: the built-in grammar, or a user's text / JSONL files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from study.errors import StudyInputError
+from study.grammar import Grammar
+
+
+def generate_documents(n_documents: int, seed: int) -> list[str]:
+    """The embedded corpus: ``n_documents`` documents of 3-8 sentences from the seeded grammar."""
+    grammar = Grammar(seed)
+    return [grammar.document() for _ in range(n_documents)]
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents from a ``.txt`` file (one per line) or a ``.jsonl`` file (a ``text`` field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyInputError(f"corpus file {path} does not exist; pass an existing .txt or .jsonl file or 'embedded'")
+    if path.suffix == ".jsonl":
+        documents = []
+        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                documents.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise StudyInputError(
+                    f"{path}:{line_number} is not a JSON object with a 'text' field ({error}); fix or remove that line"
+                ) from None
+    elif path.suffix == ".txt":
+        documents = path.read_text().splitlines()
+    else:
+        raise StudyInputError(f"corpus file {path} has suffix '{path.suffix}'; use .txt (one document per line) or .jsonl")
+    documents = [document for document in documents if document.strip()]
+    if not documents:
+        raise StudyInputError(f"corpus {path} holds no text; point to a file with at least one non-empty document")
+    return documents

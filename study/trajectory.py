@@ -1,0 +1,144 @@
+"""Trajectories: the ordered snapshots of one pre-training run, from the hub, a folder, or the embedded model.
+
+Every snapshot is loaded by the same call, ``from_pretrained(source, revision=...)``: a hub id with
+a revision such as ``step1000`` (Pythia), or a ``save_pretrained`` folder with no revision.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from study.config import PretrainConfig
+from study.errors import StudyInputError
+
+STEP_NAME = re.compile(r"^step(\d+)$")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One checkpoint: its training step and where ``from_pretrained`` finds it."""
+
+    step: int
+    """Optimizer step at which the checkpoint was saved."""
+    source: str
+    """Hub model id, or a local ``save_pretrained`` folder."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None for a local folder."""
+
+    def __str__(self) -> str:
+        return f"{self.source}@{self.revision}" if self.revision else self.source
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Snapshots of one run, ordered by step."""
+
+    name: str
+    """Model id, folder, or ``embedded-<key>``; identifies the trajectory in caches and MLflow."""
+    snapshots: tuple[Snapshot, ...]
+    """Ordered by increasing step."""
+
+    @property
+    def steps(self) -> list[int]:
+        return [snapshot.step for snapshot in self.snapshots]
+
+    def snapshot(self, step: int) -> Snapshot:
+        for snapshot in self.snapshots:
+            if snapshot.step == step:
+                return snapshot
+        raise StudyInputError(f"trajectory {self.name} has no step {step}; its steps are {self.steps}")
+
+    def check(self) -> None:
+        """Read every snapshot's config, so that a missing one fails before any heavy work."""
+        for snapshot in self.snapshots:
+            with explained_load_errors(snapshot):
+                AutoConfig.from_pretrained(snapshot.source, revision=snapshot.revision)
+
+
+def pythia_revisions() -> list[str]:
+    """Pythia's 154 checkpoint names: step0, the powers of two to 512, then every 1000 to 143000."""
+    steps = [0] + [2**power for power in range(10)] + list(range(1000, 143_001, 1000))
+    return [f"step{step}" for step in steps]
+
+
+def step_of(name: str) -> int:
+    match = STEP_NAME.match(name)
+    if not match:
+        raise StudyInputError(f"cannot read a step from '{name}'; name revisions and folders step<N>, e.g. step1000")
+    return int(match.group(1))
+
+
+def hub_trajectory(model_id: str, revisions: list[str] | None = None) -> Trajectory:
+    """Snapshots ``model_id@revision``; revisions default to Pythia's ``step0 ... step143000``."""
+    revisions = revisions or pythia_revisions()
+    snapshots = sorted((Snapshot(step_of(revision), model_id, revision) for revision in revisions), key=lambda s: s.step)
+    return Trajectory(model_id, tuple(snapshots))
+
+
+def directory_trajectory(path: str | Path, name: str | None = None) -> Trajectory:
+    """Snapshots from the ``step<N>/`` sub-folders of ``path``, each a ``save_pretrained`` folder."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise StudyInputError(f"{path} is not a directory; pass a folder holding step<N>/ checkpoint folders")
+    snapshots = [
+        Snapshot(int(STEP_NAME.match(child.name).group(1)), str(child))
+        for child in path.iterdir()
+        if child.is_dir() and STEP_NAME.match(child.name) and (child / "config.json").is_file()
+    ]
+    if not snapshots:
+        raise StudyInputError(
+            f"{path} holds no checkpoints; expected sub-folders step<N>/ written by save_pretrained (with config.json)"
+        )
+    return Trajectory(name or str(path), tuple(sorted(snapshots, key=lambda s: s.step)))
+
+
+def embedded_trajectory(config: PretrainConfig | None = None, cache_dir: str | Path | None = None) -> Trajectory:
+    """The project's own pre-trained GPT-NeoX, built into the cache on first use."""
+    from study.pretrain import build_embedded_trajectory  # pretraining is only imported when needed
+
+    config = config or PretrainConfig()
+    folder = build_embedded_trajectory(config, cache_dir)
+    return directory_trajectory(folder, name=f"embedded-{config.cache_key()}")
+
+
+def resolve_trajectory(spec: str, revisions: list[str] | None = None, cache_dir: str | Path | None = None) -> Trajectory:
+    """``embedded``, a local folder of ``step<N>/`` checkpoints, or a hub model id (with revisions)."""
+    if spec == "embedded":
+        return embedded_trajectory(cache_dir=cache_dir)
+    if Path(spec).expanduser().exists():
+        return directory_trajectory(spec)
+    return hub_trajectory(spec, revisions)
+
+
+@contextmanager
+def explained_load_errors(snapshot: Snapshot) -> Iterator[None]:
+    """Turn the hub's and transformers' loading errors into one line that says what to check."""
+    try:
+        yield
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StudyInputError(
+            f"cannot load snapshot {snapshot}: {reason} -- check the model id and revision (hub revisions look like "
+            "step1000; offline, the hub cache must hold them), or use a local folder or 'embedded'"
+        ) from None
+
+
+def load_model(snapshot: Snapshot, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The snapshot's causal LM in eval mode, on ``device``."""
+    with explained_load_errors(snapshot):
+        model = AutoModelForCausalLM.from_pretrained(snapshot.source, revision=snapshot.revision, dtype=dtype)
+    return model.eval().to(device)
+
+
+def load_tokenizer(snapshot: Snapshot) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with the snapshot (Pythia ships one per revision, as the embedded model does)."""
+    with explained_load_errors(snapshot):
+        return AutoTokenizer.from_pretrained(snapshot.source, revision=snapshot.revision)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny embedded trajectory built once per test session, in a private cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# The hub library reads these when first imported: set them before any test imports it, so that
+# no test reaches the network or the user's own cache, and tests can place "hub" revisions here.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="hub-cache-"))
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from study.config import TINY  # noqa: E402
+from study.pretrain import build_embedded_trajectory  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_trajectory_folder(tmp_path_factory) -> Path:
+    return build_embedded_trajectory(TINY, tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def mirror_as_hub_cache(trajectory_folder: Path, model_id: str, steps: list[int]) -> None:
+    """Lay out ``step<N>/`` folders as the Hugging Face cache holds a hub repo's revisions.
+
+    Offline, ``from_pretrained(model_id, revision="step<N>")`` then resolves exactly as it would
+    for a downloaded Pythia revision.
+    """
+    repo = HUB_CACHE / ("models--" + model_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        commit = hashlib.sha1(f"{model_id}@step{step}".encode()).hexdigest()
+        shutil.copytree(trajectory_folder / f"step{step}", repo / "snapshots" / commit)
+        (repo / "refs" / f"step{step}").write_text(commit)
