@@ -1,0 +1,27 @@
+"""Crosscoders across pre-training snapshots, in plain PyTorch (no Ray, no MLflow).
+
+    from crosscoder import CrossCoderConfig, fit
+    result = fit(activations, CrossCoderConfig(expansion_ratio=8, sparsity="jumprelu"))
+    result.metrics.explained_variance, result.model.decoder_norms()
+"""
+
+from crosscoder.config import CrossCoderConfig, InputError, TrainingError
+from crosscoder.metrics import CrossCoderMetrics, evaluate
+from crosscoder.model import CrossCoder, CrossCoderOutput
+from crosscoder.trainer import TrainResult, train
+
+fit = train
+"""The notebook entry point: ``fit(activations [tokens, S, d_model], config) -> TrainResult``."""
+
+__all__ = [
+    "CrossCoder",
+    "CrossCoderConfig",
+    "CrossCoderMetrics",
+    "CrossCoderOutput",
+    "InputError",
+    "TrainResult",
+    "TrainingError",
+    "evaluate",
+    "fit",
+    "train",
+]

@@ -1,0 +1,140 @@
+"""Configuration of a crosscoder and its training run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+SparsityMethod = Literal["jumprelu", "l1", "topk", "batchtopk"]
+SPARSITY_METHODS = ("jumprelu", "l1", "topk", "batchtopk")
+
+# Sparsity coefficients that give L0 in the tens to low hundreds on normalised activations; the
+# reconstruction loss is divided by d_model, so these carry over between model widths.
+DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 3e-4, "l1": 1e-3, "topk": 0.0, "batchtopk": 0.0}
+
+
+class InputError(ValueError):
+    """Bad configuration or data, found before training starts; the message says how to fix it."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a loss that is not finite); the message names the step and the last checkpoint."""
+
+
+@dataclass(frozen=True)
+class CrossCoderConfig:
+    """One crosscoder over S snapshots and how it is trained. Shapes come from the data."""
+
+    expansion_ratio: float = 8
+    """Features per residual dimension: n_features = expansion_ratio x d_model."""
+
+    sparsity: SparsityMethod = "jumprelu"
+    """jumprelu (paper 1), l1 (paper 2's ReLU + decoder-norm-weighted L1), topk or batchtopk."""
+
+    sparsity_coefficient: float | None = None
+    """lambda of the sparsity penalty; None takes the method's default (unused by topk / batchtopk)."""
+
+    k: int = 32
+    """Active features per token for topk and batchtopk (batchtopk: k x batch over the batch)."""
+
+    jumprelu_bandwidth: float = 0.5
+    """Width eps of the rectangle window of the threshold's straight-through gradient."""
+
+    jumprelu_initial_threshold: float = 0.5
+    """Initial threshold theta of every feature, on the decoder-norm-scaled pre-activation."""
+
+    tanh_scale: float = 4.0
+    """c in the penalty tanh(c * f * ||W_D||): how fast a feature's contribution saturates."""
+
+    frequency_scale: float = 0.01
+    """s_f in the penalty p (1 + p / s_f): above this activation frequency the quadratic term dominates."""
+
+    threshold_lr_multiplier: float = 0.1
+    """The threshold learns at this fraction of the learning rate."""
+
+    learning_rate: float = 1e-3
+    """Peak Adam learning rate."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates."""
+
+    lr_warmup_fraction: float = 0.02
+    """Share of steps over which the learning rate rises linearly from zero."""
+
+    lr_cooldown_fraction: float = 0.2
+    """Share of final steps over which the learning rate falls linearly to zero."""
+
+    sparsity_warmup_fraction: float = 0.05
+    """Share of steps over which the sparsity coefficient rises linearly from zero."""
+
+    grad_clip_norm: float | None = None
+    """Clip the global gradient norm to this value (paper 2: 1.0); None leaves gradients alone."""
+
+    encoder_init_factor: float = 1.0
+    """W_E^s starts as (W_D^s)^T x factor / S, so that the summed pre-activation keeps the decoder's scale."""
+
+    batch_size: int = 1024
+    """Tokens per optimizer step."""
+
+    n_steps: int = 2000
+    """Optimizer steps."""
+
+    seed: int = 0
+    """Seed of the initial weights and of the data order."""
+
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
+
+    autocast_bf16: bool = False
+    """Run the matmuls under bfloat16 autocast (weights and optimizer stay float32)."""
+
+    normalisation_tokens: int = 16384
+    """Tokens used to estimate each snapshot's mean norm for the dataset-wise normalisation."""
+
+    dead_window_tokens: int = 1_000_000
+    """A feature that has not fired over this many training tokens counts as dead."""
+
+    log_every: int = 50
+    """Steps between entries of the training history."""
+
+    checkpoint_every: int | None = None
+    """Steps between safetensors checkpoints in checkpoint_dir; None writes none."""
+
+    checkpoint_dir: str | None = None
+    """Folder of the periodic checkpoints; training resumes from the newest one found there."""
+
+    def __post_init__(self) -> None:
+        if self.sparsity not in SPARSITY_METHODS:
+            raise InputError(f"sparsity '{self.sparsity}' is unknown; choose one of {', '.join(SPARSITY_METHODS)}")
+        if not self.expansion_ratio > 0:
+            raise InputError(f"expansion_ratio must be > 0, got {self.expansion_ratio}")
+        for name in ("batch_size", "n_steps", "k", "log_every", "normalisation_tokens"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.checkpoint_every is not None and (self.checkpoint_every <= 0 or not self.checkpoint_dir):
+            raise InputError("checkpoint_every needs a positive value and a checkpoint_dir to write to")
+        if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
+            raise InputError(f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient}")
+
+    @property
+    def lambda_(self) -> float:
+        """The sparsity coefficient in force: the configured one or the method's default."""
+        if self.sparsity_coefficient is not None:
+            return self.sparsity_coefficient
+        return DEFAULT_SPARSITY_COEFFICIENT[self.sparsity]
+
+    def n_features(self, d_model: int) -> int:
+        return max(1, round(self.expansion_ratio * d_model))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CrossCoderConfig":
+        known = {field.name for field in fields(cls)}
+        values = {key: value for key, value in values.items() if key in known}
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values)

@@ -1,0 +1,33 @@
+"""One-to-one matching of two dictionaries' decoders by cosine over all snapshots (Hungarian)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+class FeatureMatch(NamedTuple):
+    """Pairs (rows[j], columns[j]) of features of dictionary A and B with their cosine."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    cosines: torch.Tensor
+
+
+def decoder_cosines(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> torch.Tensor:
+    """[F_a, F_b] cosines between decoders [F, S, d] (or [S, F, d] transposed by the caller), flattened over snapshots."""
+    flat_a = decoder_a.flatten(1).float()
+    flat_b = decoder_b.flatten(1).float()
+    flat_a = flat_a / flat_a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    flat_b = flat_b / flat_b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return flat_a @ flat_b.T
+
+
+def match_features(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> FeatureMatch:
+    """The one-to-one pairing that maximises the summed cosine; min(F_a, F_b) pairs."""
+    cosines = decoder_cosines(decoder_a, decoder_b)
+    rows, columns = linear_sum_assignment(cosines.numpy(), maximize=True)
+    rows, columns = torch.as_tensor(rows), torch.as_tensor(columns)
+    return FeatureMatch(rows, columns, cosines[rows, columns])

@@ -1,0 +1,136 @@
+"""The crosscoder: per-snapshot encoders and decoders around one shared sparse code."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from crosscoder.config import CrossCoderConfig, InputError
+from crosscoder.sparsity import batch_topk, decoder_norms, frequency_penalty, jumprelu, relu_l1, topk
+
+
+class CrossCoderOutput(NamedTuple):
+    """What one forward pass gives, all in normalised units."""
+
+    reconstruction: torch.Tensor
+    """[B, S, d_model] the crosscoder's estimate of the normalised input."""
+    codes: torch.Tensor
+    """Feature activations: [S, B, F] for jumprelu (gated per snapshot), else [B, F] shared by all snapshots."""
+    active: torch.Tensor
+    """[B, F] bool: the feature fired at any snapshot."""
+    sparsity_penalty: torch.Tensor
+    """The method's penalty before the coefficient lambda (zero for topk / batchtopk)."""
+
+
+class CrossCoder(nn.Module):
+    """x_s -> pre = sum_s x_s W_E^s + b_E -> sparse f -> x_hat_s = f W_D^s + b_D^s, for S snapshots.
+
+    Parameters are laid out for speed: the encoder is one [S*d, F] matrix, so the sum over
+    snapshots is a single matmul; the decoder is stored feature-major, [F, S, d], so that a code
+    shared by all snapshots decodes in one [B, F] x [F, S*d] matmul with no copy, while
+    ``decoder_weight.transpose(0, 1)`` is the papers' [S, F, d] for per-snapshot codes.
+    """
+
+    def __init__(self, n_snapshots: int, d_model: int, config: CrossCoderConfig):
+        super().__init__()
+        n_features = config.n_features(d_model)
+        if config.sparsity in ("topk", "batchtopk") and config.k >= n_features:
+            raise InputError(f"k = {config.k} must be below n_features = {n_features}; lower k or raise expansion_ratio")
+        self.config = config
+        self.n_snapshots, self.d_model, self.n_features = n_snapshots, d_model, n_features
+        self.encoder_weight = nn.Parameter(torch.zeros(n_snapshots * d_model, n_features))
+        self.encoder_bias = nn.Parameter(torch.zeros(n_features))
+        self.decoder_weight = nn.Parameter(torch.zeros(n_features, n_snapshots, d_model))
+        self.decoder_bias = nn.Parameter(torch.zeros(n_snapshots, d_model))
+        self.log_threshold = (
+            nn.Parameter(torch.full((n_features,), math.log(config.jumprelu_initial_threshold)))
+            if config.sparsity == "jumprelu"
+            else None
+        )
+        # sqrt(d_model) / E||x_s||: the dataset-wise normalisation, estimated from data and saved with the model.
+        self.register_buffer("input_scale", torch.ones(n_snapshots))
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[n_features, S]: ||W_D^{s,i}||, how strongly feature i is written at snapshot s."""
+        return self.decoder_weight.norm(dim=-1)
+
+    def normalise(self, activations: torch.Tensor) -> torch.Tensor:
+        return activations * self.input_scale[:, None].to(activations.dtype)
+
+    def encode(self, normalised: torch.Tensor) -> torch.Tensor:
+        """[B, S, d] -> pre-activation [B, F], summed over snapshots in one matmul."""
+        return torch.addmm(self.encoder_bias, normalised.flatten(1), self.encoder_weight)
+
+    def forward(self, activations: torch.Tensor) -> CrossCoderOutput:
+        """Reconstruct raw activations [B, S, d]; returns normalised reconstruction, codes and penalty."""
+        pre = self.encode(self.normalise(activations))
+        norms = decoder_norms(self.decoder_weight).T  # [S, F]
+        config = self.config
+        if config.sparsity == "jumprelu":
+            codes, frequency = jumprelu(pre, norms, self.log_threshold, config.jumprelu_bandwidth, config.tanh_scale)
+            # Per-snapshot codes: one [B, F] x [F, d] product per snapshot.
+            decoder = self.decoder_weight.transpose(0, 1)
+            reconstruction = torch.baddbmm(self.decoder_bias[:, None, :], codes, decoder).transpose(0, 1)
+            with torch.no_grad():  # fires at some snapshot iff it fires where its decoder norm is largest
+                active = pre > self.log_threshold.exp() / norms.max(0).values
+            return CrossCoderOutput(reconstruction, codes, active, frequency_penalty(frequency, config.frequency_scale))
+        if config.sparsity == "l1":
+            codes, penalty = relu_l1(pre, norms)
+        else:
+            codes = topk(pre, config.k) if config.sparsity == "topk" else batch_topk(pre, config.k)
+            penalty = pre.new_zeros(())
+        # Shared code: all snapshots decoded by one [B, F] x [F, S*d] product.
+        reconstruction = (codes @ self.decoder_weight.flatten(1)).view(-1, self.n_snapshots, self.d_model) + self.decoder_bias
+        return CrossCoderOutput(reconstruction, codes, codes.detach() != 0, penalty)
+
+    def reconstruct(self, activations: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the units of the raw activations, ready to splice back into the model."""
+        return self(activations).reconstruction / self.input_scale[:, None].to(activations.dtype)
+
+    @torch.no_grad()
+    def initialize(self, sample: torch.Tensor, generator: torch.Generator) -> None:
+        """Set the normalisation from ``sample`` [n, S, d] and draw the initial weights.
+
+        One decoder is drawn and copied to every snapshot; the encoder starts as its transpose
+        (divided by S, as the pre-activation sums S snapshots); the decoder norm is the one, on a
+        log grid, that gives the lowest reconstruction error on the sample.
+        """
+        sample = sample.float()
+        mean_norms = sample.norm(dim=-1).mean(0)
+        self.input_scale.copy_(math.sqrt(self.d_model) / mean_norms.clamp_min(1e-12))
+        normalised = self.normalise(sample)
+        self.decoder_bias.copy_(normalised.mean(0))
+        directions = torch.randn(self.n_features, self.d_model, generator=generator)
+        directions /= directions.norm(dim=-1, keepdim=True)
+
+        def set_norm(norm: float) -> None:
+            self.decoder_weight.copy_(directions[:, None, :].expand(-1, self.n_snapshots, -1) * norm)
+            encoder = directions.T * (norm * self.config.encoder_init_factor / self.n_snapshots)
+            self.encoder_weight.copy_(encoder.repeat(self.n_snapshots, 1))
+
+        def error(norm: float) -> float:
+            set_norm(norm)
+            return (self(sample).reconstruction - normalised).square().sum(-1).mean().item()
+
+        set_norm(min(torch.logspace(-2, 1, 16).tolist(), key=error))
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file: the weights, the normalisation, and the config as metadata."""
+        metadata = {"config": json.dumps(self.config.to_dict()), "n_snapshots": str(self.n_snapshots), "d_model": str(self.d_model)}
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "CrossCoder":
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        model = cls(int(metadata["n_snapshots"]), int(metadata["d_model"]), CrossCoderConfig.from_dict(json.loads(metadata["config"])))
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device)

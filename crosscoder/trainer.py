@@ -1,0 +1,216 @@
+"""Training: seeded initialisation and data order, Adam with warm-up and cool-down, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from crosscoder.config import CrossCoderConfig, InputError, TrainingError
+from crosscoder.data import Activations, array_batches, as_tensor, iterable_batches, take_sample
+from crosscoder.metrics import CrossCoderMetrics, evaluate
+from crosscoder.model import CrossCoder
+
+CHECKPOINT_NAME = re.compile(r"^step(\d+)\.safetensors$")
+
+
+class TrainResult(NamedTuple):
+    """A trained crosscoder, its metrics, and the training curve."""
+
+    model: CrossCoder
+    metrics: CrossCoderMetrics
+    """Measured on the evaluation activations when given, else on a training sample."""
+    history: list[dict[str, float]]
+    """Every ``log_every`` steps: step, loss, mse, sparsity penalty, l0, learning rate, coefficient, dead share."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{name}' asked for but CUDA is not available; use device='cpu' or 'auto'")
+    return device
+
+
+def schedule_factor(step: int, config: CrossCoderConfig) -> float:
+    """Learning-rate multiplier: linear warm-up, flat, linear cool-down to zero."""
+    warmup = config.lr_warmup_fraction * config.n_steps
+    cooldown = config.lr_cooldown_fraction * config.n_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= config.n_steps - cooldown:
+        return max(0.0, (config.n_steps - step) / cooldown)
+    return 1.0
+
+
+def sparsity_factor(step: int, config: CrossCoderConfig) -> float:
+    warmup = config.sparsity_warmup_fraction * config.n_steps
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def latest_checkpoint(folder: str | Path | None) -> Path | None:
+    if not folder or not Path(folder).is_dir():
+        return None
+    found = [(int(match.group(1)), path) for path in Path(folder).iterdir() if (match := CHECKPOINT_NAME.match(path.name))]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(folder: Path, step: int, model: CrossCoder, optimizer: torch.optim.Adam, tokens_since_fired: torch.Tensor, history: list) -> Path:
+    """Weights, Adam's moments and the dead-feature counters at ``step``, written atomically."""
+    tensors = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    for index, parameter in enumerate(optimizer_parameters(optimizer)):
+        state = optimizer.state.get(parameter)
+        if state:
+            tensors[f"adam.{index}.exp_avg"] = state["exp_avg"]
+            tensors[f"adam.{index}.exp_avg_sq"] = state["exp_avg_sq"]
+    tensors["tokens_since_fired"] = tokens_since_fired
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    metadata = {"step": str(step), "config": json.dumps(model.config.to_dict()), "history": json.dumps(history)}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step{step}.safetensors"
+    partial = folder / f".step{step}.partial"
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    for older in folder.iterdir():
+        if CHECKPOINT_NAME.match(older.name) and older != path:
+            older.unlink()
+    return path
+
+
+def load_checkpoint(path: Path, model: CrossCoder, optimizer: torch.optim.Adam, device: torch.device) -> tuple[int, torch.Tensor, list]:
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    saved_config = CrossCoderConfig.from_dict(json.loads(metadata["config"]))
+    if saved_config != model.config:
+        raise InputError(f"checkpoint {path} was written by another configuration; point checkpoint_dir at a fresh folder")
+    model.load_state_dict({name[len("model."):]: tensor for name, tensor in tensors.items() if name.startswith("model.")})
+    step = int(metadata["step"])
+    for index, parameter in enumerate(optimizer_parameters(optimizer)):
+        if f"adam.{index}.exp_avg" in tensors:
+            optimizer.state[parameter] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": tensors[f"adam.{index}.exp_avg"],
+                "exp_avg_sq": tensors[f"adam.{index}.exp_avg_sq"],
+            }
+    return step, tensors["tokens_since_fired"], json.loads(metadata["history"])
+
+
+def make_optimizer(model: CrossCoder) -> torch.optim.Adam:
+    """Adam over all weights; the JumpReLU threshold in its own group at a reduced learning rate."""
+    config = model.config
+    others = [parameter for parameter in model.parameters() if parameter is not model.log_threshold]
+    groups = [{"params": others, "lr_scale": 1.0}]
+    if model.log_threshold is not None:
+        groups.append({"params": [model.log_threshold], "lr_scale": config.threshold_lr_multiplier})
+    # The fused kernel updates each weight in one pass; the default takes about ten, a quarter of a large step.
+    return torch.optim.Adam(groups, lr=config.learning_rate, betas=config.adam_betas, fused=True)
+
+
+class StepResult(NamedTuple):
+    """Detached results of one optimizer step."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    sparsity_penalty: torch.Tensor
+    active: torch.Tensor
+    """[B, F] bool: features that fired on each token of the batch."""
+
+
+def training_step(model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.Tensor, step: int) -> StepResult:
+    """Schedules for ``step``, forward, loss, backward and Adam update on one batch [B, S, d]."""
+    config = model.config
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * group["lr_scale"] * schedule_factor(step, config)
+    coefficient = config.lambda_ * sparsity_factor(step, config)
+    autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
+    with autocast:
+        output = model(batch)
+        mse = (output.reconstruction.float() - model.normalise(batch)).square().sum(-1).mean() / model.d_model
+        loss = mse + coefficient * output.sparsity_penalty.float()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+    if torch.isfinite(loss):  # a step on a non-finite loss would spoil the weights the caller may still save
+        optimizer.step()
+    return StepResult(loss.detach(), mse.detach(), output.sparsity_penalty.detach(), output.active)
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [parameter for group in optimizer.param_groups for parameter in group["params"]]
+
+
+def train(
+    activations: Activations | Iterable,
+    config: CrossCoderConfig | None = None,
+    eval_activations: Activations | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train a crosscoder on [tokens, S, d_model] activations (an array, or an iterable of batches).
+
+    Resumes from the newest checkpoint in ``config.checkpoint_dir`` when one is there.
+    """
+    config = config or CrossCoderConfig()
+    device = resolve_device(config.device)
+    sample, data = take_sample(activations, config.normalisation_tokens, config.seed)
+    n_snapshots, d_model = sample.shape[1:]
+    if eval_activations is not None:
+        eval_activations = as_tensor(eval_activations)
+        if tuple(eval_activations.shape[1:]) != (n_snapshots, d_model):
+            raise InputError(f"eval_activations are [*, {eval_activations.shape[1]}, {eval_activations.shape[2]}], training data [*, {n_snapshots}, {d_model}]")
+
+    model = CrossCoder(n_snapshots, d_model, config)
+    model.initialize(sample, torch.Generator().manual_seed(config.seed))
+    model.to(device)
+    optimizer = make_optimizer(model)
+
+    start_step, tokens_since_fired, history = 0, torch.zeros(model.n_features, device=device), []
+    last_checkpoint = latest_checkpoint(config.checkpoint_dir)
+    if last_checkpoint is not None:
+        start_step, tokens_since_fired, history = load_checkpoint(last_checkpoint, model, optimizer, device)
+
+    if isinstance(data, torch.Tensor):
+        batches = array_batches(data, config.batch_size, config.seed, start_step)
+    else:
+        batches = iterable_batches(data, start_step)
+    bar = tqdm(range(start_step, config.n_steps), desc="crosscoder", unit="step", disable=not progress, initial=start_step, total=config.n_steps)
+    for step in bar:
+        try:
+            batch = next(batches).to(device, non_blocking=True).float()
+        except StopIteration:
+            break
+        result = training_step(model, optimizer, batch, step)
+        if not torch.isfinite(result.loss):
+            where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written (set checkpoint_every)"
+            raise TrainingError(f"loss became {result.loss.item()} at step {step}; {where}; lower learning_rate or sparsity_coefficient")
+        tokens_since_fired = torch.where(result.active.any(0), 0.0, tokens_since_fired + batch.shape[0])
+        if (step + 1) % config.log_every == 0 or step + 1 == config.n_steps:
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": result.loss.item(),
+                    "mse": result.mse.item(),
+                    "sparsity_penalty": result.sparsity_penalty.item(),
+                    "l0": result.active.float().sum(-1).mean().item(),
+                    "learning_rate": config.learning_rate * schedule_factor(step, config),
+                    "sparsity_coefficient": config.lambda_ * sparsity_factor(step, config),
+                    "dead_fraction": (tokens_since_fired >= config.dead_window_tokens).float().mean().item(),
+                }
+            )
+            bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.0f}")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            last_checkpoint = save_checkpoint(Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history)
+
+    model.eval()
+    metrics = evaluate(model, eval_activations if eval_activations is not None else sample)
+    return TrainResult(model, metrics, history)
