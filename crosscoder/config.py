@@ -40,8 +40,8 @@ class CrossCoderConfig:
     jumprelu_bandwidth: float = 0.5
     """Width eps of the rectangle window of the threshold's straight-through gradient."""
 
-    jumprelu_initial_threshold: float = 0.5
-    """Initial threshold theta of every feature, on the decoder-norm-scaled pre-activation."""
+    jumprelu_initial_firing: float = 0.05
+    """Share of tokens each feature fires on at initialisation; sets each feature's initial threshold."""
 
     tanh_scale: float = 4.0
     """c in the penalty tanh(c * f * ||W_D||): how fast a feature's contribution saturates."""
@@ -115,6 +115,8 @@ class CrossCoderConfig:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.checkpoint_every is not None and (self.checkpoint_every <= 0 or not self.checkpoint_dir):
             raise InputError("checkpoint_every needs a positive value and a checkpoint_dir to write to")
+        if not 0 < self.jumprelu_initial_firing < 1:
+            raise InputError(f"jumprelu_initial_firing must lie in (0, 1), got {self.jumprelu_initial_firing}")
         if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
             raise InputError(f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient}")
 

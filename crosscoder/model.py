@@ -49,11 +49,7 @@ class CrossCoder(nn.Module):
         self.encoder_bias = nn.Parameter(torch.zeros(n_features))
         self.decoder_weight = nn.Parameter(torch.zeros(n_features, n_snapshots, d_model))
         self.decoder_bias = nn.Parameter(torch.zeros(n_snapshots, d_model))
-        self.log_threshold = (
-            nn.Parameter(torch.full((n_features,), math.log(config.jumprelu_initial_threshold)))
-            if config.sparsity == "jumprelu"
-            else None
-        )
+        self.log_threshold = nn.Parameter(torch.zeros(n_features)) if config.sparsity == "jumprelu" else None
         # sqrt(d_model) / E||x_s||: the dataset-wise normalisation, estimated from data and saved with the model.
         self.register_buffer("input_scale", torch.ones(n_snapshots))
 
@@ -100,7 +96,9 @@ class CrossCoder(nn.Module):
 
         One decoder is drawn and copied to every snapshot; the encoder starts as its transpose
         (divided by S, as the pre-activation sums S snapshots); the decoder norm is the one, on a
-        log grid, that gives the lowest reconstruction error on the sample.
+        log grid, that gives the lowest reconstruction error on the sample. JumpReLU thresholds
+        start where each feature fires on ``jumprelu_initial_firing`` of the sample's tokens: a
+        fixed threshold would, depending on the data's scale, leave every feature dead or none sparse.
         """
         sample = sample.float()
         mean_norms = sample.norm(dim=-1).mean(0)
@@ -114,6 +112,10 @@ class CrossCoder(nn.Module):
             self.decoder_weight.copy_(directions[:, None, :].expand(-1, self.n_snapshots, -1) * norm)
             encoder = directions.T * (norm * self.config.encoder_init_factor / self.n_snapshots)
             self.encoder_weight.copy_(encoder.repeat(self.n_snapshots, 1))
+            if self.log_threshold is not None:
+                scaled = self.encode(normalised) * norm  # the gated quantity pre * ||W_D||, equal at all snapshots
+                rank = max(1, math.ceil((1 - self.config.jumprelu_initial_firing) * len(scaled)))
+                self.log_threshold.copy_(scaled.kthvalue(rank, dim=0).values.clamp_min(1e-6).log())
 
         def error(norm: float) -> float:
             set_norm(norm)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from crosscoder.config import CrossCoderConfig, InputError, TrainingError
+from crosscoder.cpu_memory import reuse_freed_memory
 from crosscoder.data import Activations, array_batches, as_tensor, iterable_batches, take_sample
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
@@ -162,6 +163,8 @@ def train(
     """
     config = config or CrossCoderConfig()
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        reuse_freed_memory()
     sample, data = take_sample(activations, config.normalisation_tokens, config.seed)
     n_snapshots, d_model = sample.shape[1:]
     if eval_activations is not None:

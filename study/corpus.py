@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
 from study.errors import StudyInputError
 from study.grammar import Grammar
 
@@ -39,3 +43,15 @@ def read_documents(path: str | Path) -> list[str]:
     if not documents:
         raise StudyInputError(f"corpus {path} holds no text; point to a file with at least one non-empty document")
     return documents
+
+
+def pack_contexts(tokenizer: PreTrainedTokenizerBase, documents: list[str], context_length: int) -> torch.Tensor:
+    """[contexts, context_length] token ids: documents joined by end-of-text, cut into equal pieces."""
+    stream = []
+    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        stream.append(tokenizer.eos_token_id)
+        stream.extend(ids)
+    usable = len(stream) // context_length * context_length
+    if usable == 0:
+        raise StudyInputError(f"the corpus holds {len(stream)} tokens, fewer than one context of {context_length}")
+    return torch.from_numpy(np.asarray(stream[:usable], dtype=np.int64)).view(-1, context_length)

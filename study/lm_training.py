@@ -11,26 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as transformers_logging
 
 from study.agreement import agreement_items, encode_items, logit_differences
 from study.config import PretrainConfig
-from study.corpus import generate_documents
+from study.corpus import generate_documents, pack_contexts
 from study.pretrain import MANIFEST
 from study.tokenizer import train_tokenizer
 
 HELD_OUT_SHARE = 0.02
-
-
-def pack_contexts(tokenizer: PreTrainedTokenizerFast, documents: list[str], context_length: int) -> torch.Tensor:
-    """[contexts, context_length] token ids: documents joined by end-of-text, cut into equal pieces."""
-    stream = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        stream.append(tokenizer.eos_token_id)
-        stream.extend(ids)
-    usable = len(stream) // context_length * context_length
-    return torch.tensor(np.asarray(stream[:usable], dtype=np.int64)).view(-1, context_length)
 
 
 def learning_rate_factor(step: int, config: PretrainConfig) -> float:

@@ -37,3 +37,14 @@ def mirror_as_hub_cache(trajectory_folder: Path, model_id: str, steps: list[int]
         commit = hashlib.sha1(f"{model_id}@step{step}".encode()).hexdigest()
         shutil.copytree(trajectory_folder / f"step{step}", repo / "snapshots" / commit)
         (repo / "refs" / f"step{step}").write_text(commit)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session, sized for a 2-core machine (see STACK_NOTES)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
+    yield ray
+    ray.shutdown()

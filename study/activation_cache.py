@@ -1,0 +1,128 @@
+"""Reading an activation cache: checksummed shards, and a seeded stream of [batch, S, d_model] batches.
+
+Every shard file is checked against the manifest's SHA-256 as it is read, so a corrupt or
+truncated file is never used; ``study.extraction.ensure_activations`` rebuilds such files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CorruptShardError(RuntimeError):
+    """A cache file does not match its checksum; the message names it and the fix."""
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ActivationCache:
+    """A complete cache folder (one with a manifest) written by ``ensure_activations``."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+
+    @property
+    def steps(self) -> list[int]:
+        return self.manifest["steps"]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.manifest["layers"]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest["n_tokens"]
+
+    @property
+    def d_model(self) -> int:
+        return self.manifest["d_model"]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["rows_per_shard"])
+
+    def mean_norms(self, layer: int) -> list[float]:
+        """Per snapshot, the mean norm of the layer's activations (the crosscoder's normalisation)."""
+        return self.manifest["mean_norms"][str(layer)]
+
+    def token_ids(self) -> np.ndarray:
+        """[n_tokens] id of the token at each row (the same row in every snapshot)."""
+        return self._read_verified("tokens.npy", self.manifest["token_files"]["tokens.npy"])
+
+    def positions(self) -> np.ndarray:
+        """[n_tokens] position of each row's token in its context (never 0)."""
+        return self._read_verified("positions.npy", self.manifest["token_files"]["positions.npy"])
+
+    def _read_verified(self, relative: str, digest: str) -> np.ndarray:
+        path = self.folder / relative
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptShardError(f"{path} is missing or does not match its checksum; run the extraction again to rebuild it")
+        return np.load(io.BytesIO(data))
+
+    def shard(self, layer: int, index: int, snapshots: list[int] | None = None) -> torch.Tensor:
+        """[rows of shard ``index``, S, d_model] in the stored dtype, every file verified."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not in this cache (layers {self.layers})")
+        columns = []
+        for snapshot in snapshots if snapshots is not None else range(len(self.steps)):
+            relative = f"layer{layer}/step{self.steps[snapshot]}/shard{index:05d}.npy"
+            columns.append(torch.from_numpy(self._read_verified(relative, self.manifest["files"][relative])))
+        stacked = torch.stack(columns, dim=1)
+        return stacked.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16" else stacked
+
+    def corrupt_units(self) -> list[tuple[int, int]]:
+        """(snapshot, shard) units with a file that is missing or fails its checksum."""
+        bad = set()
+        for relative, digest in self.manifest["files"].items():
+            path = self.folder / relative
+            if not path.is_file() or file_digest(path) != digest:
+                _, step, shard = relative.split("/")
+                bad.add((self.steps.index(int(step[4:])), int(shard[5:10])))
+        return sorted(bad)
+
+    def load(self, layer: int) -> torch.Tensor:
+        """All rows, [n_tokens, S, d_model] float32, in memory: for small caches and notebooks."""
+        return torch.cat([self.shard(layer, index) for index in range(self.n_shards)]).float()
+
+    def batches(self, layer: int, batch_size: int, seed: int, epochs: int | None = None, snapshots: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """Float32 batches [batch_size, S, d_model], shuffled by ``seed``: shard order per epoch, rows within.
+
+        Holds one shard and the remainder of the last at a time, so memory does not grow with
+        the cache. ``epochs=None`` repeats forever (the trainer stops after its steps).
+        """
+        generator = torch.Generator().manual_seed(seed)
+        epoch = 0
+        carry = None
+        while epochs is None or epoch < epochs:
+            for index in torch.randperm(self.n_shards, generator=generator).tolist():
+                rows = self.shard(layer, index, snapshots)
+                rows = rows[torch.randperm(len(rows), generator=generator)]
+                if carry is not None:
+                    rows = torch.cat([carry, rows])
+                full = len(rows) // batch_size * batch_size
+                for start in range(0, full, batch_size):
+                    yield rows[start : start + batch_size].float()
+                carry = rows[full:]
+            epoch += 1

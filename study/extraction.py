@@ -1,0 +1,297 @@
+"""Activation extraction on Ray Data into a shared, resumable, verifiable cache.
+
+One request (trajectory, layers, corpus, token budget, context length, seed, dtype) names one
+cache folder by its digest. Its work is split into units of (snapshot, shard): a Ray Data actor
+pool runs each unit, the actor loading the snapshot (and keeping it for the next unit) and running
+the model only up to the deepest requested layer, then writing one ``.npy`` file per layer.
+
+Layout under ``<cache>/activations/``::
+
+    <key>/manifest.json                 complete caches only: published by renaming the build folder
+    <key>/tokens.npy, positions.npy     token id and position in its context of every row
+    <key>/layer<L>/step<N>/shard<K>.npy [rows of shard K, d_model] in float16 (bfloat16 as uint16)
+    <key>/progress.jsonl                finished units (a build in .<key>.building/ resumes from it)
+    <key>.lock                          one builder at a time; others wait and reuse its result
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from study.activation_cache import MANIFEST, ActivationCache, dtype_of, file_digest
+from study.errors import StudyInputError
+from study.paths import cache_root
+from study.residual import check_layers, residual_stream
+from study.tokens import corpus_fingerprint, sample_contexts
+from study.trajectory import Snapshot, Trajectory, explained_load_errors, load_model, load_tokenizer
+
+PROGRESS = "progress.jsonl"
+
+
+@dataclass(frozen=True)
+class ActivationRequest:
+    """Everything that changes the extracted activations; its digest names the cache folder."""
+
+    trajectory: Trajectory
+    """The snapshots, in order."""
+    layers: tuple[int, ...] = (2,)
+    """Residual-stream layers: 0 is the embedding output, l the output of block l."""
+    corpus: str = "embedded"
+    """``embedded`` or a .txt / .jsonl / .parquet file."""
+    n_tokens: int = 100_000
+    """Activation rows wanted (rounded up to whole contexts)."""
+    context_length: int = 64
+    """Tokens per context; the first position of each is left out."""
+    seed: int = 0
+    """Seed of the context sample."""
+    dtype: str = "float16"
+    """Storage dtype: float16 or bfloat16."""
+    contexts_per_shard: int = 128
+    """Contexts per shard file: the unit of work, of resumption and of verification."""
+    batch_size: int = 32
+    """Contexts per forward pass (does not change the data, so it is not part of the key)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "bfloat16"):
+            raise StudyInputError(f"activation dtype '{self.dtype}' is not supported; use float16 or bfloat16")
+        for name in ("n_tokens", "contexts_per_shard", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise StudyInputError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def cache_key(self) -> str:
+        fields = {
+            "snapshots": [str(snapshot) for snapshot in self.trajectory.snapshots],
+            "layers": sorted(self.layers),
+            "corpus": corpus_fingerprint(self.corpus),
+            "n_tokens": self.n_tokens,
+            "context_length": self.context_length,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "contexts_per_shard": self.contexts_per_shard,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_path(layer: int, step: int, shard: int) -> str:
+    return f"layer{layer}/step{step}/shard{shard:05d}.npy"
+
+
+def npy_bytes(array: torch.Tensor) -> bytes:
+    """``.npy`` bytes of ``array``; bfloat16 is stored as its uint16 bit patterns (numpy has no bfloat16)."""
+    if array.dtype == torch.bfloat16:
+        array = array.view(torch.uint16)
+    buffer = io.BytesIO()
+    np.save(buffer, array.numpy())
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+class ShardExtractor:
+    """Ray Data actor: runs (snapshot, shard) units, keeping the last snapshot's model loaded."""
+
+    def __init__(self, snapshots: list[Snapshot], contexts: np.ndarray, request: dict, folder: str, threads: int, use_gpu: bool):
+        torch.set_num_threads(threads)
+        self.snapshots, self.contexts, self.request, self.folder = snapshots, torch.from_numpy(contexts), request, Path(folder)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.loaded_index, self.model = None, None
+
+    def model_for(self, index: int):
+        if index != self.loaded_index:
+            self.model = load_model(self.snapshots[index], device=self.device)
+            self.loaded_index = index
+        return self.model
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = []
+        for snapshot_index, shard in zip(batch["snapshot"].tolist(), batch["shard"].tolist()):
+            records.append(json.dumps(self.extract(snapshot_index, shard)))
+        return {"record": np.array(records)}
+
+    def extract(self, snapshot_index: int, shard: int) -> dict:
+        request, layers = self.request, self.request["layers"]
+        per_shard = request["contexts_per_shard"]
+        contexts = self.contexts[shard * per_shard : (shard + 1) * per_shard]
+        model = self.model_for(snapshot_index)
+        pieces: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for start in range(0, len(contexts), request["batch_size"]):
+            states = residual_stream(model, contexts[start : start + request["batch_size"]].to(self.device), layers)
+            for layer in layers:
+                pieces[layer].append(states[layer][:, 1:].flatten(0, 1).float().cpu())
+        step = self.snapshots[snapshot_index].step
+        files, norm_sums = {}, {}
+        for layer in layers:
+            rows = torch.cat(pieces[layer])
+            data = npy_bytes(rows.to(dtype_of(request["dtype"])))
+            relative = shard_path(layer, step, shard)
+            write_atomically(self.folder / relative, data)
+            files[relative] = hashlib.sha256(data).hexdigest()
+            norm_sums[str(layer)] = rows.norm(dim=-1).double().sum().item()
+        return {"snapshot": snapshot_index, "shard": shard, "rows": len(contexts) * (contexts.shape[1] - 1), "files": files, "norm_sums": norm_sums}
+
+
+def extraction_plan() -> tuple[int, float, int]:
+    """(actors, GPUs per actor, torch threads per actor) from the cluster's resources.
+
+    One actor per GPU where there are GPUs. On CPUs, one CPU stays free for Ray Data's own tasks
+    (a pool that takes every CPU hangs), and each actor's torch threads share the rest.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    if gpus:
+        return gpus, 1.0, max(1, cpus // gpus - 1)
+    actors = max(1, (cpus - 1) // 2)
+    return actors, 0.0, max(1, cpus // actors)
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, include_dashboard=False)
+
+
+def completed_units(folder: Path) -> dict[tuple[int, int], dict]:
+    """Units recorded as finished whose files are all present with the recorded digest."""
+    progress = folder / PROGRESS
+    if not progress.is_file():
+        return {}
+    done = {}
+    for line in progress.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a kill cut short
+        if all((folder / path).is_file() and file_digest(folder / path) == digest for path, digest in record["files"].items()):
+            done[(record["snapshot"], record["shard"])] = record
+    return done
+
+
+def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tuple[int, int]], folder: Path, progress: bool) -> list[dict]:
+    """Extract ``units`` with a Ray Data actor pool; each record is logged as soon as it arrives."""
+    ensure_ray()
+    actors, gpus_per_actor, threads = extraction_plan()
+    request_fields = {
+        "layers": sorted(request.layers),
+        "contexts_per_shard": request.contexts_per_shard,
+        "batch_size": request.batch_size,
+        "dtype": request.dtype,
+    }
+    # Sorted by snapshot, so that an actor mostly finds the model it already holds.
+    items = [{"snapshot": snapshot, "shard": shard} for snapshot, shard in sorted(units)]
+    dataset = ray.data.from_items(items).map_batches(
+        ShardExtractor,
+        fn_constructor_kwargs={
+            "snapshots": list(request.trajectory.snapshots),
+            "contexts": contexts.numpy(),
+            "request": request_fields,
+            "folder": str(folder),
+            "threads": threads,
+            "use_gpu": gpus_per_actor > 0,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=gpus_per_actor,
+        batch_size=1,
+        batch_format="numpy",
+    )
+    records = []
+    bar = tqdm(total=len(items), desc="extracting activations", unit="shard", disable=not progress)
+    with (folder / PROGRESS).open("a") as log:
+        for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
+            for text in batch["record"].tolist():
+                log.write(text + "\n")
+                log.flush()
+                records.append(json.loads(text))
+                bar.update()
+    bar.close()
+    return records
+
+
+def write_manifest(folder: Path, request: ActivationRequest, records: dict[tuple[int, int], dict], n_shards: int, d_model: int) -> None:
+    steps = request.trajectory.steps
+    files = {path: digest for record in records.values() for path, digest in record["files"].items()}
+    rows_per_shard = [records[(0, shard)]["rows"] for shard in range(n_shards)]
+    n_rows = sum(rows_per_shard)
+    mean_norms = {
+        str(layer): [sum(records[(s, k)]["norm_sums"][str(layer)] for k in range(n_shards)) / n_rows for s in range(len(steps))]
+        for layer in sorted(request.layers)
+    }
+    manifest = {
+        "cache_key": request.cache_key(),
+        "trajectory": request.trajectory.name,
+        "snapshots": [str(snapshot) for snapshot in request.trajectory.snapshots],
+        "steps": steps,
+        "layers": sorted(request.layers),
+        "corpus": request.corpus,
+        "n_tokens": n_rows,
+        "context_length": request.context_length,
+        "seed": request.seed,
+        "dtype": request.dtype,
+        "d_model": d_model,
+        "rows_per_shard": rows_per_shard,
+        "mean_norms": mean_norms,
+        "files": files,
+        "token_files": {name: file_digest(folder / name) for name in ("tokens.npy", "positions.npy")},
+        "built_by": f"{socket.gethostname()}:{os.getpid()}",
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def ensure_activations(request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True) -> ActivationCache:
+    """The request's cache, extracted first where missing, resumed where partial, repaired where corrupt."""
+    root = cache_root(cache_dir) / "activations"
+    key = request.cache_key()
+    final, building = root / key, root / f".{key}.building"
+    if (final / MANIFEST).is_file() and not ActivationCache(final).corrupt_units():
+        return ActivationCache(final)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{key}.lock")):
+        if (final / MANIFEST).is_file():
+            cache = ActivationCache(final)
+            bad = cache.corrupt_units()
+            if not bad:
+                return cache  # another process built or repaired it while we waited
+            # Rebuild only the units whose files fail their checksum, in place.
+            os.replace(final, building)
+            (building / MANIFEST).unlink()
+        snapshot = request.trajectory.snapshots[-1]
+        with explained_load_errors(snapshot):
+            config = AutoConfig.from_pretrained(snapshot.source, revision=snapshot.revision)
+        check_layers(request.layers, config.num_hidden_layers, request.trajectory.name)
+        contexts = sample_contexts(load_tokenizer(snapshot), request.corpus, request.context_length, request.n_tokens, request.seed)
+        building.mkdir(parents=True, exist_ok=True)
+        token_ids = contexts[:, 1:].reshape(-1)
+        positions = torch.arange(1, request.context_length).repeat(len(contexts))
+        write_atomically(building / "tokens.npy", npy_bytes(token_ids.to(torch.int32)))
+        write_atomically(building / "positions.npy", npy_bytes(positions.to(torch.int16)))
+
+        n_shards = -(-len(contexts) // request.contexts_per_shard)
+        done = completed_units(building)
+        pending = [(s, k) for s in range(len(request.trajectory.snapshots)) for k in range(n_shards) if (s, k) not in done]
+        if pending:
+            for record in run_units(request, contexts, pending, building, progress):
+                done[(record["snapshot"], record["shard"])] = record
+        write_manifest(building, request, done, n_shards, config.hidden_size)
+        # progress.jsonl stays: a later repair of a corrupt shard redoes only that unit.
+        os.replace(building, final)
+    return ActivationCache(final)

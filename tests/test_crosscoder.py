@@ -1,0 +1,188 @@
+"""The crosscoder package on planted data: recovery, determinism, gradients, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
+from crosscoder.matching import match_features
+from crosscoder.sparsity import jumprelu
+from crosscoder.synthetic import planted_features
+
+SMALL = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=1200, log_every=100)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_features(n_tokens=30_000, n_snapshots=4, d_model=32, n_features=48, seed=0)
+
+
+def presence_from_norms(decoder_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last snapshot where a feature's decoder norm is at least half its maximum."""
+    present = decoder_norms >= 0.5 * decoder_norms.max(1, keepdim=True).values
+    snapshots = torch.arange(decoder_norms.shape[1])
+    first = torch.where(present, snapshots, decoder_norms.shape[1]).min(1).values
+    last = torch.where(present, snapshots, -1).max(1).values
+    return first, last
+
+
+@pytest.mark.parametrize("sparsity", ["jumprelu", "l1"])
+def test_planted_features_are_recovered_with_their_snapshots(planted, sparsity):
+    result = fit(planted.activations, replace(SMALL, sparsity=sparsity))
+    match = match_features(planted.directions, result.model.decoder_weight.detach())
+    recovered = match.cosines > 0.9
+    assert recovered.float().mean() >= 0.9, f"recovered {recovered.float().mean():.2f}"
+    first, last = presence_from_norms(result.model.decoder_norms().detach()[match.columns])
+    planted_first, planted_last = planted.first_snapshot[match.rows], planted.last_snapshot[match.rows]
+    assert torch.equal(first[recovered], planted_first[recovered])
+    assert torch.equal(last[recovered], planted_last[recovered])
+    # Emerging and fading features are both among those recovered.
+    assert (planted_first[recovered] > 0).any() and (planted_last[recovered] < 3).any()
+    assert result.metrics.explained_variance > 0.95
+
+
+def test_same_seed_same_weights_other_seed_other_weights(planted):
+    config = replace(SMALL, n_steps=60)
+    first = fit(planted.activations, config).model.state_dict()
+    second = fit(planted.activations, config).model.state_dict()
+    other = fit(planted.activations, replace(config, seed=1)).model.state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["decoder_weight"], other["decoder_weight"])
+
+
+def test_jumprelu_gradients_match_a_plain_autograd_reference():
+    torch.manual_seed(0)
+    bandwidth, c = 0.5, 4.0
+    pre = torch.randn(16, 10, dtype=torch.float64, requires_grad=True)
+    norms = (torch.rand(3, 10, dtype=torch.float64) + 0.5).requires_grad_()
+    log_threshold = torch.full((10,), -0.5, dtype=torch.float64, requires_grad=True)
+    upstream_codes, upstream_frequency = torch.randn(3, 16, 10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+
+    codes, frequency = jumprelu(pre, norms, log_threshold, bandwidth, c)
+    ((codes * upstream_codes).sum() + (frequency * upstream_frequency).sum()).backward()
+    custom = [tensor.grad.clone() for tensor in (pre, norms, log_threshold)]
+
+    for tensor in (pre, norms, log_threshold):
+        tensor.grad = None
+    threshold = log_threshold.exp().expand(3, 16, 10)
+    scaled = pre[None] * norms[:, None]
+    gate = (scaled > threshold).double()
+    window = ((scaled - threshold).abs() < bandwidth / 2).double()
+    # Value: the step; gradient: only to the threshold, -window / bandwidth.
+    step = gate + (-window / bandwidth) * (threshold - threshold.detach())
+    reference_codes = pre[None] * gate + pre.detach()[None] * (step - gate.detach())
+    reference_frequency = torch.tanh(c * reference_codes * norms[:, None]).mean((0, 1))
+    assert torch.allclose(reference_codes, codes) and torch.allclose(reference_frequency, frequency)
+    ((reference_codes * upstream_codes).sum() + (reference_frequency * upstream_frequency).sum()).backward()
+    for mine, theirs in zip(custom, (pre.grad, norms.grad, log_threshold.grad)):
+        assert torch.allclose(mine, theirs, atol=1e-12)
+    assert custom[2].abs().sum() > 0  # the threshold did get a gradient
+
+
+def test_killed_training_resumes_to_the_same_weights(planted, tmp_path):
+    data = tmp_path / "planted.pt"
+    torch.save(planted.activations[:8192], data)
+    config = replace(SMALL, sparsity="jumprelu", n_steps=3000, checkpoint_every=25, checkpoint_dir=str(tmp_path / "run"))
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from crosscoder import CrossCoderConfig, fit
+        fit(torch.load({str(data)!r}), CrossCoderConfig.from_dict({config.to_dict()!r}))
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    deadline = time.time() + 120
+    while not any(Path(config.checkpoint_dir).glob("step*.safetensors")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = [int(path.stem[4:]) for path in Path(config.checkpoint_dir).glob("step*.safetensors")]
+    assert written and max(written) < config.n_steps, "the run finished before it could be killed"
+
+    resumed = fit(torch.load(data), config)
+    straight = fit(torch.load(data), replace(config, checkpoint_dir=str(tmp_path / "straight")))
+    assert resumed.history[-1]["step"] == config.n_steps
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_diverging_loss_names_the_step_and_the_checkpoint(planted, tmp_path):
+    config = replace(SMALL, learning_rate=1e30, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step \d+; last good checkpoint: .*step\d+\.safetensors"):
+        fit(planted.activations, config)
+
+
+@pytest.mark.parametrize(
+    "make_data, config, message",
+    [
+        (lambda: torch.randn(100, 32), SMALL, "shape \\[tokens, snapshots, d_model\\]"),
+        (lambda: torch.full((300, 2, 8), float("nan")), SMALL, "NaN or inf"),
+        (lambda: torch.randn(300, 2, 8), {"expansion_ratio": 0}, "expansion_ratio must be > 0"),
+        (lambda: torch.randn(300, 2, 8), {"sparsity": "topk", "k": 32, "expansion_ratio": 4}, "k = 32 must be below n_features = 32"),
+        (lambda: torch.randn(300, 2, 8), {"sparsity": "relu6"}, "sparsity 'relu6' is unknown"),
+        (lambda: torch.randn(100, 2, 8), {"batch_size": 256}, "batch_size 256 exceeds the 100 tokens"),
+    ],
+)
+def test_bad_input_fails_before_training(make_data, config, message):
+    with pytest.raises(InputError, match=message):
+        fit(make_data(), config if isinstance(config, CrossCoderConfig) else replace(SMALL, **config))
+
+
+def test_infinite_value_is_located():
+    data = torch.randn(300, 2, 8)
+    data[123, 1, 4] = float("inf")
+    with pytest.raises(InputError, match="first at token 123"):
+        fit(data, replace(SMALL, batch_size=64))
+
+
+def test_save_and_load_round_trip(planted, tmp_path):
+    model = fit(planted.activations, replace(SMALL, n_steps=30)).model
+    model.save(tmp_path / "crosscoder.safetensors")
+    loaded = CrossCoder.load(tmp_path / "crosscoder.safetensors")
+    batch = planted.activations[:64]
+    assert loaded.config == model.config
+    assert torch.equal(loaded(batch).reconstruction, model(batch).reconstruction)
+    assert torch.equal(loaded.input_scale, model.input_scale)
+
+
+def test_metrics_match_a_direct_computation(planted):
+    result = fit(planted.activations, replace(SMALL, sparsity="topk", k=6, n_steps=200))
+    held_out = planted.activations[-3000:]
+    metrics = evaluate(result.model, held_out, batch_size=700)
+    with torch.no_grad():
+        output = result.model(held_out)
+        target = result.model.normalise(held_out)
+    error = (output.reconstruction - target).square().sum((0, 2))
+    variance = (target - target.mean(0)).square().sum((0, 2))
+    assert metrics.explained_variance_per_snapshot == pytest.approx((1 - error / variance).tolist(), abs=1e-4)
+    assert metrics.l0 == pytest.approx(6.0)
+    assert metrics.activation_frequency.tolist() == pytest.approx((output.codes != 0).float().mean(0).tolist())
+    assert metrics.dead_fraction == pytest.approx(((output.codes != 0).sum(0) == 0).float().mean().item())
+    assert metrics.decoder_norms.shape == (result.model.n_features, 4)
+    # Normalisation: each snapshot's mean norm becomes sqrt(d_model).
+    assert target.norm(dim=-1).mean(0).tolist() == pytest.approx([32**0.5] * 4, rel=0.05)
+
+
+def test_iterable_of_batches_trains_like_an_array(planted):
+    batches = (planted.activations[start : start + 256] for start in range(0, 20_000, 256))
+    result = fit(batches, replace(SMALL, sparsity="batchtopk", k=4, n_steps=70, normalisation_tokens=1024))
+    assert result.history[-1]["step"] == 70
+    assert result.metrics.explained_variance > 0.5
+
+
+def test_bfloat16_autocast_trains_close_to_float32(planted):
+    config = replace(SMALL, sparsity="jumprelu", n_steps=400)
+    full = fit(planted.activations, config).metrics.explained_variance
+    half = fit(planted.activations, replace(config, autocast_bf16=True)).metrics.explained_variance
+    assert half > 0.9 and abs(full - half) < 0.03

@@ -1,0 +1,153 @@
+"""Activation extraction on Ray Data: exact against a plain forward, resumable, self-repairing, built once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from study.activation_cache import CorruptShardError
+from study.config import TINY
+from study.errors import StudyInputError
+from study.extraction import ActivationRequest, ensure_activations
+from study.tokens import sample_contexts
+from study.trajectory import directory_trajectory, load_model, load_tokenizer
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def trajectory(tiny_trajectory_folder):
+    return directory_trajectory(tiny_trajectory_folder)
+
+
+def small_request(trajectory, **changes) -> ActivationRequest:
+    fields = dict(trajectory=trajectory, layers=(0, 1), n_tokens=1500, context_length=32, contexts_per_shard=12, batch_size=8)
+    fields.update(changes)
+    return ActivationRequest(**fields)
+
+
+def test_cache_matches_a_plain_output_hidden_states_forward(trajectory, ray_cluster, tmp_path):
+    request = small_request(trajectory)
+    cache = ensure_activations(request, tmp_path, progress=False)
+    contexts = sample_contexts(load_tokenizer(trajectory.snapshots[-1]), "embedded", 32, 1500, seed=0)
+    assert cache.n_tokens == len(contexts) * 31 >= 1500
+    assert np.array_equal(cache.token_ids(), contexts[:, 1:].reshape(-1).numpy())
+    assert cache.positions().min() == 1 and cache.positions().max() == 31
+    for layer in (0, 1):
+        cached = cache.load(layer)
+        assert cached.shape == (cache.n_tokens, len(trajectory.snapshots), TINY.hidden_size)
+        for index, snapshot in enumerate(trajectory.snapshots):
+            with torch.no_grad():
+                direct = load_model(snapshot)(input_ids=contexts, output_hidden_states=True).hidden_states[layer][:, 1:]
+            direct = direct.reshape(-1, TINY.hidden_size)
+            # float16 keeps 11 significant bits: relative rounding below 2 ** -11.
+            assert torch.allclose(cached[:, index], direct, rtol=2**-10, atol=1e-6), f"layer {layer} step {snapshot.step}"
+        assert cache.mean_norms(layer) == pytest.approx(cached.norm(dim=-1).mean(0).tolist(), rel=1e-3)
+
+
+def test_corrupt_shard_is_detected_and_only_it_is_rebuilt(trajectory, ray_cluster, tmp_path):
+    cache = ensure_activations(small_request(trajectory), tmp_path, progress=False)
+    victim = cache.folder / "layer1" / f"step{trajectory.steps[2]}" / "shard00001.npy"
+    original = victim.read_bytes()
+    untouched = cache.folder / "layer1" / f"step{trajectory.steps[0]}" / "shard00000.npy"
+    untouched_time = untouched.stat().st_mtime_ns
+    victim.write_bytes(original[:-7] + b"garbage")
+    with pytest.raises(CorruptShardError, match="shard00001.npy"):
+        cache.shard(1, 1)
+    assert cache.corrupt_units() == [(2, 1)]
+
+    repaired = ensure_activations(small_request(trajectory), tmp_path, progress=False)
+    assert victim.read_bytes() == original
+    assert untouched.stat().st_mtime_ns == untouched_time
+    assert repaired.corrupt_units() == []
+
+
+def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory, ray_cluster, tmp_path):
+    request = small_request(trajectory, contexts_per_shard=2, n_tokens=2000)
+    script = textwrap.dedent(
+        f"""
+        from study.extraction import ActivationRequest, ensure_activations
+        from study.trajectory import directory_trajectory
+        request = ActivationRequest(directory_trajectory({str(trajectory.snapshots[0].source.rsplit('/', 1)[0])!r}),
+                                    layers=(0, 1), n_tokens=2000, context_length=32, contexts_per_shard=2, batch_size=8)
+        ensure_activations(request, {str(tmp_path)!r}, progress=False)
+        """
+    )
+    environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=environment)
+    building = tmp_path / "activations" / f".{request.cache_key()}.building"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        progress = building / "progress.jsonl"
+        if progress.is_file() and len(progress.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = [json.loads(line) for line in (building / "progress.jsonl").read_text().splitlines() if line.endswith("}")]
+    n_contexts = -(-2000 // 31)
+    total_units = len(trajectory.snapshots) * -(-n_contexts // 2)
+    assert 5 <= len(finished_before) < total_units, "the extraction finished before it could be killed"
+    first_file = building / next(iter(finished_before[0]["files"]))
+    first_time = first_file.stat().st_mtime_ns
+
+    cache = ensure_activations(request, tmp_path, progress=False)
+    lines = [json.loads(line) for line in (cache.folder / "progress.jsonl").read_text().splitlines() if line.endswith("}")]
+    units = [(line["snapshot"], line["shard"]) for line in lines]
+    assert len(units) == len(set(units)) == total_units, "a finished unit was extracted twice"
+    assert (cache.folder / first_file.relative_to(building)).stat().st_mtime_ns == first_time
+    assert cache.corrupt_units() == []
+
+
+def test_two_concurrent_requests_build_once(trajectory, ray_cluster, tmp_path):
+    source = trajectory.snapshots[0].source.rsplit("/", 1)[0]
+    script = textwrap.dedent(
+        f"""
+        from study.extraction import ActivationRequest, ensure_activations
+        from study.trajectory import directory_trajectory
+        request = ActivationRequest(directory_trajectory({source!r}), layers=(1,), n_tokens=2000, context_length=32,
+                                    contexts_per_shard=8, batch_size=8)
+        cache = ensure_activations(request, {str(tmp_path)!r}, progress=False)
+        print(cache.manifest["built_by"], cache.n_tokens, len(cache.corrupt_units()))
+        """
+    )
+    environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=240)[0].strip().splitlines()[-1] for process in processes]
+    assert all(process.returncode == 0 for process in processes)
+    assert outputs[0] == outputs[1], outputs  # same builder, same rows, no corrupt unit
+    key_folder = next(path for path in (tmp_path / "activations").iterdir() if path.is_dir() and not path.name.startswith("."))
+    units = (key_folder / "progress.jsonl").read_text().splitlines()
+    assert len(units) == len({(json.loads(line)["snapshot"], json.loads(line)["shard"]) for line in units})
+
+
+def test_reader_is_seeded_and_covers_every_row_once_per_epoch(trajectory, ray_cluster, tmp_path):
+    cache = ensure_activations(small_request(trajectory, layers=(1,)), tmp_path, progress=False)
+    first = list(cache.batches(1, batch_size=100, seed=3, epochs=1))
+    again = list(cache.batches(1, batch_size=100, seed=3, epochs=1))
+    other = list(cache.batches(1, batch_size=100, seed=4, epochs=1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert len(first) == cache.n_tokens // 100
+    # With a batch size dividing the row count, one epoch streams exactly the cache's rows.
+    assert cache.n_tokens % 31 == 0
+    streamed = torch.cat(list(cache.batches(1, batch_size=31, seed=5, epochs=1)))
+    streamed_rows, streamed_counts = torch.unique(streamed.flatten(1), dim=0, return_counts=True)
+    cached_rows, cached_counts = torch.unique(cache.load(1).flatten(1), dim=0, return_counts=True)
+    assert torch.equal(streamed_rows, cached_rows) and torch.equal(streamed_counts, cached_counts)
+
+
+def test_layer_beyond_the_model_is_refused_before_writing(trajectory, ray_cluster, tmp_path):
+    with pytest.raises(StudyInputError, match=r"layer \[5\] is outside 0..2"):
+        ensure_activations(small_request(trajectory, layers=(1, 5)), tmp_path, progress=False)
+    assert not any((tmp_path / "activations").glob("*/manifest.json"))
