@@ -38,7 +38,7 @@ class CrossCoderConfig:
     """Active features per token for topk and batchtopk (batchtopk: k x batch over the batch)."""
 
     jumprelu_bandwidth: float = 0.5
-    """Width eps of the rectangle window of the threshold's straight-through gradient."""
+    """Width eps of the threshold's straight-through window, as a fraction of the median initial threshold."""
 
     jumprelu_initial_firing: float = 0.05
     """Share of tokens each feature fires on at initialisation; sets each feature's initial threshold."""
@@ -115,6 +115,8 @@ class CrossCoderConfig:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.checkpoint_every is not None and (self.checkpoint_every <= 0 or not self.checkpoint_dir):
             raise InputError("checkpoint_every needs a positive value and a checkpoint_dir to write to")
+        if self.jumprelu_bandwidth <= 0:
+            raise InputError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
         if not 0 < self.jumprelu_initial_firing < 1:
             raise InputError(f"jumprelu_initial_firing must lie in (0, 1), got {self.jumprelu_initial_firing}")
         if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:

@@ -52,6 +52,8 @@ class CrossCoder(nn.Module):
         self.log_threshold = nn.Parameter(torch.zeros(n_features)) if config.sparsity == "jumprelu" else None
         # sqrt(d_model) / E||x_s||: the dataset-wise normalisation, estimated from data and saved with the model.
         self.register_buffer("input_scale", torch.ones(n_snapshots))
+        # JumpReLU's straight-through window in units of the gated quantity, fixed at initialisation.
+        self.register_buffer("jumprelu_window", torch.ones(()))
 
     def decoder_norms(self) -> torch.Tensor:
         """[n_features, S]: ||W_D^{s,i}||, how strongly feature i is written at snapshot s."""
@@ -70,7 +72,7 @@ class CrossCoder(nn.Module):
         norms = decoder_norms(self.decoder_weight).T  # [S, F]
         config = self.config
         if config.sparsity == "jumprelu":
-            codes, frequency = jumprelu(pre, norms, self.log_threshold, config.jumprelu_bandwidth, config.tanh_scale)
+            codes, frequency = jumprelu(pre, norms, self.log_threshold, self.jumprelu_window.item(), config.tanh_scale)
             # Per-snapshot codes: one [B, F] x [F, d] product per snapshot.
             decoder = self.decoder_weight.transpose(0, 1)
             reconstruction = torch.baddbmm(self.decoder_bias[:, None, :], codes, decoder).transpose(0, 1)
@@ -97,8 +99,9 @@ class CrossCoder(nn.Module):
         One decoder is drawn and copied to every snapshot; the encoder starts as its transpose
         (divided by S, as the pre-activation sums S snapshots); the decoder norm is the one, on a
         log grid, that gives the lowest reconstruction error on the sample. JumpReLU thresholds
-        start where each feature fires on ``jumprelu_initial_firing`` of the sample's tokens: a
-        fixed threshold would, depending on the data's scale, leave every feature dead or none sparse.
+        start where each feature fires on ``jumprelu_initial_firing`` of the sample's tokens, and
+        the straight-through window is ``jumprelu_bandwidth`` times their median: fixed values
+        would, depending on the data's scale, leave every feature dead or none sparse.
         """
         sample = sample.float()
         mean_norms = sample.norm(dim=-1).mean(0)
@@ -122,6 +125,8 @@ class CrossCoder(nn.Module):
             return (self(sample).reconstruction - normalised).square().sum(-1).mean().item()
 
         set_norm(min(torch.logspace(-2, 1, 16).tolist(), key=error))
+        if self.log_threshold is not None:
+            self.jumprelu_window.fill_(self.config.jumprelu_bandwidth * self.log_threshold.exp().median().item())
 
     def save(self, path: str | Path) -> None:
         """One safetensors file: the weights, the normalisation, and the config as metadata."""

@@ -113,16 +113,25 @@ class ActivationCache:
         the cache. ``epochs=None`` repeats forever (the trainer stops after its steps).
         """
         generator = torch.Generator().manual_seed(seed)
-        epoch = 0
-        carry = None
-        while epochs is None or epoch < epochs:
-            for index in torch.randperm(self.n_shards, generator=generator).tolist():
-                rows = self.shard(layer, index, snapshots)
-                rows = rows[torch.randperm(len(rows), generator=generator)]
-                if carry is not None:
-                    rows = torch.cat([carry, rows])
-                full = len(rows) // batch_size * batch_size
-                for start in range(0, full, batch_size):
-                    yield rows[start : start + batch_size].float()
-                carry = rows[full:]
-            epoch += 1
+
+        def shards() -> Iterator[torch.Tensor]:
+            epoch = 0
+            while epochs is None or epoch < epochs:
+                for index in torch.randperm(self.n_shards, generator=generator).tolist():
+                    yield self.shard(layer, index, snapshots)
+                epoch += 1
+
+        return rebatch(shards(), batch_size, generator)
+
+
+def rebatch(blocks: Iterator[torch.Tensor], batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Full float32 batches from blocks of rows: each block shuffled, its remainder carried into the next."""
+    carry = None
+    for rows in blocks:
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        if carry is not None:
+            rows = torch.cat([carry, rows])
+        full = len(rows) // batch_size * batch_size
+        for start in range(0, full, batch_size):
+            yield rows[start : start + batch_size].float()
+        carry = rows[full:]

@@ -151,3 +151,17 @@ def test_layer_beyond_the_model_is_refused_before_writing(trajectory, ray_cluste
     with pytest.raises(StudyInputError, match=r"layer \[5\] is outside 0..2"):
         ensure_activations(small_request(trajectory, layers=(1, 5)), tmp_path, progress=False)
     assert not any((tmp_path / "activations").glob("*/manifest.json"))
+
+
+def test_streaming_mode_yields_the_rows_the_cache_holds(trajectory, ray_cluster, tmp_path):
+    from study.streaming import cache_bytes, stream_activations
+
+    request = small_request(trajectory, layers=(1,))
+    cache = ensure_activations(request, tmp_path, progress=False)
+    assert cache_bytes(request, cache.d_model) == 1500 * len(trajectory.snapshots) * cache.d_model * 2
+    n_batches = cache.n_tokens // 31
+    streamed = torch.cat([batch for _, batch in zip(range(n_batches), stream_activations(request, 1, batch_size=31, seed=0))])
+    cached = cache.load(1)
+    # Same rows, in float32 rather than float16: each streamed row rounds to a cached one.
+    streamed_rows = torch.unique(streamed.half().float().flatten(1), dim=0)
+    assert torch.equal(streamed_rows, torch.unique(cached.flatten(1), dim=0))
