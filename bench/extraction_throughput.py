@@ -7,7 +7,7 @@
    ``output_hidden_states`` forward of the same contexts with the same batch size in this process.
 2. Reader rows/s (``ActivationCache.batches``) against the rows/s a crosscoder consumes in
    training at that shape (expansion 8, JumpReLU, batch 1024).
-3. Peak memory of a process reading a whole cache, for a cache and one ten times larger.
+3. Peak memory (RSS) of a process reading a whole cache, for a cache and one ten times larger.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from study.extraction import ActivationRequest, ensure_activations, ensure_ray
 from study.tokens import sample_contexts
 from study.trajectory import embedded_trajectory, load_model, load_tokenizer
 
+# The child's own high-water mark: ru_maxrss would carry the parent's peak across fork and exec.
 READ_SCRIPT = """
-import json, resource, sys
+import json, sys
 from study.activation_cache import ActivationCache
 cache = ActivationCache(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rows = sum(len(batch) for batch in cache.batches(int(sys.argv[2]), batch_size=1024, seed=0, epochs=1))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"rows": rows, "peak_growth_mb": (after - before) / 1024}))
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"rows": rows, "peak_rss_mb": peak_kb / 1024}))
 """
 
 
@@ -120,7 +120,7 @@ def main() -> None:
         for name, cache in (("small", small_cache), ("10x larger", large_cache)):
             measured = reader_peak_memory(str(cache.folder), layer)
             size_mb = sum(path.stat().st_size for path in cache.folder.rglob("*.npy")) / 1e6
-            print(f"reader peak memory growth, {name} cache ({size_mb:.0f} MB, {measured['rows']} rows): {measured['peak_growth_mb']:.0f} MB")
+            print(f"reader process peak RSS, {name} cache ({size_mb:.0f} MB, {measured['rows']} rows read): {measured['peak_rss_mb']:.0f} MB")
     print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
