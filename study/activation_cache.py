@@ -106,22 +106,26 @@ class ActivationCache:
         """All rows, [n_tokens, S, d_model] float32, in memory: for small caches and notebooks."""
         return torch.cat([self.shard(layer, index) for index in range(self.n_shards)]).float()
 
-    def batches(self, layer: int, batch_size: int, seed: int, epochs: int | None = None, snapshots: list[int] | None = None) -> Iterator[torch.Tensor]:
+    def batches(
+        self, layer: int, batch_size: int, seed: int, epochs: int | None = None, snapshots: list[int] | None = None, shards: list[int] | None = None
+    ) -> Iterator[torch.Tensor]:
         """Float32 batches [batch_size, S, d_model], shuffled by ``seed``: shard order per epoch, rows within.
 
         Holds one shard and the remainder of the last at a time, so memory does not grow with
-        the cache. ``epochs=None`` repeats forever (the trainer stops after its steps).
+        the cache. ``epochs=None`` repeats forever (the trainer stops after its steps);
+        ``shards`` limits the stream to those shards (e.g. to keep others held out).
         """
         generator = torch.Generator().manual_seed(seed)
+        chosen = list(range(self.n_shards)) if shards is None else list(shards)
 
-        def shards() -> Iterator[torch.Tensor]:
+        def blocks() -> Iterator[torch.Tensor]:
             epoch = 0
             while epochs is None or epoch < epochs:
-                for index in torch.randperm(self.n_shards, generator=generator).tolist():
-                    yield self.shard(layer, index, snapshots)
+                for position in torch.randperm(len(chosen), generator=generator).tolist():
+                    yield self.shard(layer, chosen[position], snapshots)
                 epoch += 1
 
-        return rebatch(shards(), batch_size, generator)
+        return rebatch(blocks(), batch_size, generator)
 
 
 def rebatch(blocks: Iterator[torch.Tensor], batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -12,9 +12,11 @@ class StudyInputError(ValueError):
 
 def run_cli(main: Callable[[], object]) -> None:
     """Run a command-line entry point, turning bad input into one line on stderr and exit 2."""
+    from crosscoder.config import InputError  # bad crosscoder settings are bad input too
+
     try:
         main()
-    except StudyInputError as error:
+    except (StudyInputError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

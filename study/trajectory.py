@@ -6,6 +6,7 @@ a revision such as ``step1000`` (Pythia), or a ``save_pretrained`` folder with n
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,23 @@ class Trajectory:
             if snapshot.step == step:
                 return snapshot
         raise StudyInputError(f"trajectory {self.name} has no step {step}; its steps are {self.steps}")
+
+    def select(self, count: int, placement: str) -> "Trajectory":
+        """``count`` snapshots, always the first and the last: ``log`` spaced evenly in log(step + 1)
+        (dense early, like Pythia's schedule) or ``uniform`` evenly in steps; each target takes the
+        nearest snapshot not yet taken."""
+        if count > len(self.snapshots):
+            raise StudyInputError(f"n_snapshots {count} exceeds the {len(self.snapshots)} snapshots of {self.name}; choose at most that")
+        position = (lambda step: math.log1p(step)) if placement == "log" else float
+        first, last = position(self.steps[0]), position(self.steps[-1])
+        remaining = list(range(len(self.snapshots)))
+        chosen = []
+        for index in range(count):
+            target = first + (last - first) * index / (count - 1)
+            nearest = min(remaining, key=lambda i: abs(position(self.steps[i]) - target))
+            remaining.remove(nearest)
+            chosen.append(nearest)
+        return Trajectory(self.name, tuple(self.snapshots[i] for i in sorted(chosen)))
 
     def check(self) -> None:
         """Read every snapshot's config, so that a missing one fails before any heavy work."""

@@ -1,0 +1,64 @@
+"""MLflow: where runs go, one parent run per sweep, one child run per trial, never duplicated."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import mlflow
+from filelock import FileLock
+from mlflow.tracking import MlflowClient
+
+SWEEP_TAG = "sweep_name"
+TRIAL_TAG = "tune_trial_id"
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else an SQLite file at an absolute path in the working directory
+    (absolute, because Tune runs trials in their own directories)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the run carrying all ``tags``, if there is one."""
+    query = " and ".join(f"tags.{key} = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def store_lock(uri: str):
+    """A lock beside an SQLite store: two sweeps creating its schema at once would corrupt it."""
+    if uri.startswith("sqlite:///"):
+        return FileLock(uri[len("sqlite:///"):] + ".lock")
+    return nullcontext()
+
+
+def parent_run(experiment: str, sweep_name: str, params: dict, tags: dict) -> tuple[str, str]:
+    """(experiment id, parent run id): the sweep's run, created on first use, reused on resume."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        return _parent_run(MlflowClient(), experiment, sweep_name, params, tags)
+
+
+def _parent_run(client: MlflowClient, experiment: str, sweep_name: str, params: dict, tags: dict) -> tuple[str, str]:
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = find_run(client, experiment_id, {SWEEP_TAG: sweep_name})
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name, **tags})
+        run_id = run.info.run_id
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+    return experiment_id, run_id
+
+
+def child_run(experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str) -> str:
+    """The trial's run under the parent: found by its Tune trial id, so a restarted trial logs into the same run."""
+    client = MlflowClient()
+    run_id = find_run(client, experiment_id, {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id})
+    if run_id is None:
+        tags = {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id}
+        run_id = client.create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
+    return run_id
