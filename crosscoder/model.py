@@ -88,10 +88,6 @@ class CrossCoder(nn.Module):
         reconstruction = (codes @ self.decoder_weight.flatten(1)).view(-1, self.n_snapshots, self.d_model) + self.decoder_bias
         return CrossCoderOutput(reconstruction, codes, codes.detach() != 0, penalty)
 
-    def reconstruct(self, activations: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in the units of the raw activations, ready to splice back into the model."""
-        return self(activations).reconstruction / self.input_scale[:, None].to(activations.dtype)
-
     @torch.no_grad()
     def initialize(self, sample: torch.Tensor, generator: torch.Generator) -> None:
         """Set the normalisation from ``sample`` [n, S, d] and draw the initial weights.
