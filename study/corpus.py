@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -20,11 +21,17 @@ def generate_documents(n_documents: int, seed: int) -> list[str]:
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """Documents from a ``.txt`` file (one per line) or a ``.jsonl`` file (a ``text`` field per line)."""
+    """Documents from a ``.txt`` file (one per line), a ``.jsonl`` file (a ``text`` field per line)
+    or a ``.parquet`` file (a ``text`` column)."""
     path = Path(path)
     if not path.is_file():
-        raise StudyInputError(f"corpus file {path} does not exist; pass an existing .txt or .jsonl file or 'embedded'")
-    if path.suffix == ".jsonl":
+        raise StudyInputError(f"corpus file {path} does not exist; pass an existing .txt, .jsonl or .parquet file or 'embedded'")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise StudyInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)}); name the text column 'text'")
+        documents = [str(text) for text in table.column("text").to_pylist() if text is not None]
+    elif path.suffix == ".jsonl":
         documents = []
         for line_number, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
@@ -38,7 +45,7 @@ def read_documents(path: str | Path) -> list[str]:
     elif path.suffix == ".txt":
         documents = path.read_text().splitlines()
     else:
-        raise StudyInputError(f"corpus file {path} has suffix '{path.suffix}'; use .txt (one document per line) or .jsonl")
+        raise StudyInputError(f"corpus file {path} has suffix '{path.suffix}'; use .txt (one document per line), .jsonl or .parquet")
     documents = [document for document in documents if document.strip()]
     if not documents:
         raise StudyInputError(f"corpus {path} holds no text; point to a file with at least one non-empty document")

@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -19,21 +18,6 @@ from study.grammar import Grammar
 DOCUMENTS_PER_CHUNK = 256
 
 
-def file_documents(path: Path) -> list[str]:
-    """Documents of a .txt / .jsonl file (see ``read_documents``) or of a .parquet file's ``text`` column."""
-    if path.suffix != ".parquet":
-        return read_documents(path)
-    if not path.is_file():
-        raise StudyInputError(f"corpus file {path} does not exist; pass an existing .txt, .jsonl or .parquet file or 'embedded'")
-    table = pq.read_table(path)
-    if "text" not in table.column_names:
-        raise StudyInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)}); name the text column 'text'")
-    documents = [text for text in table.column("text").to_pylist() if text and text.strip()]
-    if not documents:
-        raise StudyInputError(f"corpus {path} holds no text; point to a file with at least one non-empty document")
-    return documents
-
-
 def document_stream(corpus: str, seed: int) -> Iterator[str]:
     """``embedded``: fresh documents from the built-in grammar under ``seed`` (text the embedded model
     never saw, from the distribution it learned); a file: its documents in a seeded order."""
@@ -41,7 +25,7 @@ def document_stream(corpus: str, seed: int) -> Iterator[str]:
         grammar = Grammar(seed=1_000_003 + seed)  # apart from the pre-training corpus's seeds
         while True:
             yield grammar.document()
-    documents = file_documents(Path(corpus))
+    documents = read_documents(corpus)
     random.Random(seed).shuffle(documents)
     yield from documents
 

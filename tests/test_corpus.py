@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from study.agreement import agreement_items, encode_items, logit_differences, score_agreement
@@ -80,3 +82,8 @@ def test_empty_or_missing_corpus_is_refused(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "one"}\n\n{"text": "two"}\n')
     assert read_documents(good) == ["one", "two"]
+    pq.write_table(pa.table({"text": ["three", "", None, "four"]}), tmp_path / "good.parquet")
+    assert read_documents(tmp_path / "good.parquet") == ["three", "four"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "wrong.parquet")
+    with pytest.raises(StudyInputError, match="no 'text' column"):
+        read_documents(tmp_path / "wrong.parquet")
