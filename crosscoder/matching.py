@@ -31,3 +31,21 @@ def match_features(decoder_a: torch.Tensor, decoder_b: torch.Tensor) -> FeatureM
     rows, columns = linear_sum_assignment(cosines.numpy(), maximize=True)
     rows, columns = torch.as_tensor(rows), torch.as_tensor(columns)
     return FeatureMatch(rows, columns, cosines[rows, columns])
+
+
+class Stability(NamedTuple):
+    """How much of dictionary A is found again in dictionary B."""
+
+    shared_share: float
+    """Share of the one-to-one pairs whose cosine exceeds the threshold (over min(F_a, F_b) pairs)."""
+    mean_max_cosine: float
+    """Mean over A's features of the largest cosine with any feature of B."""
+    n_pairs: int
+
+
+def stability(decoder_a: torch.Tensor, decoder_b: torch.Tensor, threshold: float = 0.7) -> Stability:
+    """Feature stability between two crosscoders (decoders [F, S, d]); pass the smaller dictionary as A
+    to read ``shared_share`` as the share of its features that have a partner in the larger one."""
+    match = match_features(decoder_a, decoder_b)
+    mean_max = float(decoder_cosines(decoder_a, decoder_b).max(1).values.mean())
+    return Stability(float((match.cosines > threshold).double().mean()), mean_max, len(match.cosines))

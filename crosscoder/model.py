@@ -62,6 +62,24 @@ class CrossCoder(nn.Module):
     def normalise(self, activations: torch.Tensor) -> torch.Tensor:
         return activations * self.input_scale[:, None].to(activations.dtype)
 
+    @torch.no_grad()
+    def reconstruct(self, activations: torch.Tensor) -> torch.Tensor:
+        """[B, S, d] raw activations -> their reconstruction in raw units (to splice back into the model)."""
+        return self(activations).reconstruction / self.input_scale[:, None].to(activations.dtype)
+
+    @torch.no_grad()
+    def feature_activations(self, activations: torch.Tensor) -> torch.Tensor:
+        """[B, F] each feature's activation on each token; for JumpReLU, its largest over snapshots."""
+        codes = self(activations).codes
+        return codes.amax(0) if codes.dim() == 3 else codes
+
+    @torch.no_grad()
+    def snapshot_preactivations(self, activations: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """[S, B, K]: the pre-activation of the K ``features`` that each snapshot's input contributes alone."""
+        normalised = self.normalise(activations).transpose(0, 1)  # [S, B, d]
+        encoder = self.encoder_weight.view(self.n_snapshots, self.d_model, self.n_features)[:, :, features]
+        return torch.bmm(normalised, encoder)
+
     def encode(self, normalised: torch.Tensor) -> torch.Tensor:
         """[B, S, d] -> pre-activation [B, F], summed over snapshots in one matmul."""
         return torch.addmm(self.encoder_bias, normalised.flatten(1), self.encoder_weight)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
 from transformers import PreTrainedModel
 
@@ -58,3 +61,46 @@ def residual_stream(model: PreTrainedModel, input_ids: torch.Tensor, layers: lis
         for handle in handles:
             handle.remove()
     return captured
+
+
+@contextmanager
+def residual_replaced(model: PreTrainedModel, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, every forward pass sends the residual stream at ``layer`` ([batch, length, d])
+    through ``replace`` and continues with what it returns (the same stream to only look at it)."""
+    blocks = decoder_blocks(model)
+    check_layers([layer], len(blocks), model.name_or_path)
+    if layer == 0:
+
+        def before_first_block(_, args, kwargs):
+            if args:
+                return (replace(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+        handle = blocks[0].register_forward_pre_hook(before_first_block, with_kwargs=True)
+    else:
+
+        def after_block(_, __, output):
+            if isinstance(output, tuple):
+                return (replace(output[0]), *output[1:])
+            return replace(output)
+
+        handle = blocks[layer - 1].register_forward_hook(after_block)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def next_token_loss(model: PreTrainedModel, input_ids: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean cross-entropy of the predictions made at positions 1 .. length-2 (position 0's residual is
+    never replaced, so its prediction is left out of comparisons between clean and spliced runs)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(input_ids), batch_size):
+        batch = input_ids[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, 1:-1].float()
+        targets = batch[:, 2:]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    return total / count

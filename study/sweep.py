@@ -21,6 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 import pandas as pd
 import ray
 from ray import tune
@@ -28,9 +29,11 @@ from transformers import AutoConfig
 
 from study.errors import StudyInputError, run_cli
 from study.extraction import ActivationRequest, ensure_activations
+from study.model_curves import MODEL_CURVES, model_curves
+from study.robustness import analyse_sweep
 from study.search_space import ACTIVATION_KEYS, activation_set, available_axes, grid_points, load_space, swept_keys, to_tune
 from study.tracking import parent_run, tracking_uri
-from study.trajectory import explained_load_errors, resolve_trajectory
+from study.trajectory import Trajectory, explained_load_errors, resolve_trajectory
 from study.trial import SWEEP, run_trial
 
 
@@ -56,6 +59,56 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[FAILED] {trial.trial_id}  {self.describe(trial)}  (see the trial's MLflow run, tag 'error')", flush=True)
+
+
+def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest:
+    """The extraction that a point of the search space (its activation keys) needs."""
+    n_contexts = -(-point["n_tokens"] // (point["context_length"] - 1))
+    return ActivationRequest(
+        trajectory.select(point["n_snapshots"], point["snapshot_placement"]),
+        layers=(point["layer"],),
+        corpus=point["corpus"],
+        n_tokens=point["n_tokens"],
+        context_length=point["context_length"],
+        seed=point["data_seed"],
+        contexts_per_shard=max(1, min(128, n_contexts // 8)),  # about 8 shards or more, so some can be held out
+    )
+
+
+def snapshots_for_model_curves(points: list[tuple[dict, Trajectory]]) -> list[tuple[Trajectory, str]]:
+    """(trajectory, corpus) pairs for the activation points (each with its whole trajectory), each
+    trajectory cut to the union of the snapshots its trials use."""
+    chosen: dict[tuple[str, str], set] = {}
+    for point, trajectory in points:
+        selected = trajectory.select(point["n_snapshots"], point["snapshot_placement"]).snapshots
+        chosen.setdefault((trajectory.name, point["corpus"]), set()).update(selected)
+    return [(Trajectory(name, tuple(sorted(snapshots, key=lambda s: s.step))), corpus) for (name, corpus), snapshots in chosen.items()]
+
+
+def log_model_curves(parent_run_id: str, curve_sets: list[tuple[Trajectory, str]], cache_dir: str | None) -> None:
+    """Each trajectory's model-level curves (n-gram KL, loss, agreement), computed once and cached,
+    as metrics of the parent run over the snapshot steps and as a Parquet artifact."""
+    frames = []
+    for trajectory, corpus in curve_sets:
+        frames.append(model_curves(trajectory, corpus, cache_dir).assign(trajectory=trajectory.name, corpus=corpus))
+    with mlflow.start_run(run_id=parent_run_id):
+        single = len(frames) == 1
+        for curves in frames:
+            prefix = "model/" if single else f"model/{curves['trajectory'].iloc[0]}/"
+            for row in curves.itertuples():
+                mlflow.log_metrics({f"{prefix}{name}": getattr(row, name) for name in MODEL_CURVES}, step=row.step)
+        with tempfile.TemporaryDirectory() as folder:
+            pd.concat(frames).to_parquet(Path(folder) / "model_curves.parquet", index=False)
+            mlflow.log_artifact(str(Path(folder) / "model_curves.parquet"))
+
+
+def write_report(parent_run_id: str, folder: Path) -> bool:
+    """``python -m reports.robustness`` in its own process: the report reads only what MLflow holds."""
+    command = [sys.executable, "-m", "reports.robustness", "--run", parent_run_id, "--out", str(folder), "--log"]
+    finished = subprocess.run(command, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()})
+    if finished.returncode != 0:
+        print(f"the report failed (exit {finished.returncode}); run again: {' '.join(command[1:])}", file=sys.stderr)
+    return finished.returncode == 0
 
 
 def git_commit() -> str:
@@ -134,20 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
-    caches = {}
+    caches, snapshots = {}, {}
     for point in activation_points:
         trajectory, _ = trajectories[(point["trajectory"], tuple(point["revisions"] or ()))]
-        n_contexts = -(-point["n_tokens"] // (point["context_length"] - 1))
-        request = ActivationRequest(
-            trajectory.select(point["n_snapshots"], point["snapshot_placement"]),
-            layers=(point["layer"],),
-            corpus=point["corpus"],
-            n_tokens=point["n_tokens"],
-            context_length=point["context_length"],
-            seed=point["data_seed"],
-            contexts_per_shard=max(1, min(128, n_contexts // 8)),  # about 8 shards or more, so some can be held out
-        )
+        request = activation_request(point, trajectory)
         caches[activation_set(point)] = str(ensure_activations(request, args.cache_dir).folder)
+        snapshots[activation_set(point)] = [[s.step, s.source, s.revision] for s in request.trajectory.snapshots]
 
     storage = Path(args.storage).resolve()
     experiment_path = storage / sweep_name
@@ -157,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     base = {key: str(value) for key, value in space.items()}
     tags = {"axis": args.axis, "git_commit": git_commit(), **{f"version.{package}": version(package) for package in ("torch", "ray", "mlflow", "transformers")}}
     experiment_id, parent_run_id = parent_run(experiment, sweep_name, {"axis": args.axis, **{f"base.{key}": value for key, value in base.items()}}, tags)
+    if not any(name.startswith("model/") for name in MlflowClient().get_run(parent_run_id).data.metrics):  # once per sweep, also on resume
+        points = [(point, trajectories[(point["trajectory"], tuple(point["revisions"] or ()))][0]) for point in activation_points]
+        log_model_curves(parent_run_id, snapshots_for_model_curves(points), args.cache_dir)
     sweep_context = {
         "tracking_uri": tracking_uri(),
         "experiment_id": experiment_id,
         "parent_run_id": parent_run_id,
         "caches": caches,
+        "snapshots": snapshots,
         "checkpoint_root": str(experiment_path / "crosscoder-checkpoints"),
     }
     trainable = tune.with_resources(run_trial, {"cpu": 1, "gpu": args.gpus_per_trial})
@@ -189,12 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                 callbacks=[TrialLines(keys)],
             ),
         )
-    # Progress is TrialLines' one line per trial; Ray's newer console output ignores verbose=0.
+    # Progress is TrialLines' one line per trial; Ray's newer console output ignores verbose=0,
+    # and MLflow would draw a bar per artifact the analysis downloads.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Failures are reported by TrialLines and recorded in MLflow; Tune's tracebacks would bury them.
     for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     results = tuner.fit()
+    report_folder = experiment_path / "report"
 
     rows = []
     for result in results:
@@ -209,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             table.to_csv(Path(folder) / "trials.csv", index=False)
             mlflow.log_artifact(str(Path(folder) / "trials.csv"))
+    for verdict in analyse_sweep(parent_run_id):
+        print(f"  {verdict.claim:<18} {verdict.verdict:<13} {verdict.evidence}")
+    report_ok = write_report(parent_run_id, report_folder)
     print(f"MLflow: {tracking_uri()}  experiment '{experiment}', parent run {parent_run_id}")
+    if report_ok:
+        print(f"report: {report_folder / 'report.html'} (also in the parent run's artifacts, report/)")
     if failed:
         print(f"{failed} trial(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.logging import disable_progress_bar
 
 from study.config import PretrainConfig
 from study.errors import StudyInputError
@@ -151,6 +152,7 @@ def explained_load_errors(snapshot: Snapshot) -> Iterator[None]:
 
 def load_model(snapshot: Snapshot, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
     """The snapshot's causal LM in eval mode, on ``device``."""
+    disable_progress_bar()  # one bar per snapshot load would bury the sweep's own lines
     with explained_load_errors(snapshot):
         model = AutoModelForCausalLM.from_pretrained(snapshot.source, revision=snapshot.revision, dtype=dtype)
     return model.eval().to(device)

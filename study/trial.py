@@ -1,4 +1,4 @@
-"""One Tune trial: train a crosscoder on a cached activation set, log it to MLflow, report to Tune."""
+"""One Tune trial: train a crosscoder on a cached activation set, measure its claim statistics, log them to MLflow, report to Tune."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -18,13 +19,19 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
-from crosscoder import CrossCoderConfig, fit  # noqa: E402
+from crosscoder import CrossCoderConfig, TrainResult, fit  # noqa: E402
 from study.activation_cache import ActivationCache  # noqa: E402
+from study.claim_statistics import ClaimStatistics, claim_statistics  # noqa: E402
 from study.search_space import activation_set  # noqa: E402
+from study.splicing import spliced_loss  # noqa: E402
+from study.tokens import sample_contexts  # noqa: E402
 from study.tracking import child_run  # noqa: E402
+from study.trajectory import Snapshot, load_tokenizer  # noqa: E402
 
 CROSSCODER_KEYS = {field.name for field in fields(CrossCoderConfig)}
 SWEEP = "_sweep"
+SPLICED_CONTEXTS = 32
+"""Held-out contexts on which ΔCE is measured."""
 
 
 def crosscoder_config(config: dict, checkpoint_dir: Path) -> CrossCoderConfig:
@@ -45,9 +52,79 @@ def decoder_norm_figure(decoder_norms: torch.Tensor, steps: list[int]):
     return figure
 
 
+def held_out_contexts(cache: ActivationCache, first_shard: int, tokenizer, count: int) -> torch.Tensor:
+    """The first ``count`` contexts of the held-out shards, re-drawn exactly as extraction drew them."""
+    manifest = cache.manifest
+    rows_per_context = manifest["context_length"] - 1
+    contexts = sample_contexts(tokenizer, manifest["corpus"], manifest["context_length"], manifest["n_tokens"], manifest["seed"])
+    first = sum(manifest["rows_per_shard"][:first_shard]) // rows_per_context
+    return contexts[first : first + count]
+
+
+def log_statistics(statistics: ClaimStatistics, steps: list[int]) -> None:
+    mlflow.log_metrics(statistics.summary)
+    for name, values in statistics.by_snapshot.items():
+        # Curves over snapshots use the snapshot's training step as MLflow's step; adjacent-pair
+        # curves sit at the later snapshot of each pair.
+        for snapshot_step, value in zip(steps[len(steps) - len(values) :], values):
+            mlflow.log_metric(name, value, step=snapshot_step)
+
+
+def log_table(frame: pd.DataFrame, name: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        frame.to_parquet(Path(folder) / name, index=False)
+        mlflow.log_artifact(str(Path(folder) / name))
+
+
+class TrialOutcome(NamedTuple):
+    """What one trial produced, before anything is logged."""
+
+    result: TrainResult
+    statistics: ClaimStatistics
+    steps: list[int]
+    """The training step of each of the crosscoder's snapshots."""
+
+
+def train_and_measure(params: dict, cache_folder: str, snapshots: list[Snapshot], checkpoint_dir: Path) -> TrialOutcome:
+    """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
+    statistic on the held-out ones. Knows nothing of Tune or MLflow (``bench/`` times it bare)."""
+    cache = ActivationCache(cache_folder)
+    layer, held_out_count = params["layer"], params["held_out_shards"]
+    if held_out_count >= cache.n_shards:
+        raise ValueError(f"held_out_shards {held_out_count} leaves no training data in {cache.n_shards} shards; raise n_tokens")
+    first_held_out = cache.n_shards - held_out_count
+    held_out = torch.cat([cache.shard(layer, index) for index in range(first_held_out, cache.n_shards)]).float()
+    batches = cache.batches(layer, params["batch_size"], params["seed"], shards=list(range(first_held_out)))
+    result = fit(batches, crosscoder_config(params, checkpoint_dir), eval_activations=held_out)
+
+    model = result.model.eval()
+    device = model.decoder_weight.device
+    contexts = held_out_contexts(cache, first_held_out, load_tokenizer(snapshots[-1]), SPLICED_CONTEXTS)
+    spliced = spliced_loss(snapshots, contexts, layer, lambda activations: model.reconstruct(activations.to(device)).cpu(), device)
+    held_out_tokens = torch.from_numpy(cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64"))
+    statistics = claim_statistics(model, held_out, held_out_tokens, cache.steps, result.metrics, spliced, params["seed"])
+    return TrialOutcome(result, statistics, cache.steps)
+
+
+def log_outcome(outcome: TrialOutcome) -> None:
+    """Everything a trial produced, into the active MLflow run."""
+    result, statistics, steps = outcome
+    for entry in result.history:
+        mlflow.log_metrics({f"train/{key}": value for key, value in entry.items() if key != "step"}, step=entry["step"])
+    log_statistics(statistics, steps)
+    log_table(statistics.features, "features.parquet")
+    log_table(pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps]), "decoder_norms.parquet")
+    with tempfile.TemporaryDirectory() as folder:
+        result.model.save(Path(folder) / "crosscoder.safetensors")  # the sweep's stability analysis matches these decoders
+        mlflow.log_artifact(str(Path(folder) / "crosscoder.safetensors"))
+    figure = decoder_norm_figure(result.metrics.decoder_norms, steps)
+    mlflow.log_figure(figure, "decoder_norms.png")
+    plt.close(figure)
+
+
 def run_trial(config: dict) -> None:
     """Tune trainable. ``config[_sweep]`` holds the sweep's MLflow ids, the activation cache folder
-    of each activation set, and the folder of crosscoder checkpoints."""
+    and snapshots of each activation set, and the folder of crosscoder checkpoints."""
     sweep = config[SWEEP]
     params = {key: value for key, value in config.items() if key != SWEEP}
     context = tune.get_context()
@@ -63,34 +140,13 @@ def run_trial(config: dict) -> None:
     with mlflow.start_run(run_id=run_id) as run:
         try:
             mlflow.log_params({key: str(value) for key, value in params.items()})
-            cache = ActivationCache(sweep["caches"][activation_set(params)])
-            layer = params["layer"]
-            held_out_count = params["held_out_shards"]
-            if held_out_count >= cache.n_shards:
-                raise ValueError(f"held_out_shards {held_out_count} leaves no training data in {cache.n_shards} shards; raise n_tokens")
-            training_shards = list(range(cache.n_shards - held_out_count))
-            held_out = torch.cat([cache.shard(layer, index) for index in range(cache.n_shards - held_out_count, cache.n_shards)]).float()
-            batches = cache.batches(layer, params["batch_size"], params["seed"], shards=training_shards)
-            result = fit(batches, crosscoder_config(params, Path(sweep["checkpoint_root"]) / context.get_trial_id()), eval_activations=held_out)
-            metrics = result.metrics
-            for entry in result.history:
-                mlflow.log_metrics({f"train/{key}": value for key, value in entry.items() if key != "step"}, step=entry["step"])
-            for snapshot_step, value in zip(cache.steps, metrics.explained_variance_per_snapshot):
-                mlflow.log_metric("explained_variance_by_snapshot", value, step=snapshot_step)
-            for snapshot_step, value in zip(cache.steps, metrics.decoder_norms.mean(0).tolist()):
-                mlflow.log_metric("mean_decoder_norm_by_snapshot", value, step=snapshot_step)
-            summary = {"explained_variance": metrics.explained_variance, "l0": metrics.l0, "dead_fraction": metrics.dead_fraction, "mse": metrics.mse}
-            mlflow.log_metrics(summary)
-            with tempfile.TemporaryDirectory() as folder:
-                norms = pd.DataFrame(metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in cache.steps])
-                norms.to_parquet(Path(folder) / "decoder_norms.parquet")
-                mlflow.log_artifact(str(Path(folder) / "decoder_norms.parquet"))
-            figure = decoder_norm_figure(metrics.decoder_norms, cache.steps)
-            mlflow.log_figure(figure, "decoder_norms.png")
-            plt.close(figure)
+            key = activation_set(params)
+            snapshots = [Snapshot(step, source, revision) for step, source, revision in sweep["snapshots"][key]]
+            outcome = train_and_measure(params, sweep["caches"][key], snapshots, Path(sweep["checkpoint_root"]) / context.get_trial_id())
+            log_outcome(outcome)
         except Exception as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             mlflow.end_run(status="FAILED")
             raise
-    tune.report({**summary, "seconds": time.perf_counter() - started, "mlflow_run_id": run.info.run_id})
+    tune.report({**outcome.statistics.summary, "seconds": time.perf_counter() - started, "mlflow_run_id": run.info.run_id})

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
+from crosscoder.evolution import emergence
 from crosscoder.matching import match_features
 from crosscoder.sparsity import jumprelu
 from crosscoder.synthetic import planted_features
@@ -27,13 +28,10 @@ def planted():
     return planted_features(n_tokens=30_000, n_snapshots=4, d_model=32, n_features=48, seed=0)
 
 
-def presence_from_norms(decoder_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last snapshot where a feature's decoder norm is at least half its maximum."""
+def last_present(decoder_norms: torch.Tensor) -> torch.Tensor:
+    """Last snapshot where a feature's decoder norm is at least half its maximum."""
     present = decoder_norms >= 0.5 * decoder_norms.max(1, keepdim=True).values
-    snapshots = torch.arange(decoder_norms.shape[1])
-    first = torch.where(present, snapshots, decoder_norms.shape[1]).min(1).values
-    last = torch.where(present, snapshots, -1).max(1).values
-    return first, last
+    return torch.where(present, torch.arange(decoder_norms.shape[1]), -1).max(1).values
 
 
 @pytest.mark.parametrize("sparsity", ["jumprelu", "l1"])
@@ -42,7 +40,8 @@ def test_planted_features_are_recovered_with_their_snapshots(planted, sparsity):
     match = match_features(planted.directions, result.model.decoder_weight.detach())
     recovered = match.cosines > 0.9
     assert recovered.float().mean() >= 0.9, f"recovered {recovered.float().mean():.2f}"
-    first, last = presence_from_norms(result.model.decoder_norms().detach()[match.columns])
+    norms = result.model.decoder_norms().detach()[match.columns]
+    first, last = emergence(norms, steps=[0, 1, 2, 3]).emergence_index, last_present(norms)
     planted_first, planted_last = planted.first_snapshot[match.rows], planted.last_snapshot[match.rows]
     assert torch.equal(first[recovered], planted_first[recovered])
     assert torch.equal(last[recovered], planted_last[recovered])

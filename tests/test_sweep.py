@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from study.errors import run_cli
 from study.sweep import main
 
 REPO = Path(__file__).parent.parent
 
 
 def sweep_arguments(trajectory_folder: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """A small sweep; its activations and model curves go to the tiny trajectory's cache, shared by all tests."""
     return [
         "expansion_ratio",
         "--trajectory", str(trajectory_folder),
         "--set", "n_snapshots=4", "--set", "layer=1", "--set", "context_length=32",
         "--set", "n_steps=30", "--set", "batch_size=128",
         "--tokens", "2000",
-        "--cache-dir", str(tmp_path / "cache"),
+        "--cache-dir", str(trajectory_folder.parent.parent),
         "--storage", str(tmp_path / "sweeps"),
         *extra,
     ]
@@ -47,9 +55,28 @@ def store(tmp_path, monkeypatch):
     return path
 
 
-def test_sweep_logs_one_parent_and_a_child_per_trial(tiny_trajectory_folder, tmp_path, store, ray_cluster, capsys):
-    assert main(sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "er")) == 0
-    frame = runs(store, "er")
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_trajectory_folder, tmp_path_factory, ray_cluster):
+    """One expansion_ratio sweep, run in-process, shared by the tests that read what it left."""
+    folder = tmp_path_factory.mktemp("finished-sweep")
+    store = folder / "mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    try:
+        capture = io.StringIO()
+        with contextlib.redirect_stdout(capture):
+            exit_code = main(sweep_arguments(tiny_trajectory_folder, folder, "--experiment", "er"))
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    return SimpleNamespace(exit_code=exit_code, store=store, folder=folder, output=capture.getvalue())
+
+
+def test_sweep_logs_one_parent_and_a_child_per_trial(finished_sweep):
+    assert finished_sweep.exit_code == 0
+    frame = runs(finished_sweep.store, "er")
     parent = frame[frame["tags.mlflow.parentRunId"].isna()]
     assert len(parent) == 1 and parent["params.axis"].iloc[0] == "expansion_ratio"
     assert parent["tags.git_commit"].iloc[0] and parent["tags.version.ray"].iloc[0]
@@ -61,16 +88,77 @@ def test_sweep_logs_one_parent_and_a_child_per_trial(tiny_trajectory_folder, tmp
     curve = client.get_metric_history(run_id, "explained_variance_by_snapshot")
     assert len(curve) == 4 and curve[0].step == 0 and curve[-1].step == 48  # the selected snapshots' steps
     assert len(client.get_metric_history(run_id, "train/mse")) >= 1
-    artifacts = {item.path for item in client.list_artifacts(run_id)}
-    assert {"decoder_norms.parquet", "decoder_norms.png"} <= artifacts
-    output = capsys.readouterr().out
-    assert output.count("[start]") == 3 and output.count("[done]") == 3
+    assert finished_sweep.output.count("[start]") == 3 and finished_sweep.output.count("[done]") == 3
+
+
+def test_each_trial_logs_its_claim_statistics(finished_sweep):
+    trials = children(runs(finished_sweep.store, "er"))
+    client = MlflowClient()
+    for run_id in trials["run_id"]:
+        metrics = client.get_run(run_id).data.metrics
+        assert {"transition_found", "initial_share", "norm_proxy_r", "delta_ce_max", "token_specificity_r", "alignment_overlap"} <= set(metrics)
+        assert 0 <= metrics["initial_share"] <= 1 and metrics["delta_ce_max"] < 1
+        # The probe needs features that fire often on the (small) held-out shard; with none, r is nan, not made up.
+        probed = metrics["sampled_features"] >= 2
+        assert -1 <= metrics["norm_proxy_r"] <= 1 if probed else math.isnan(metrics["norm_proxy_r"])
+        for name in ("feature_dimensionality_by_snapshot", "delta_ce_by_snapshot", "clean_loss_by_snapshot", "token_entropy_by_peak_snapshot"):
+            assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 2, 16, 48], name
+        assert len(client.get_metric_history(run_id, "alignment_overlap_by_snapshot")) == 3  # adjacent pairs
+        artifacts = {item.path for item in client.list_artifacts(run_id)}
+        assert {"decoder_norms.parquet", "decoder_norms.png", "features.parquet", "crosscoder.safetensors"} <= artifacts
+
+
+def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep):
+    frame = runs(finished_sweep.store, "er")
+    parent_id = frame[frame["tags.mlflow.parentRunId"].isna()]["run_id"].iloc[0]
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    kl = client.get_metric_history(parent_id, "model/unigram_kl")
+    assert [m.step for m in kl] == [0, 2, 16, 48] and kl[-1].value < kl[0].value  # the model learns unigram statistics
+    assert {parent.data.tags[f"verdict.{claim}"] for claim in ("transition", "quality", "stability")} <= {"holds", "fails", "inconclusive"}
+    assert 0 <= parent.data.metrics["stability_expansion_ratio_shared_share"] <= 1
+    artifacts = {item.path for folder in ("", "robustness", "report") for item in client.list_artifacts(parent_id, folder or None)}
+    assert {"model_curves.parquet", "robustness/verdicts.json", "robustness/stability.csv", "report/report.html", "report/summary.md"} <= artifacts
+    summary = (finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report" / "summary.md").read_text()
+    for claim in ("transition", "emergence", "norm_proxy", "quality", "stability", "token_specificity"):
+        assert f"| {claim} |" in summary
+
+
+def test_report_command_rewrites_the_report_from_mlflow_alone(finished_sweep, tmp_path):
+    environment = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{finished_sweep.store}")
+    before = finished_sweep.store.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "reports.robustness", "--experiment", "er", "--out", str(tmp_path / "again")], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "again" / "report.html").read_text()
+    assert page.count("<img") >= 6 and "data:image/png;base64," in page and "verdict" in page
+    assert finished_sweep.store.read_bytes() == before  # without --log it only reads
+    bad = subprocess.run([sys.executable, "-m", "reports.robustness", "--experiment", "nope", "--out", str(tmp_path / "x")], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no MLflow experiment 'nope'" in bad.stderr and "er" in bad.stderr
+    assert not (tmp_path / "x").exists() and finished_sweep.store.read_bytes() == before
+
+
+def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (.ci/run does, from Debian's packages)")
+        pytest.skip("chromium is not installed")
+    page = finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report" / "report.html"
+    screenshot = tmp_path / "report.png"
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,4000", f"--screenshot={screenshot}", page.as_uri()]
+    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    with Image.open(screenshot) as image:
+        pixels = image.convert("RGB").resize((350, 1000))
+        colours = len(set(pixels.getdata()))
+        # A blank or broken page is one or two colours; text, tables and plots give hundreds.
+        assert colours > 200, colours
 
 
 def test_killed_sweep_resumes_without_duplicate_runs(tiny_trajectory_folder, tmp_path, store, ray_cluster):
-    arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "resumed", "--set", "n_steps=300", "--max-concurrent", "1")
+    arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "resumed", "--set", "n_steps=600", "--max-concurrent", "1")
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    process = subprocess.Popen([sys.executable, "-m", "study.sweep", *arguments], cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed-sweep.log"
+    process = subprocess.Popen([sys.executable, "-m", "study.sweep", *arguments], cwd=REPO, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     finished = []
     while time.time() < deadline and process.poll() is None and not finished:
@@ -84,7 +172,7 @@ def test_killed_sweep_resumes_without_duplicate_runs(tiny_trajectory_folder, tmp
                 finished = list(children(frame).query("status == 'FINISHED'")["run_id"])
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert finished, "no trial finished before the kill"
+    assert finished, "no trial finished before the kill:\n" + log.read_text()[-3000:]
     before = children(runs(store, "resumed"))
     assert len(before.query("status == 'FINISHED'")) < 3, "the sweep finished before it could be killed"
     end_time = before.set_index("run_id").loc[finished[0], "end_time"]
@@ -122,13 +210,22 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
         (["seed", "--set", "layer={uniform: [0, 2]}"], "layer changes the activations"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(tiny_trajectory_folder, tmp_path, arguments, message):
+def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(tiny_trajectory_folder, tmp_path, arguments, message, capsys, monkeypatch):
     store = tmp_path / "mlflow.db"
-    environment = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
-    command = [sys.executable, "-m", "study.sweep", *arguments, "--trajectory", str(tiny_trajectory_folder), "--storage", str(tmp_path / "sweeps")]
-    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    arguments = [*arguments, "--trajectory", str(tiny_trajectory_folder), "--storage", str(tmp_path / "sweeps")]
+    if arguments[0] == "no_such_axis":
+        # The real command line once, in its own process; the other cases take the same path in this one.
+        environment = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+        result = subprocess.run([sys.executable, "-m", "study.sweep", *arguments], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+        exit_code, errors = result.returncode, result.stderr
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as exited:
+            run_cli(lambda: sys.exit(main(arguments)))
+        exit_code, errors = exited.value.code, capsys.readouterr().err
+    assert exit_code == 2, errors
+    lines = [line for line in errors.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not store.exists() and not (tmp_path / "sweeps").exists()
 

@@ -1,0 +1,81 @@
+"""What the harness costs: a sweep of N trials against the same N trainings in a bare Python loop,
+measured in one run on this machine.
+
+    python bench/sweep_overhead.py [--trials 3] [--steps 500] [--tokens 60000]
+
+Both sides train the same crosscoders on the same cached activations and compute the same claim
+statistics (``study.trial.train_and_measure``), one trial at a time on one CPU thread, so the ratio
+is what Ray Tune, MLflow logging, the model curves, the sweep's robustness analysis and its report
+add. The activation cache and the model curves are built before either side is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from study.extraction import ensure_activations
+from study.model_curves import model_curves
+from study.search_space import ACTIVATION_KEYS, grid_points, load_space
+from study.sweep import activation_request, main as sweep_main, snapshots_for_model_curves
+from study.trajectory import resolve_trajectory
+from study.trial import train_and_measure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=3, help="expansion ratios 4, 8, 16, ... (one trial each)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps per trial")
+    parser.add_argument("--tokens", type=int, default=60_000)
+    parser.add_argument("--cache-dir", help="trajectory and activation cache (default: the harness's)")
+    args = parser.parse_args()
+    ratios = [4 * 2**index for index in range(args.trials)]
+    overrides = [f"expansion_ratio={{grid_search: {ratios}}}", f"n_steps={args.steps}", f"n_tokens={args.tokens}"]
+    space = load_space("expansion_ratio", overrides)
+    (point,) = grid_points(space, ACTIVATION_KEYS)
+    trajectory = resolve_trajectory(point["trajectory"], point["revisions"], args.cache_dir)
+    request = activation_request(point, trajectory)
+    cache = ensure_activations(request, args.cache_dir, progress=False)
+    for curve_trajectory, corpus in snapshots_for_model_curves([(point, trajectory)]):
+        model_curves(curve_trajectory, corpus, args.cache_dir)
+
+    torch.set_num_threads(1)  # as a Tune trial on one CPU runs (Ray sets OMP_NUM_THREADS=1)
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        trial_seconds = []
+        for index, config in enumerate(grid_points(space)):
+            begun = time.perf_counter()
+            train_and_measure(config, str(cache.folder), list(request.trajectory.snapshots), Path(scratch) / f"loop{index}")
+            trial_seconds.append(time.perf_counter() - begun)
+        loop_seconds = time.perf_counter() - started
+
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
+        arguments = ["expansion_ratio", *[item for override in overrides for item in ("--set", override)], "--max-concurrent", "1", "--experiment", "overhead", "--storage", str(Path(scratch) / "sweeps")]
+        if args.cache_dir:
+            arguments += ["--cache-dir", args.cache_dir]
+        started = time.perf_counter()
+        exit_code = sweep_main(arguments)
+        sweep_seconds = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "trials": args.trials,
+                "bare_loop_trial_seconds": [round(seconds, 1) for seconds in trial_seconds],
+                "bare_loop_seconds": round(loop_seconds, 1),
+                "sweep_seconds": round(sweep_seconds, 1),
+                "sweep_exit_code": exit_code,
+                "sweep_over_loop": round(sweep_seconds / loop_seconds, 3),
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

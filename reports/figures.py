@@ -1,0 +1,195 @@
+"""The report's plots, each a function of a SweepRecord's tables returning a matplotlib figure (or None
+when the sweep holds nothing to plot)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+STATISTIC_LABELS = {
+    "explained_variance": "explained variance",
+    "min_explained_variance_by_snapshot": "lowest EV over snapshots",
+    "l0": "L0",
+    "dead_fraction": "dead share",
+    "delta_ce_max": "largest ΔCE (nats)",
+    "transition_step": "turning step",
+    "initial_share": "init.-dependent share",
+    "median_emergence_step": "median emergence step",
+    "norm_proxy_r": "r(probe error, norm)",
+    "token_specificity_r": "r(peak snapshot, entropy)",
+    "alignment_overlap": "top-10 overlap",
+}
+
+
+def step_axis(axis) -> None:
+    """Training steps start at 0 and are log-spaced: symlog shows both."""
+    axis.set_xscale("symlog", linthresh=1)
+    axis.set_xlim(left=0)
+    axis.set_xlabel("training step")
+
+
+def model_curve_figure(curves: pd.DataFrame) -> Figure | None:
+    if curves.empty:
+        return None
+    figure, (kl_axis, loss_axis, agreement_axis) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for trajectory, group in curves.groupby("trajectory"):
+        kl_axis.plot(group["step"], group["unigram_kl"], "o-", label=f"unigram KL ({trajectory})" if curves["trajectory"].nunique() > 1 else "unigram KL")
+        kl_axis.plot(group["step"], group["bigram_kl"], "s-", label="bigram KL")
+        loss_axis.plot(group["step"], group["lm_loss"], "o-", label="LM loss")
+        agreement_axis.plot(group["step"], group["agreement_accuracy"], "o-", label="accuracy")
+        twin = agreement_axis.twinx()
+        twin.plot(group["step"], group["agreement_logit_difference"], "s--", color="tab:red", label="logit difference")
+        twin.set_ylabel("logit difference", color="tab:red")
+    first = curves.iloc[0]
+    loss_axis.axhline(first["unigram_entropy"], color="gray", linestyle=":", label="unigram entropy")
+    loss_axis.axhline(first["bigram_entropy"], color="black", linestyle=":", label="bigram entropy")
+    kl_axis.set_ylabel("KL(n-gram ‖ model), nats")
+    loss_axis.set_ylabel("nats per token")
+    agreement_axis.set_ylabel("agreement accuracy")
+    agreement_axis.set_ylim(0, 1.05)
+    for axis, title in ((kl_axis, "n-gram KL divergence"), (loss_axis, "language-model loss"), (agreement_axis, "subject-verb agreement")):
+        step_axis(axis)
+        axis.set_title(title)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def dimensionality_figure(curve: pd.DataFrame, trials: pd.DataFrame, labels: dict[str, str]) -> Figure | None:
+    if curve.empty:
+        return None
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    turning = trials.set_index("run_id")["transition_step"] if "transition_step" in trials else pd.Series(dtype=float)
+    for run_id, group in curve.groupby("run_id"):
+        (line,) = axis.plot(group["step"], group["value"], "o-", label=labels.get(run_id, run_id[:8]))
+        step = turning.get(run_id, math.nan)
+        if not math.isnan(step):
+            axis.plot([step], group.loc[group["step"] == step, "value"], marker="v", markersize=13, color=line.get_color(), markeredgecolor="black")
+    step_axis(axis)
+    axis.set_ylabel("total feature dimensionality Σ D_i")
+    axis.set_title("feature dimensionality (▼ turning point)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def decoder_norm_heatmaps(decoder_norms: dict[str, pd.DataFrame], labels: dict[str, str], limit: int = 6) -> Figure | None:
+    if not decoder_norms:
+        return None
+    chosen = list(decoder_norms.items())[:limit]
+    figure, axes = plt.subplots(1, len(chosen), figsize=(3.4 * len(chosen), 4), squeeze=False)
+    for axis, (run_id, norms) in zip(axes[0], chosen):
+        values = norms.to_numpy()
+        order = np.lexsort((-values.max(1), values.argmax(1)))  # by peak snapshot, strongest first
+        image = axis.imshow(values[order], aspect="auto", interpolation="nearest", cmap="viridis")
+        axis.set_xticks(range(values.shape[1]), [column.removeprefix("step") for column in norms.columns], rotation=70, fontsize=6)
+        axis.set_title(labels.get(run_id, run_id[:8]), fontsize=9)
+        axis.set_xlabel("snapshot step")
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    axes[0][0].set_ylabel("feature (by peak snapshot)")
+    figure.tight_layout()
+    return figure
+
+
+def emergence_figure(features: dict[str, pd.DataFrame], labels: dict[str, str]) -> Figure | None:
+    tables = {run_id: table[table["alive"]] for run_id, table in features.items()}
+    if not tables:
+        return None
+    steps = sorted({step for table in tables.values() for step in table["emergence_step"].dropna().unique()})
+    if not steps:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(tables)
+    for index, (run_id, table) in enumerate(tables.items()):
+        counts = table["emergence_step"].value_counts(normalize=True).reindex(steps, fill_value=0)
+        axis.bar(np.arange(len(steps)) + index * width - 0.4 + width / 2, counts.to_numpy(), width, label=labels.get(run_id, run_id[:8]))
+    axis.set_xticks(range(len(steps)), [str(int(step)) for step in steps], rotation=60, fontsize=7)
+    axis.set_xlabel("emergence step (decoder norm first ≥ half its maximum)")
+    axis.set_ylabel("share of live features")
+    axis.set_title("emergence histogram (first bar: initialization-dependent)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def per_snapshot_figure(curves: dict[str, pd.DataFrame], labels: dict[str, str]) -> Figure | None:
+    shown = [
+        ("explained_variance_by_snapshot", "explained variance"),
+        ("delta_ce_by_snapshot", "ΔCE (nats)"),
+        ("probe_error_by_snapshot", "probe error (1 - R²), sampled features"),
+        ("token_entropy_by_peak_snapshot", "token entropy of features peaking here"),
+        ("alignment_overlap_by_snapshot", "top-10 overlap with the previous snapshot"),
+    ]
+    shown = [(name, title) for name, title in shown if not curves.get(name, pd.DataFrame()).empty]
+    if not shown:
+        return None
+    figure, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
+    for axis, (name, title) in zip(axes[0], shown):
+        for run_id, group in curves[name].groupby("run_id"):
+            axis.plot(group["step"], group["value"], "o-", markersize=3, label=labels.get(run_id, run_id[:8]))
+        step_axis(axis)
+        axis.set_title(title, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def statistics_figure(by_axis_value: pd.DataFrame, axis_keys: list[str]) -> Figure | None:
+    if by_axis_value.empty or not axis_keys:
+        return None
+    key_columns = [f"params.{key}" for key in axis_keys]
+    statistics = [s for s in STATISTIC_LABELS if s in set(by_axis_value["statistic"])]
+    columns = 4
+    rows = math.ceil(len(statistics) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.8 * rows), squeeze=False)
+    for axis, statistic in zip(axes.flat, statistics):
+        table = by_axis_value[by_axis_value["statistic"] == statistic]
+        names = table[key_columns].astype(str).agg(", ".join, axis=1)
+        numeric = pd.to_numeric(table[key_columns[0]], errors="coerce") if len(key_columns) == 1 else pd.Series([math.nan])
+        positions = numeric.to_numpy() if numeric.notna().all() else np.arange(len(table))
+        axis.errorbar(positions, table["mean"], yerr=table["std"].fillna(0), fmt="o-", capsize=4)
+        if not numeric.notna().all():
+            axis.set_xticks(positions, names, rotation=30, fontsize=7)
+        elif len(positions) > 1 and positions.min() > 0 and positions.max() / positions.min() >= 4:
+            axis.set_xscale("log", base=2)
+        axis.set_title(STATISTIC_LABELS[statistic], fontsize=9)
+        axis.set_xlabel(", ".join(axis_keys), fontsize=8)
+    for axis in list(axes.flat)[len(statistics) :]:
+        axis.axis("off")
+    figure.suptitle("each statistic against the axis (error bars: standard deviation over seeds)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def stability_figure(stability: pd.DataFrame, labels: dict[str, str]) -> Figure | None:
+    if stability.empty:
+        return None
+    kinds = list(dict.fromkeys(stability["kind"]))
+    figure, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        pairs = stability[stability["kind"] == kind]
+        runs = list(dict.fromkeys(list(pairs["run_a"]) + list(pairs["run_b"])))
+        matrix = np.full((len(runs), len(runs)), math.nan)
+        for row in pairs.itertuples():
+            a, b = runs.index(row.run_a), runs.index(row.run_b)
+            matrix[a, b] = row.shared_share  # share of the row trial's (smaller) dictionary found in the column's
+            if kind == "seed":
+                matrix[b, a] = row.shared_share
+        image = axis.imshow(matrix, vmin=0, vmax=1, cmap="magma")
+        names = [labels.get(run, run[:8]) for run in runs]
+        axis.set_xticks(range(len(runs)), names, rotation=45, ha="right", fontsize=7)
+        axis.set_yticks(range(len(runs)), names, fontsize=7)
+        for (a, b), value in np.ndenumerate(matrix):
+            if not math.isnan(value):
+                axis.text(b, a, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+        axis.set_title("seed stability" if kind == "seed" else "small dictionary's features found in the larger", fontsize=9)
+        figure.colorbar(image, ax=axis, fraction=0.05, label="share matched with cosine > 0.7")
+    figure.tight_layout()
+    return figure

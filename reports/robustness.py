@@ -1,0 +1,217 @@
+"""The robustness report of one sweep, from what MLflow holds:
+
+    python -m reports.robustness (--experiment NAME | --run PARENT_RUN_ID) --out DIR [--log]
+
+writes DIR/report.html (self-contained: plots embedded), DIR/summary.md (verdict table, per-axis
+statistics) and the plots as PNG files. ``--log`` also stores them in the parent run's artifacts
+under ``report/``. Reads the store at $MLFLOW_TRACKING_URI (default: ./mlflow.db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import math
+import os
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+# MLflow draws a progress bar per downloaded artifact; a report downloads dozens.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from reports import figures
+from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
+
+VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "not measured": "#57606a"}
+TRIAL_COLUMNS = ("explained_variance", "l0", "dead_fraction", "delta_ce_max", "transition_step", "initial_share", "median_emergence_step", "norm_proxy_r", "token_specificity_r", "alignment_overlap")
+
+
+def trial_labels(record: SweepRecord) -> dict[str, str]:
+    """run_id -> "key=value ..." over the swept keys (the run name where nothing is swept)."""
+    keys = record.axis_keys + (["seed"] if "seed" not in record.axis_keys and record.trials.get("params.seed", pd.Series()).nunique() > 1 else [])
+    labels = {}
+    for row in record.trials.to_dict("records"):
+        described = " ".join(f"{key}={row.get(f'params.{key}')}" for key in keys if f"params.{key}" in row)
+        labels[row["run_id"]] = described or row["run_name"]
+    return labels
+
+
+def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
+    """name -> (caption, figure), in the report's order; plots with nothing to show are left out."""
+    labels = trial_labels(record)
+    candidates = {
+        "verdict_statistics": ("Each claim statistic against the sweep's axis.", figures.statistics_figure(record.by_axis_value, record.axis_keys)),
+        "model_curves": ("Model-level curves of the trajectory: statistical learning shows as falling n-gram KL.", figures.model_curve_figure(record.model_curves)),
+        "feature_dimensionality": ("Total feature dimensionality per snapshot, its turning point marked.", figures.dimensionality_figure(record.curves["feature_dimensionality_by_snapshot"], record.trials, labels)),
+        "decoder_norms": ("Decoder norms of every feature over snapshots, features sorted by peak snapshot.", figures.decoder_norm_heatmaps(record.decoder_norms, labels)),
+        "emergence": ("When features emerge (decoder norm first at half its maximum).", figures.emergence_figure(record.features, labels)),
+        "per_snapshot": ("Quality, probe error, token specificity and alignment per snapshot.", figures.per_snapshot_figure(record.curves, labels)),
+        "stability": ("Feature stability: share of features matched one-to-one with cosine above 0.7.", figures.stability_figure(record.stability, labels)),
+    }
+    return {name: (caption, figure) for name, (caption, figure) in candidates.items() if figure is not None}
+
+
+def png_bytes(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def format_number(value) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def axis_table(record: SweepRecord) -> pd.DataFrame:
+    """Statistics as rows, axis values as columns, cells "mean ± std (n)"."""
+    if record.by_axis_value.empty:
+        return pd.DataFrame()
+    table = record.by_axis_value.copy()
+    key_columns = [f"params.{key}" for key in record.axis_keys]
+    table["value"] = table[key_columns].astype(str).agg(", ".join, axis=1) if key_columns else "all"
+    table["cell"] = [f"{format_number(m)} ± {format_number(s)} ({n})" if n else "–" for m, s, n in zip(table["mean"], table["std"], table["n"])]
+    pivot = table.pivot(index="statistic", columns="value", values="cell")[list(dict.fromkeys(table["value"]))]
+    order = [s for s in figures.STATISTIC_LABELS if s in pivot.index]
+    pivot = pivot.loc[order]
+    pivot.index = [figures.STATISTIC_LABELS[s] for s in order]
+    pivot.columns.name = ", ".join(record.axis_keys)
+    pivot.index.name = "statistic"
+    return pivot
+
+
+def trials_table(record: SweepRecord) -> pd.DataFrame:
+    if record.trials.empty:
+        return pd.DataFrame()
+    labels = trial_labels(record)
+    table = pd.DataFrame({"trial": [labels[r] for r in record.trials["run_id"]], "status": record.trials["status"]})
+    for column in TRIAL_COLUMNS:
+        if column in record.trials:
+            table[column] = record.trials[column].map(format_number)
+    return table
+
+
+def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
+    if frame.empty:
+        return "_none_\n"
+    frame = frame.reset_index() if index else frame
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    rows = ["| " + " | ".join(str(v).replace("|", "/") for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def heading(record: SweepRecord) -> tuple[str, str]:
+    parent = record.parent
+    finished = int((record.trials["status"] == "FINISHED").sum()) if len(record.trials) else 0
+    failed = len(record.trials) - finished
+    title = f"Robustness report: {parent.info.run_name}"
+    facts = (
+        f"axis **{parent.data.params.get('axis', '?')}**, {finished} finished trial(s), {failed} not finished; "
+        f"parent run `{parent.info.run_id}`, git commit `{parent.data.tags.get('git_commit', 'unknown')[:12]}`"
+    )
+    return title, facts
+
+
+def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path) -> Path:
+    title, facts = heading(record)
+    lines = [f"# {title}", "", facts, "", "## Verdicts", ""]
+    verdicts = pd.DataFrame(record.verdicts, columns=["claim", "verdict", "evidence", "rule"])
+    lines.append(markdown_table(verdicts))
+    lines += ["## Statistics per axis value (mean ± std over seeds (n))", "", markdown_table(axis_table(record), index=True)]
+    lines += ["## Trials", "", markdown_table(trials_table(record))]
+    lines += ["## Plots", ""] + [f"![{caption}]({name}.png)" for name, caption in figure_names.items()]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def html_table(frame: pd.DataFrame, index: bool = False) -> str:
+    return frame.to_html(index=index, escape=True, border=0, classes="table") if not frame.empty else "<p><em>none</em></p>"
+
+
+def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], out: Path) -> Path:
+    title, facts = heading(record)
+    facts_html = html.escape(facts).replace("**", "").replace("`", "")
+    verdict_rows = "".join(
+        f"<tr><td><code>{html.escape(v['claim'])}</code></td>"
+        f"<td><span class='verdict' style='background:{VERDICT_COLOURS.get(v['verdict'], '#57606a')}'>{html.escape(v['verdict'])}</span></td>"
+        f"<td>{html.escape(v['evidence'])}</td><td class='rule'>{html.escape(v['rule'])}</td></tr>"
+        for v in record.verdicts
+    )
+    plots = "".join(
+        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        for name, (caption, data) in images.items()
+    )
+    failed = record.trials[record.trials["status"] != "FINISHED"] if len(record.trials) else record.trials
+    failures = "".join(f"<li><code>{html.escape(r.run_name)}</code> {html.escape(r.status)}: {html.escape(r.error)}</li>" for r in failed.itertuples())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #1f2328; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
+td, th {{ border-bottom: 1px solid #d0d7de; padding: 4px 10px; text-align: left; vertical-align: top; }}
+.verdict {{ color: white; border-radius: 4px; padding: 2px 8px; font-weight: 600; white-space: nowrap; }}
+.rule {{ color: #57606a; font-size: 0.85em; max-width: 420px; }}
+figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ color: #57606a; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1><p>{facts_html}</p>
+<h2>Verdicts</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>rule</th></tr>{verdict_rows}</table>
+{"<h2>Trials that did not finish</h2><ul>" + failures + "</ul>" if failures else ""}
+<h2>Statistics per axis value</h2><p>mean ± standard deviation over seeds (number of trials)</p>{html_table(axis_table(record), index=True)}
+<h2>Trials</h2>{html_table(trials_table(record))}
+<h2>Plots</h2>{plots}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def write_report(record: SweepRecord, out: Path) -> tuple[Path, Path]:
+    """report.html, summary.md and one PNG per plot in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for name, (caption, figure) in build_figures(record).items():
+        data = png_bytes(figure)
+        (out / f"{name}.png").write_bytes(data)
+        images[name] = (caption, data)
+    markdown = write_markdown(record, {name: caption for name, (caption, _) in images.items()}, out)
+    return write_html(record, images, out), markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reports.robustness", description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="MLflow experiment: its newest sweep")
+    which.add_argument("--run", help="a sweep's parent run id")
+    parser.add_argument("--out", required=True, help="folder for report.html, summary.md and the plots")
+    parser.add_argument("--log", action="store_true", help="also log the report to the parent run (artifacts report/)")
+    args = parser.parse_args(argv)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ReportInputError(f"no MLflow store at {uri[len('sqlite:///'):]}; run this where the sweep ran or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(uri)
+    record = read_sweep(client, find_parent_run(client, args.experiment, args.run))
+    page, markdown = write_report(record, Path(args.out))
+    if args.log:
+        client.log_artifacts(record.parent.info.run_id, str(Path(args.out)), "report")
+    print(f"wrote {page} and {markdown}")
+    for verdict in record.verdicts:
+        print(f"  {verdict['claim']:<18} {verdict['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ReportInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,255 @@
+"""Sweep-level robustness: each claim statistic per axis value with its spread over seeds, feature
+stability between trials, and a verdict per claim. Reads the trials from MLflow, logs to the parent run."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from crosscoder.matching import stability
+from crosscoder.model import CrossCoder
+
+STATISTICS = (
+    "explained_variance",
+    "min_explained_variance_by_snapshot",
+    "l0",
+    "dead_fraction",
+    "delta_ce_max",
+    "transition_step",
+    "initial_share",
+    "median_emergence_step",
+    "norm_proxy_r",
+    "token_specificity_r",
+    "alignment_overlap",
+)
+"""Per-trial scalars summarised per axis value."""
+MATCH_THRESHOLD = 0.7
+"""Cosine above which two matched features count as the same feature."""
+SAE_SHARED_LOW = 0.30
+"""Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
+
+RULES = {
+    "transition": "holds if every trial finds a turning point of total feature dimensionality and the turning steps lie within one interval of the coarsest snapshot grid in the sweep; fails otherwise",
+    "emergence": "holds if the share of initialization-dependent features varies by at most 0.10 across trials and the median emergence steps lie within one interval of the coarsest snapshot grid; fails otherwise",
+    "norm_proxy": "holds if the correlation between probe error and decoder norm is below -0.8 in every trial; fails otherwise",
+    "quality": "holds if every trial has explained variance >= 0.85, L0 < 120, ΔCE < 0.5 nats at every snapshot and at most 10 % dead features; fails otherwise",
+    "stability": f"holds if, between trials that differ only in seed, the mean share of features matched one-to-one with cosine > {MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
+    "token_specificity": "holds if in every trial token entropy rises with the snapshot where a feature's decoder norm peaks (Spearman r > 0); fails otherwise",
+    "relie": "not measured yet: needs the causal analyses (RelIE)",
+    "causal": "not measured yet: needs the causal analyses (ablation curves)",
+}
+"""The rule behind each verdict, as the report states it. A claim is inconclusive when no trial gives its statistic."""
+
+
+class Verdict(NamedTuple):
+    claim: str
+    verdict: str
+    """holds, fails, inconclusive or not measured."""
+    rule: str
+    evidence: str
+
+
+class Trials(NamedTuple):
+    """The sweep's finished trials as MLflow holds them."""
+
+    frame: pd.DataFrame
+    """One row per trial: run_id, params (as logged, strings), summary metrics."""
+    swept: list[str]
+    """Params that differ between trials."""
+    steps: dict[str, list[int]]
+    """run_id -> the snapshot steps its crosscoder spans."""
+
+
+def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'", max_results=10_000)
+    rows, steps = [], {}
+    for run in runs:
+        rows.append({"run_id": run.info.run_id, **{f"params.{k}": v for k, v in run.data.params.items()}, **run.data.metrics})
+        steps[run.info.run_id] = [int(m.step) for m in sorted(client.get_metric_history(run.info.run_id, "explained_variance_by_snapshot"), key=lambda m: m.step)]
+    frame = pd.DataFrame(rows)
+    param_columns = [c for c in frame.columns if c.startswith("params.")]
+    swept = sorted(c[len("params.") :] for c in param_columns if frame[c].nunique(dropna=False) > 1)
+    return Trials(frame, swept, steps)
+
+
+def axis_keys(swept: list[str]) -> list[str]:
+    """The keys that name an axis value: the swept ones, seeds aside unless the seed is the axis."""
+    return [key for key in swept if key != "seed"] or swept
+
+
+def by_axis_value(trials: Trials) -> pd.DataFrame:
+    """Each statistic per axis value: mean, standard deviation over the trials (seeds) sharing it, count."""
+    keys = [f"params.{key}" for key in axis_keys(trials.swept)]
+    rows = []
+    groups = list(trials.frame.groupby(keys, dropna=False)) if keys else [((), trials.frame)]
+    groups.sort(key=lambda item: tuple(numeric_first(value) for value in (item[0] if isinstance(item[0], tuple) else (item[0],))))
+    for values, group in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        for statistic in STATISTICS:
+            series = group[statistic].dropna() if statistic in group else pd.Series(dtype=float)
+            rows.append({**dict(zip(keys, values)), "statistic": statistic, "mean": series.mean(), "std": series.std(ddof=1) if len(series) > 1 else 0.0, "n": len(series)})
+    return pd.DataFrame(rows)
+
+
+def numeric_first(value: str) -> tuple:
+    """Sort key: numbers by value before other strings."""
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def live_decoder(client: MlflowClient, run_id: str, folder: Path) -> torch.Tensor:
+    """[live features, S, d] decoder of the trial's crosscoder, dead features dropped."""
+    model = CrossCoder.load(client.download_artifacts(run_id, "crosscoder.safetensors", str(folder)))
+    features = pd.read_parquet(client.download_artifacts(run_id, "features.parquet", str(folder)))
+    return model.decoder_weight.detach()[torch.tensor(features["alive"].to_numpy())]
+
+
+def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
+    """(run_a, run_b) for trials whose params are equal except ``key``; ordered by ``key``'s numeric value."""
+    column = f"params.{key}"
+    if column not in frame:
+        return []
+    others = [c for c in frame.columns if c.startswith("params.") and c != column]
+    pairs = []
+    for _, group in frame.groupby(others, dropna=False) if others else [((), frame)]:
+        ordered = group.assign(_order=pd.to_numeric(group[column], errors="coerce")).sort_values("_order")
+        pairs += list(itertools.combinations(ordered["run_id"], 2))
+    return pairs
+
+
+def feature_stability(client: MlflowClient, trials: Trials) -> pd.DataFrame:
+    """Stability between seeds (all pairs of trials differing only in seed) and, where the expansion
+    ratio is swept, the share of the smaller dictionary's features with a partner in the larger."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        decoders: dict[str, torch.Tensor] = {}
+
+        def decoder(run_id: str) -> torch.Tensor:
+            if run_id not in decoders:
+                decoders[run_id] = live_decoder(client, run_id, Path(folder) / run_id)
+            return decoders[run_id]
+
+        for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio")):
+            for run_a, run_b in pairs_differing_in(trials.frame, key):
+                result = stability(decoder(run_a), decoder(run_b), MATCH_THRESHOLD)
+                rows.append({"kind": kind, "run_a": run_a, "run_b": run_b, "shared_share": result.shared_share, "mean_max_cosine": result.mean_max_cosine, "pairs": result.n_pairs})
+    return pd.DataFrame(rows, columns=["kind", "run_a", "run_b", "shared_share", "mean_max_cosine", "pairs"])
+
+
+def grid_interval_spread(steps_found: list[float], grid: list[int]) -> int:
+    """How many intervals of ``grid`` separate the smallest and largest of ``steps_found``."""
+    positions = [bisect.bisect_left(grid, step) for step in steps_found]
+    return max(positions) - min(positions)
+
+
+def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
+    """A verdict per claim of DESIGN.md's table, by the rules in ``RULES``."""
+    frame = trials.frame
+    coarsest = min(trials.steps.values(), key=len) if trials.steps else []
+
+    def column(name: str) -> pd.Series:
+        return frame[name].dropna() if name in frame else pd.Series(dtype=float)
+
+    def in_every_trial(claim: str, statistic: str, passes, condition: str) -> Verdict:
+        values = column(statistic)
+        if values.empty:
+            return Verdict(claim, "inconclusive", RULES[claim], f"no trial gives {statistic}")
+        passing = int(values.map(passes).sum())
+        listed = ", ".join(f"{value:.3g}" for value in values)
+        return Verdict(claim, "holds" if passing == len(values) else "fails", RULES[claim], f"{condition} in {passing} of {len(values)} trials ({statistic}: {listed})")
+
+    verdicts = []
+    found, turning = column("transition_found"), column("transition_step")
+    if found.empty:
+        verdicts.append(Verdict("transition", "inconclusive", RULES["transition"], "no trial gives a dimensionality curve"))
+    elif (found < 1).any():
+        verdicts.append(Verdict("transition", "fails", RULES["transition"], f"{int(found.sum())} of {len(found)} trials find a turning point"))
+    else:
+        spread = grid_interval_spread(turning.tolist(), coarsest)
+        evidence = f"turning steps {sorted({int(step) for step in turning})}, {spread} interval(s) apart on the grid {coarsest}"
+        verdicts.append(Verdict("transition", "holds" if spread <= 1 else "fails", RULES["transition"], evidence))
+
+    shares, medians = column("initial_share"), column("median_emergence_step")
+    if len(shares) < 2:
+        verdicts.append(Verdict("emergence", "inconclusive", RULES["emergence"], f"{len(shares)} trial(s): nothing to compare"))
+    else:
+        share_range = float(shares.max() - shares.min())
+        median_spread = grid_interval_spread(medians.tolist(), coarsest) if len(medians) else 0
+        evidence = f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f}; median emergence steps {sorted({int(m) for m in medians})}"
+        verdicts.append(Verdict("emergence", "holds" if share_range <= 0.10 and median_spread <= 1 else "fails", RULES["emergence"], evidence))
+
+    verdicts.append(in_every_trial("norm_proxy", "norm_proxy_r", lambda r: r < -0.8, "r < -0.8"))
+
+    quality = frame.assign(
+        meets=(frame.get("explained_variance", math.nan) >= 0.85)
+        & (frame.get("l0", math.nan) < 120)
+        & (frame.get("delta_ce_max", math.nan) < 0.5)
+        & (frame.get("dead_fraction", math.nan) <= 0.10)
+    ) if len(frame) else frame
+    if quality.empty:
+        verdicts.append(Verdict("quality", "inconclusive", RULES["quality"], "no finished trial"))
+    else:
+        listed = "; ".join(
+            f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}" for row in quality.itertuples()
+        )
+        verdicts.append(Verdict("quality", "holds" if quality["meets"].all() else "fails", RULES["quality"], f"{int(quality['meets'].sum())} of {len(quality)} trials meet all thresholds ({listed})"))
+
+    seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
+    across_ratios = (
+        f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features have a partner in the larger ({len(ratios)} pair(s))"
+        if len(ratios)
+        else ""
+    )
+    if seeds.empty:
+        verdicts.append(Verdict("stability", "inconclusive", RULES["stability"], "no two trials differ only in seed" + across_ratios))
+    else:
+        mean_share = float(seeds["shared_share"].mean())
+        evidence = (
+            f"shared share {mean_share:.2f} (range {seeds['shared_share'].min():.2f} to {seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
+            f"mean max cosine {seeds['mean_max_cosine'].mean():.2f}{across_ratios}"
+        )
+        verdicts.append(Verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", RULES["stability"], evidence))
+
+    verdicts.append(in_every_trial("token_specificity", "token_specificity_r", lambda r: r > 0, "r > 0"))
+    verdicts += [Verdict(claim, "not measured", RULES[claim], "") for claim in ("relie", "causal")]
+    return verdicts
+
+
+def analyse_sweep(parent_run_id: str) -> list[Verdict]:
+    """Compute the sweep's robustness from its finished trials and log it to the parent run:
+    ``robustness/by_axis_value.csv``, ``robustness/stability.csv``, ``robustness/verdicts.json``,
+    a ``verdict.<claim>`` tag per claim, and the mean stability as metrics."""
+    client = MlflowClient()
+    trials = finished_trials(client, parent_run_id)
+    if trials.frame.empty:
+        verdicts = [Verdict(claim, "inconclusive", rule, "no finished trial") for claim, rule in RULES.items()]
+        summary, stabilities = pd.DataFrame(), pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine"])
+    else:
+        summary = by_axis_value(trials)
+        stabilities = feature_stability(client, trials)
+        verdicts = judge(trials, stabilities)
+    with tempfile.TemporaryDirectory() as folder:
+        summary.to_csv(Path(folder) / "by_axis_value.csv", index=False)
+        stabilities.to_csv(Path(folder) / "stability.csv", index=False)
+        payload = {"axis_keys": axis_keys(trials.swept), "verdicts": [verdict._asdict() for verdict in verdicts]}
+        (Path(folder) / "verdicts.json").write_text(json.dumps(payload, indent=1))
+        for name in ("by_axis_value.csv", "stability.csv", "verdicts.json"):
+            client.log_artifact(parent_run_id, str(Path(folder) / name), "robustness")
+    for verdict in verdicts:
+        client.set_tag(parent_run_id, f"verdict.{verdict.claim}", verdict.verdict)
+    for kind, group in stabilities.groupby("kind"):
+        client.log_metric(parent_run_id, f"stability_{kind}_shared_share", float(group["shared_share"].mean()))
+        client.log_metric(parent_run_id, f"stability_{kind}_mean_max_cosine", float(group["mean_max_cosine"].mean()))
+    return verdicts

@@ -1,0 +1,63 @@
+"""ΔCE: how much worse the language model predicts when a layer's activations are replaced by their reconstruction."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from study.residual import next_token_loss, residual_replaced
+from study.trajectory import Snapshot, load_model
+
+BATCH_SIZE = 16
+"""Contexts per forward pass."""
+
+
+class SplicedLoss(NamedTuple):
+    """Per snapshot, in snapshot order (nats per token)."""
+
+    clean_loss: list[float]
+    spliced_loss: list[float]
+    delta_ce: list[float]
+    """spliced minus clean."""
+
+
+@torch.no_grad()
+def spliced_loss(
+    snapshots: list[Snapshot] | tuple[Snapshot, ...],
+    contexts: torch.Tensor,
+    layer: int,
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    device: str | torch.device = "cpu",
+) -> SplicedLoss:
+    """Each snapshot's next-token loss on ``contexts`` [n, length], clean and with the residual stream
+    at ``layer`` (positions 1 onwards, as the crosscoder was trained) replaced by ``reconstruct``'s output.
+
+    ``reconstruct`` maps [tokens, S, d] activations of all snapshots at once to the same shape, as a
+    crosscoder does: each snapshot's reconstruction depends on every snapshot's input.
+    """
+    clean, captured = [], []
+    for snapshot in snapshots:
+        model = load_model(snapshot, device=device)
+        parts: list[torch.Tensor] = []
+
+        def keep(hidden: torch.Tensor) -> torch.Tensor:
+            parts.append(hidden[:, 1:].float().cpu())
+            return hidden
+
+        with residual_replaced(model, layer, keep):
+            clean.append(next_token_loss(model, contexts, BATCH_SIZE))
+        captured.append(torch.cat(parts))  # [n, length - 1, d]
+    activations = torch.stack(captured, 2)  # [n, length - 1, S, d]
+    reconstruction = reconstruct(activations.flatten(0, 1)).view(activations.shape)
+    spliced = []
+    for index, snapshot in enumerate(snapshots):
+        model = load_model(snapshot, device=device)
+        replacement = iter(reconstruction[:, :, index].split(BATCH_SIZE))
+
+        def splice(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.cat([hidden[:, :1], next(replacement).to(hidden.device, hidden.dtype)], 1)
+
+        with residual_replaced(model, layer, splice):
+            spliced.append(next_token_loss(model, contexts, BATCH_SIZE))
+    return SplicedLoss(clean, spliced, [after - before for before, after in zip(clean, spliced)])
