@@ -90,6 +90,8 @@ class CrossCoderConfig:
 
     normalisation_tokens: int = 16384
     """Tokens used to estimate each snapshot's mean norm for the dataset-wise normalisation."""
+    initialization_tokens: int = 4096
+    """Tokens (of those) on which the initial decoder norm and the JumpReLU thresholds are chosen."""
 
     dead_window_tokens: int = 1_000_000
     """A feature that has not fired over this many training tokens counts as dead."""
@@ -108,7 +110,7 @@ class CrossCoderConfig:
             raise InputError(f"sparsity '{self.sparsity}' is unknown; choose one of {', '.join(SPARSITY_METHODS)}")
         if not self.expansion_ratio > 0:
             raise InputError(f"expansion_ratio must be > 0, got {self.expansion_ratio}")
-        for name in ("batch_size", "n_steps", "k", "log_every", "normalisation_tokens"):
+        for name in ("batch_size", "n_steps", "k", "log_every", "normalisation_tokens", "initialization_tokens"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.learning_rate <= 0:

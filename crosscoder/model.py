@@ -112,31 +112,38 @@ class CrossCoder(nn.Module):
 
         One decoder is drawn and copied to every snapshot; the encoder starts as its transpose
         (divided by S, as the pre-activation sums S snapshots); the decoder norm is the one, on a
-        log grid, that gives the lowest reconstruction error on the sample. JumpReLU thresholds
-        start where each feature fires on ``jumprelu_initial_firing`` of the sample's tokens, and
+        log grid, that gives the lowest reconstruction error on the sample's first
+        ``initialization_tokens``. JumpReLU thresholds start where each feature fires on
+        ``jumprelu_initial_firing`` of those tokens, and
         the straight-through window is ``jumprelu_bandwidth`` times their median: fixed values
         would, depending on the data's scale, leave every feature dead or none sparse.
         """
         sample = sample.float()
         mean_norms = sample.norm(dim=-1).mean(0)
         self.input_scale.copy_(math.sqrt(self.d_model) / mean_norms.clamp_min(1e-12))
-        normalised = self.normalise(sample)
-        self.decoder_bias.copy_(normalised.mean(0))
+        self.decoder_bias.copy_(self.normalise(sample).mean(0))
+        # The norm search and the thresholds need far fewer tokens than the normalisation: on a
+        # large dictionary, 16 forward passes over the whole sample cost more than training.
+        subset = sample[: self.config.initialization_tokens]
+        normalised = self.normalise(subset)
         directions = torch.randn(self.n_features, self.d_model, generator=generator)
         directions /= directions.norm(dim=-1, keepdim=True)
+        # With a zero bias the pre-activation is linear in the encoder, and the gated quantity
+        # pre * ||W_D|| scales as norm²: one product gives the thresholds for every candidate norm.
+        unit_gated = normalised.sum(1) @ directions.T * (self.config.encoder_init_factor / self.n_snapshots)
+        rank = max(1, math.ceil((1 - self.config.jumprelu_initial_firing) * len(unit_gated)))
+        unit_thresholds = unit_gated.kthvalue(rank, dim=0).values
 
         def set_norm(norm: float) -> None:
             self.decoder_weight.copy_(directions[:, None, :].expand(-1, self.n_snapshots, -1) * norm)
             encoder = directions.T * (norm * self.config.encoder_init_factor / self.n_snapshots)
             self.encoder_weight.copy_(encoder.repeat(self.n_snapshots, 1))
             if self.log_threshold is not None:
-                scaled = self.encode(normalised) * norm  # the gated quantity pre * ||W_D||, equal at all snapshots
-                rank = max(1, math.ceil((1 - self.config.jumprelu_initial_firing) * len(scaled)))
-                self.log_threshold.copy_(scaled.kthvalue(rank, dim=0).values.clamp_min(1e-6).log())
+                self.log_threshold.copy_((unit_thresholds * norm * norm).clamp_min(1e-6).log())
 
         def error(norm: float) -> float:
             set_norm(norm)
-            return (self(sample).reconstruction - normalised).square().sum(-1).mean().item()
+            return (self(subset).reconstruction - normalised).square().sum(-1).mean().item()
 
         set_norm(min(torch.logspace(-2, 1, 16).tolist(), key=error))
         if self.log_threshold is not None:

@@ -77,7 +77,9 @@ def axis_table(record: SweepRecord) -> pd.DataFrame:
     table = record.by_axis_value.copy()
     key_columns = [f"params.{key}" for key in record.axis_keys]
     table["value"] = table[key_columns].astype(str).agg(", ".join, axis=1) if key_columns else "all"
-    table["cell"] = [f"{format_number(m)} ± {format_number(s)} ({n})" if n else "–" for m, s, n in zip(table["mean"], table["std"], table["n"])]
+    table["cell"] = [
+        "–" if n == 0 else format_number(m) if n == 1 else f"{format_number(m)} ± {format_number(s)} ({n})" for m, s, n in zip(table["mean"], table["std"], table["n"])
+    ]
     pivot = table.pivot(index="statistic", columns="value", values="cell")[list(dict.fromkeys(table["value"]))]
     order = [s for s in figures.STATISTIC_LABELS if s in pivot.index]
     pivot = pivot.loc[order]
@@ -125,7 +127,7 @@ def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path)
     lines = [f"# {title}", "", facts, "", "## Verdicts", ""]
     verdicts = pd.DataFrame(record.verdicts, columns=["claim", "verdict", "evidence", "rule"])
     lines.append(markdown_table(verdicts))
-    lines += ["## Statistics per axis value (mean ± std over seeds (n))", "", markdown_table(axis_table(record), index=True)]
+    lines += ["## Statistics per axis value", "", "mean ± standard deviation over seeds (number of trials) where an axis value has several trials", "", markdown_table(axis_table(record), index=True)]
     lines += ["## Trials", "", markdown_table(trials_table(record))]
     lines += ["## Plots", ""] + [f"![{caption}]({name}.png)" for name, caption in figure_names.items()]
     path = out / "summary.md"
@@ -165,7 +167,7 @@ figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ 
 <h1>{html.escape(title)}</h1><p>{facts_html}</p>
 <h2>Verdicts</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>rule</th></tr>{verdict_rows}</table>
 {"<h2>Trials that did not finish</h2><ul>" + failures + "</ul>" if failures else ""}
-<h2>Statistics per axis value</h2><p>mean ± standard deviation over seeds (number of trials)</p>{html_table(axis_table(record), index=True)}
+<h2>Statistics per axis value</h2><p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>{html_table(axis_table(record), index=True)}
 <h2>Trials</h2>{html_table(trials_table(record))}
 <h2>Plots</h2>{plots}
 </body></html>

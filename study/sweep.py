@@ -61,6 +61,21 @@ class TrialLines(tune.Callback):
         print(f"[FAILED] {trial.trial_id}  {self.describe(trial)}  (see the trial's MLflow run, tag 'error')", flush=True)
 
 
+COST_KEYS = ("expansion_ratio", "n_snapshots", "n_steps", "batch_size", "n_tokens")
+"""Keys whose larger values make a trial slower."""
+
+
+def costliest_first(param_space: dict) -> dict:
+    """Grid values of the cost keys, largest first: Tune starts trials in grid order, and on a few
+    CPUs the longest trial should not start last and run alone while the others sit idle."""
+    ordered = dict(param_space)
+    for key in COST_KEYS:
+        value = ordered.get(key)
+        if isinstance(value, dict) and "grid_search" in value and all(isinstance(v, (int, float)) for v in value["grid_search"]):
+            ordered[key] = {"grid_search": sorted(value["grid_search"], reverse=True)}
+    return ordered
+
+
 def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest:
     """The extraction that a point of the search space (its activation keys) needs."""
     n_contexts = -(-point["n_tokens"] // (point["context_length"] - 1))
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"continuing {sweep_name} from {experiment_path}")
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        param_space = to_tune(space)
+        param_space = costliest_first(to_tune(space))
         search_alg = None
         if args.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch

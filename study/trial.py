@@ -63,11 +63,14 @@ def held_out_contexts(cache: ActivationCache, first_shard: int, tokenizer, count
 
 def log_statistics(statistics: ClaimStatistics, steps: list[int]) -> None:
     mlflow.log_metrics(statistics.summary)
+    # Curves over snapshots use the snapshot's training step as MLflow's step; adjacent-pair curves
+    # sit at the later snapshot of each pair. One call per snapshot: each call is a store write.
+    by_step: dict[int, dict[str, float]] = {step: {} for step in steps}
     for name, values in statistics.by_snapshot.items():
-        # Curves over snapshots use the snapshot's training step as MLflow's step; adjacent-pair
-        # curves sit at the later snapshot of each pair.
         for snapshot_step, value in zip(steps[len(steps) - len(values) :], values):
-            mlflow.log_metric(name, value, step=snapshot_step)
+            by_step[snapshot_step][name] = value
+    for snapshot_step, values in by_step.items():
+        mlflow.log_metrics(values, step=snapshot_step)
 
 
 def log_table(frame: pd.DataFrame, name: str) -> None:
