@@ -79,6 +79,9 @@ def costliest_first(param_space: dict) -> dict:
 def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest:
     """The extraction that a point of the search space (its activation keys) needs."""
     n_contexts = -(-point["n_tokens"] // (point["context_length"] - 1))
+    # At least 8 shards of at most 128 contexts, of nearly equal size: the last shards are held out
+    # for evaluation, and a remainder shard of a few contexts would leave almost nothing to measure.
+    n_shards = max(8, -(-n_contexts // 128))
     return ActivationRequest(
         trajectory.select(point["n_snapshots"], point["snapshot_placement"]),
         layers=(point["layer"],),
@@ -86,7 +89,7 @@ def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest
         n_tokens=point["n_tokens"],
         context_length=point["context_length"],
         seed=point["data_seed"],
-        contexts_per_shard=max(1, min(128, n_contexts // 8)),  # about 8 shards or more, so some can be held out
+        contexts_per_shard=max(1, -(-n_contexts // n_shards)),
     )
 
 

@@ -20,7 +20,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from study.errors import run_cli
-from study.sweep import main
+from study.search_space import ACTIVATION_KEYS, grid_points, load_space
+from study.sweep import activation_request, main
+from study.trajectory import resolve_trajectory
 
 REPO = Path(__file__).parent.parent
 
@@ -149,7 +151,7 @@ def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
     subprocess.run(command, capture_output=True, timeout=120, check=True)
     with Image.open(screenshot) as image:
         pixels = image.convert("RGB").resize((350, 1000))
-        colours = len(set(pixels.getdata()))
+        colours = len(pixels.getcolors(maxcolors=1 << 24))
         # A blank or broken page is one or two colours; text, tables and plots give hundreds.
         assert colours > 200, colours
 
@@ -245,3 +247,12 @@ def test_two_sweeps_at_once_lose_no_run(tiny_trajectory_folder, tmp_path, store,
     for name in ("first", "second"):
         frame = runs(store, name)
         assert len(frame) == 3 and (frame["status"] == "FINISHED").all()
+
+
+def test_shards_are_nearly_equal_so_the_held_out_shard_is_not_a_remainder(tiny_trajectory_folder):
+    space = load_space("expansion_ratio", [f"trajectory={tiny_trajectory_folder}", "n_snapshots=4", "layer=1", "n_tokens=60000"])
+    (point,) = grid_points(space, ACTIVATION_KEYS)
+    request = activation_request(point, resolve_trajectory(point["trajectory"], None))
+    n_contexts = -(-60000 // (point["context_length"] - 1))
+    contexts_in_last_shard = n_contexts - (-(-n_contexts // request.contexts_per_shard) - 1) * request.contexts_per_shard
+    assert contexts_in_last_shard >= 0.9 * request.contexts_per_shard
