@@ -123,7 +123,7 @@ def per_snapshot_figure(curves: dict[str, pd.DataFrame], labels: dict[str, str])
     shown = [
         ("explained_variance_by_snapshot", "explained variance"),
         ("delta_ce_by_snapshot", "ΔCE (nats)"),
-        ("probe_error_by_snapshot", "probe error (1 - R²), sampled features"),
+        ("probe_error_by_snapshot", "probe balanced error (0.5 = chance)"),
         ("token_entropy_by_peak_snapshot", "token entropy of features peaking here"),
         ("alignment_overlap_by_snapshot", "top-10 overlap with the previous snapshot"),
     ]
