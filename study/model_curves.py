@@ -19,7 +19,7 @@ from study.paths import cache_root
 from study.tokens import corpus_fingerprint, sample_contexts
 from study.trajectory import Trajectory, load_model, load_tokenizer
 
-CURVES_VERSION = 1
+CURVES_VERSION = 2
 """Part of the cache key: raise it when the computation changes."""
 NGRAM_TOKENS = 400_000
 """Corpus tokens counted for the unigram and bigram statistics."""
@@ -96,15 +96,15 @@ def compute_model_curves(trajectory: Trajectory, corpus: str, device: str | torc
         model = load_model(snapshot, device=device)
         if statistics is None:
             statistics = NgramStatistics(ngram_contexts, model.config.vocab_size)
-        kl_sums = np.zeros(3)
+        sums = np.zeros(4)  # unigram KL, bigram KL, loss, bigram entropy, each weighted by positions
         count = 0
         for batch in evaluation.split(16):
             log_probs = model(input_ids=batch.to(device)).logits[:, :-1].float().log_softmax(-1).cpu().flatten(0, 1)
             bigram_kl, bigram_entropy = statistics.bigram_kl_and_entropy(log_probs, batch[:, :-1].flatten())
             loss = float(-log_probs.gather(1, batch[:, 1:].reshape(-1, 1)).mean())
-            kl_sums += len(log_probs) * np.array([statistics.unigram_kl(log_probs), bigram_kl, loss])
+            sums += len(log_probs) * np.array([statistics.unigram_kl(log_probs), bigram_kl, loss, bigram_entropy])
             count += len(log_probs)
-        unigram_kl, bigram_kl, lm_loss = kl_sums / count
+        unigram_kl, bigram_kl, lm_loss, bigram_entropy = sums / count
         differences = logit_differences(model, agreement) if agreement is not None else torch.tensor([float("nan")])
         rows.append(
             {
