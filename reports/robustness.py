@@ -27,6 +27,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
+from study.tracking import tracking_uri
 
 VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "not measured": "#57606a"}
 TRIAL_COLUMNS = ("explained_variance", "l0", "dead_fraction", "delta_ce_max", "transition_step", "initial_share", "median_emergence_step", "norm_proxy_r", "token_specificity_r", "alignment_overlap")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for report.html, summary.md and the plots")
     parser.add_argument("--log", action="store_true", help="also log the report to the parent run (artifacts report/)")
     args = parser.parse_args(argv)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise ReportInputError(f"no MLflow store at {uri[len('sqlite:///'):]}; run this where the sweep ran or set MLFLOW_TRACKING_URI")
     client = MlflowClient(uri)

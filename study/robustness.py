@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -192,19 +191,12 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
 
     verdicts.append(in_every_trial("norm_proxy", "norm_proxy_r", lambda r: r < -0.8, "r < -0.8"))
 
-    quality = frame.assign(
-        meets=(frame.get("explained_variance", math.nan) >= 0.85)
-        & (frame.get("l0", math.nan) < 120)
-        & (frame.get("delta_ce_max", math.nan) < 0.5)
-        & (frame.get("dead_fraction", math.nan) <= 0.10)
-    ) if len(frame) else frame
-    if quality.empty:
+    if frame.empty:
         verdicts.append(Verdict("quality", "inconclusive", RULES["quality"], "no finished trial"))
     else:
-        listed = "; ".join(
-            f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}" for row in quality.itertuples()
-        )
-        verdicts.append(Verdict("quality", "holds" if quality["meets"].all() else "fails", RULES["quality"], f"{int(quality['meets'].sum())} of {len(quality)} trials meet all thresholds ({listed})"))
+        meets = (frame["explained_variance"] >= 0.85) & (frame["l0"] < 120) & (frame["delta_ce_max"] < 0.5) & (frame["dead_fraction"] <= 0.10)
+        listed = "; ".join(f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}" for row in frame.itertuples())
+        verdicts.append(Verdict("quality", "holds" if meets.all() else "fails", RULES["quality"], f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})"))
 
     seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
     across_ratios = (
