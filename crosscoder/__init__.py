@@ -7,7 +7,7 @@
 
 from crosscoder.config import CrossCoderConfig, InputError, TrainingError
 from crosscoder.metrics import CrossCoderMetrics, evaluate
-from crosscoder.model import CrossCoder, CrossCoderOutput
+from crosscoder.model import CrossCoder, CrossCoderOutput, SnapshotTerms
 from crosscoder.trainer import TrainResult, train
 
 fit = train
@@ -19,6 +19,7 @@ __all__ = [
     "CrossCoderMetrics",
     "CrossCoderOutput",
     "InputError",
+    "SnapshotTerms",
     "TrainResult",
     "TrainingError",
     "evaluate",

@@ -41,6 +41,7 @@ class Stability(NamedTuple):
     mean_max_cosine: float
     """Mean over A's features of the largest cosine with any feature of B."""
     n_pairs: int
+    match: FeatureMatch
 
 
 def stability(decoder_a: torch.Tensor, decoder_b: torch.Tensor, threshold: float = 0.7) -> Stability:
@@ -48,4 +49,15 @@ def stability(decoder_a: torch.Tensor, decoder_b: torch.Tensor, threshold: float
     to read ``shared_share`` as the share of its features that have a partner in the larger one."""
     match = match_features(decoder_a, decoder_b)
     mean_max = float(decoder_cosines(decoder_a, decoder_b).max(1).values.mean())
-    return Stability(float((match.cosines > threshold).double().mean()), mean_max, len(match.cosines))
+    return Stability(float((match.cosines > threshold).double().mean()), mean_max, len(match.cosines), match)
+
+
+def matched_jaccard(match: FeatureMatch, top_a: torch.Tensor, top_b: torch.Tensor, threshold: float = 0.7) -> float:
+    """Jaccard index of feature sets ``top_a`` (indices into A) and ``top_b`` (into B) once A's features
+    are renamed to their matched partners in B; a feature without a partner above ``threshold`` is
+    counted as different from every feature of B."""
+    partner = {int(row): int(column) for row, column, cosine in zip(match.rows, match.columns, match.cosines) if cosine > threshold}
+    renamed = {partner[int(feature)] for feature in top_a if int(feature) in partner}
+    shared = len(renamed & {int(feature) for feature in top_b})
+    union = len(top_a) + len(top_b) - shared
+    return shared / union if union else 1.0

@@ -29,6 +29,20 @@ class CrossCoderOutput(NamedTuple):
     """The method's penalty before the coefficient lambda (zero for topk / batchtopk)."""
 
 
+class SnapshotTerms(NamedTuple):
+    """Each snapshot's input written as the crosscoder sees it, in raw units:
+    x_s = codes[s] @ decoder[s] + bias[s] + error[:, s]."""
+
+    codes: torch.Tensor
+    """[S, B, F] feature activations (the shared code repeated per snapshot where codes are shared)."""
+    decoder: torch.Tensor
+    """[S, F, d] each feature's direction and size at each snapshot, in raw units."""
+    bias: torch.Tensor
+    """[S, d] decoder bias in raw units."""
+    error: torch.Tensor
+    """[B, S, d] what the features do not reconstruct."""
+
+
 class CrossCoder(nn.Module):
     """x_s -> pre = sum_s x_s W_E^s + b_E -> sparse f -> x_hat_s = f W_D^s + b_D^s, for S snapshots.
 
@@ -72,6 +86,17 @@ class CrossCoder(nn.Module):
         """[B, F] each feature's activation on each token; for JumpReLU, its largest over snapshots."""
         codes = self(activations).codes
         return codes.amax(0) if codes.dim() == 3 else codes
+
+    @torch.no_grad()
+    def snapshot_terms(self, activations: torch.Tensor) -> SnapshotTerms:
+        """Split raw activations [B, S, d] into feature contributions and error, per snapshot
+        (what attribution and ablation act on)."""
+        output = self(activations)
+        codes = output.codes if output.codes.dim() == 3 else output.codes.expand(self.n_snapshots, -1, -1)
+        scale = self.input_scale[:, None].to(activations.dtype)  # [S, 1]
+        decoder = self.decoder_weight.transpose(0, 1) / scale[:, :, None]
+        error = activations - output.reconstruction / scale
+        return SnapshotTerms(codes, decoder, self.decoder_bias / scale, error)
 
     @torch.no_grad()
     def snapshot_preactivations(self, activations: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,9 @@ STATISTIC_LABELS = {
     "norm_proxy_r": "r(probe error, norm)",
     "token_specificity_r": "r(peak snapshot, entropy)",
     "alignment_overlap": "top-10 overlap",
+    "causal_ablate_relative": "metric left, top 15 ablated",
+    "causal_keep_relative": "metric kept, top features only",
+    "relie_top_mean": "RelIE of top features, last snapshot",
 }
 
 
@@ -191,5 +194,44 @@ def stability_figure(stability: pd.DataFrame, labels: dict[str, str]) -> Figure 
                 axis.text(b, a, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
         axis.set_title("seed stability" if kind == "seed" else "small dictionary's features found in the larger", fontsize=9)
         figure.colorbar(image, ax=axis, fraction=0.05, label="share matched with cosine > 0.7")
+    figure.tight_layout()
+    return figure
+
+
+def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame, keep_curve: pd.DataFrame, labels: dict[str, str]) -> Figure | None:
+    """Per trial, the task metric (relative to clean) against k at the last snapshot where the task
+    is learned, with the top k features ablated and with only them kept; and the verdict's two
+    points over the snapshots where the task is learned."""
+    if not curves or all(not table["learned"].any() for table in curves.values()):
+        return None
+    figure, (ablated_axis, kept_axis, snapshot_axis) = plt.subplots(1, 3, figsize=(15, 3.8))
+    for run_id, table in curves.items():
+        learned = table[table["learned"]]
+        if learned.empty:
+            continue
+        step = learned["step"].max()
+        at_step = learned[learned["step"] == step]
+        label = f"{labels.get(run_id, run_id[:8])} (step {int(step)})"
+        ablated_axis.plot(at_step["k"], at_step["ablated_relative"], "o-", markersize=3, label=label)
+        kept_axis.plot(at_step["k"], at_step["kept_relative"], "o-", markersize=3, label=label)
+    for axis, title in ((ablated_axis, "top k features ablated"), (kept_axis, "only the top k kept (errors kept)")):
+        axis.set_xscale("log")
+        axis.axhline(1.0, color="gray", linestyle=":")
+        axis.axhline(0.0, color="black", linewidth=0.6)
+        axis.set_xlabel("k (features ranked by indirect effect)")
+        axis.set_ylabel("task metric / clean metric")
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=7)
+    ablated_axis.axhline(0.5, color="tab:red", linestyle="--", linewidth=0.8)
+    kept_axis.axhline(0.9, color="tab:red", linestyle="--", linewidth=0.8)
+    for curve, marker, what in ((ablate_curve, "v-", "top 15 ablated"), (keep_curve, "^-", "top features kept")):
+        for run_id, group in curve.dropna(subset=["value"]).groupby("run_id"):
+            snapshot_axis.plot(group["step"], group["value"], marker, markersize=4, label=f"{labels.get(run_id, run_id[:8])}: {what}")
+    step_axis(snapshot_axis)
+    snapshot_axis.axhline(0.5, color="tab:red", linestyle="--", linewidth=0.8)
+    snapshot_axis.axhline(0.9, color="tab:red", linestyle="--", linewidth=0.8)
+    snapshot_axis.set_ylabel("task metric / clean metric")
+    snapshot_axis.set_title("per snapshot where the task is learned", fontsize=9)
+    snapshot_axis.legend(fontsize=6)
     figure.tight_layout()
     return figure

@@ -30,7 +30,12 @@ from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run,
 from study.tracking import tracking_uri
 
 VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "not measured": "#57606a"}
-TRIAL_COLUMNS = ("explained_variance", "l0", "dead_fraction", "delta_ce_max", "transition_step", "initial_share", "median_emergence_step", "norm_proxy_r", "token_specificity_r", "alignment_overlap")
+TRIAL_COLUMNS = (
+    "explained_variance", "l0", "dead_fraction", "delta_ce_max", "transition_step", "initial_share", "median_emergence_step", "norm_proxy_r",
+    "token_specificity_r", "alignment_overlap", "causal_ablate_relative", "causal_keep_relative", "relie_top_mean",
+)
+TOP_FEATURES_SHOWN = 5
+"""Top features by indirect effect listed per trial, with their RelIE."""
 
 
 def trial_labels(record: SweepRecord) -> dict[str, str]:
@@ -54,6 +59,10 @@ def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
         "emergence": ("When features emerge (decoder norm first at half its maximum).", figures.emergence_figure(record.features, labels)),
         "per_snapshot": ("Quality, probe error, token specificity and alignment per snapshot.", figures.per_snapshot_figure(record.curves, labels)),
         "stability": ("Feature stability: share of features matched one-to-one with cosine above 0.7.", figures.stability_figure(record.stability, labels)),
+        "ablation_curves": (
+            "Agreement logit difference relative to clean, with the top-k features by indirect effect ablated or kept alone (dashed: the causal claim's thresholds).",
+            figures.ablation_figure(record.ablation_curves, record.curves["ablate_top_relative_by_snapshot"], record.curves["keep_top_relative_by_snapshot"], labels),
+        ),
     }
     return {name: (caption, figure) for name, (caption, figure) in candidates.items() if figure is not None}
 
@@ -101,6 +110,28 @@ def trials_table(record: SweepRecord) -> pd.DataFrame:
     return table
 
 
+def relie_table(record: SweepRecord) -> pd.DataFrame:
+    """Per trial, its top features by indirect effect at the last snapshot, with their effects and RelIE."""
+    labels = trial_labels(record)
+    rows = []
+    for run_id, features in record.features.items():
+        effect_columns = sorted((c for c in features if c.startswith("ie_step")), key=lambda c: int(c[len("ie_step") :]))
+        if not effect_columns:
+            continue
+        relie_columns = [c for c in features if c.startswith("relie_step")]
+        for row in features.nlargest(TOP_FEATURES_SHOWN, effect_columns[-1]).itertuples():
+            values = row._asdict()
+            rows.append(
+                {
+                    "trial": labels.get(run_id, run_id[:8]),
+                    "feature": values["feature"],
+                    f"IE at step {effect_columns[-1][len('ie_step'):]}": format_number(float(values[effect_columns[-1]])),
+                    **{f"RelIE step {c[len('relie_step'):]}": format_number(float(values[c])) for c in relie_columns},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
     if frame.empty:
         return "_none_\n"
@@ -130,6 +161,7 @@ def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path)
     lines.append(markdown_table(verdicts))
     lines += ["## Statistics per axis value", "", "mean ± standard deviation over seeds (number of trials) where an axis value has several trials", "", markdown_table(axis_table(record), index=True)]
     lines += ["## Trials", "", markdown_table(trials_table(record))]
+    lines += ["## Top features by indirect effect, with RelIE", "", markdown_table(relie_table(record))]
     lines += ["## Plots", ""] + [f"![{caption}]({name}.png)" for name, caption in figure_names.items()]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
@@ -170,6 +202,7 @@ figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ 
 {"<h2>Trials that did not finish</h2><ul>" + failures + "</ul>" if failures else ""}
 <h2>Statistics per axis value</h2><p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>{html_table(axis_table(record), index=True)}
 <h2>Trials</h2>{html_table(trials_table(record))}
+<h2>Top features by indirect effect, with RelIE</h2><p>RelIE at a snapshot: the share of the feature's absolute indirect effect (on the agreement logit difference) that belongs to that snapshot, among the snapshots compared.</p>{html_table(relie_table(record))}
 <h2>Plots</h2>{plots}
 </body></html>
 """

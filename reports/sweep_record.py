@@ -19,6 +19,8 @@ TRIAL_CURVES = (
     "probe_error_by_snapshot",
     "token_entropy_by_peak_snapshot",
     "alignment_overlap_by_snapshot",
+    "ablate_top_relative_by_snapshot",
+    "keep_top_relative_by_snapshot",
 )
 """Per-snapshot metrics of each trial that the report plots."""
 
@@ -36,7 +38,9 @@ class SweepRecord(NamedTuple):
     decoder_norms: dict[str, pd.DataFrame]
     """run_id -> [features, snapshots] decoder norms (columns step<N>)."""
     features: dict[str, pd.DataFrame]
-    """run_id -> the trial's per-feature table."""
+    """run_id -> the trial's per-feature table (with indirect effects and RelIE)."""
+    ablation_curves: dict[str, pd.DataFrame]
+    """run_id -> the task metric with the top-k features ablated / kept, per snapshot and k."""
     model_curves: pd.DataFrame
     by_axis_value: pd.DataFrame
     stability: pd.DataFrame
@@ -76,7 +80,7 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000)
     rows = []
     curves: dict[str, list[dict]] = {name: [] for name in TRIAL_CURVES}
-    decoder_norms, features = {}, {}
+    decoder_norms, features, ablation_curves = {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for run in children:
@@ -95,7 +99,7 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
                 continue
             for name in TRIAL_CURVES:
                 curves[name] += [{"run_id": run_id, "step": m.step, "value": m.value} for m in client.get_metric_history(run_id, name)]
-            for name, table in (("decoder_norms.parquet", decoder_norms), ("features.parquet", features)):
+            for name, table in (("decoder_norms.parquet", decoder_norms), ("features.parquet", features), ("ablation_curves.parquet", ablation_curves)):
                 path = artifact_or_none(client, run_id, name, scratch / run_id)
                 if path is not None:
                     table[run_id] = pd.read_parquet(path)
@@ -111,7 +115,7 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
     if not trials.empty:
         trials = trials.sort_values("run_name").reset_index(drop=True)
     curve_frames = {name: pd.DataFrame(entries, columns=["run_id", "step", "value"]).sort_values(["run_id", "step"]) for name, entries in curves.items()}
-    return SweepRecord(parent, trials, curve_frames, decoder_norms, features, model_curves, by_axis, stability, payload["verdicts"], payload["axis_keys"])
+    return SweepRecord(parent, trials, curve_frames, decoder_norms, features, ablation_curves, model_curves, by_axis, stability, payload["verdicts"], payload["axis_keys"])
 
 
 def read_csv(path: Path | None) -> pd.DataFrame:

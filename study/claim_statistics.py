@@ -1,7 +1,8 @@
 """The statistic behind each claim of DESIGN.md's table, for one trained crosscoder (one trial).
 
 Everything here reads the crosscoder and held-out activations; the language-model side of
-``quality`` (ΔCE) is measured by ``study.splicing`` and passed in.
+``quality`` (ΔCE) is measured by ``study.splicing``, and that of ``causal`` and ``relie`` by
+``study.causal_statistics``, and both are passed in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from crosscoder import CrossCoder, CrossCoderMetrics
 from crosscoder.evolution import emergence, feature_dimensionality, turning_point
 from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
 from crosscoder.probing import norm_proxy
+from study.causal_statistics import CausalStatistics
 from study.splicing import SplicedLoss
 
 SAMPLED_FEATURES = 32
@@ -36,7 +38,10 @@ class ClaimStatistics(NamedTuple):
     """Curves over the crosscoder's snapshots, in snapshot order (``alignment_overlap_by_snapshot`` has S - 1
     values, one per adjacent pair, placed at the later snapshot)."""
     features: pd.DataFrame
-    """One row per feature: activation frequency, alive, emergence / peak step, token entropy, sampled."""
+    """One row per feature: activation frequency, alive, emergence / peak step, token entropy, sampled,
+    indirect effect at each snapshot and RelIE."""
+    ablation_curves: pd.DataFrame
+    """The task metric with the top-k features ablated / kept, per snapshot and k."""
 
 
 @torch.no_grad()
@@ -52,6 +57,7 @@ def claim_statistics(
     steps: list[int],
     metrics: CrossCoderMetrics,
     spliced: SplicedLoss,
+    causal: CausalStatistics,
     seed: int,
 ) -> ClaimStatistics:
     """Statistics of ``model`` on held-out activations [N, S, d] whose token ids are ``token_ids`` [N]."""
@@ -110,6 +116,7 @@ def claim_statistics(
         "token_specificity_r": specificity_r,
         "alignment_overlap": overlap_mean,
         "sampled_features": float(len(sampled)),
+        **causal.summary,
     }
     by_snapshot = {
         "explained_variance_by_snapshot": list(metrics.explained_variance_per_snapshot),
@@ -121,6 +128,7 @@ def claim_statistics(
         "probe_error_by_snapshot": probe_error_curve,
         "token_entropy_by_peak_snapshot": entropy_by_peak,
         "alignment_overlap_by_snapshot": overlap_curve,
+        **causal.by_snapshot,
     }
     step_of = torch.tensor(steps, dtype=torch.float32)
     features = pd.DataFrame(
@@ -134,4 +142,4 @@ def claim_statistics(
             "sampled": torch.isin(torch.arange(len(alive)), sampled).numpy(),
         }
     )
-    return ClaimStatistics(summary, by_snapshot, features)
+    return ClaimStatistics(summary, by_snapshot, features.merge(causal.features, on="feature"), causal.curves)

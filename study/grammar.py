@@ -172,6 +172,21 @@ class Grammar:
         return AgreementItem(subject, correct, wrong, subject_number, with_attractor)
 
 
+def flip_subject_number(item: AgreementItem) -> AgreementItem:
+    """The same prompt with its subject in the other number (determiner and head noun swapped, word
+    for word), so the agreeing verb swaps too: the corrupted counterpart used by attribution."""
+    words = item.prompt.split()
+    head = next(index for index, word in enumerate(words[1:], 1) if word not in ADJECTIVES)
+    other = PLURAL if item.subject_number == SINGULAR else SINGULAR
+    singular_of = {plural_noun(noun): noun for noun in NOUNS}
+    words[head] = plural_noun(words[head]) if other == PLURAL else singular_of[words[head]]
+    determiner = "a" if words[0] == "an" else words[0]
+    words[0] = DETERMINERS[other][DETERMINERS[item.subject_number].index(determiner)]
+    if words[0] == "a" and words[1][0] in "aeiou":
+        words[0] = "an"
+    return AgreementItem(" ".join(words), item.wrong_verb, item.correct_verb, other, item.has_attractor)
+
+
 def vocabulary() -> set[str]:
     """Every word the grammar can write, for checking that the tokenizer keeps them whole."""
     words = {"is", "are", "that", "in", "an", ".", *ADJECTIVES, *ADVERBS, *PREPOSITIONS, *MODALS, *CONJUNCTIONS}

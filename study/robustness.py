@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from crosscoder.matching import stability
+from crosscoder.matching import matched_jaccard, stability
 from crosscoder.model import CrossCoder
+from study.causal_statistics import ABLATE_K, KEEP_K, TASK_LEARNED_ACCURACY, TOP_FEATURES
 
 STATISTICS = (
     "explained_variance",
@@ -29,12 +30,17 @@ STATISTICS = (
     "norm_proxy_r",
     "token_specificity_r",
     "alignment_overlap",
+    "causal_ablate_relative",
+    "causal_keep_relative",
+    "relie_top_mean",
 )
 """Per-trial scalars summarised per axis value."""
 MATCH_THRESHOLD = 0.7
 """Cosine above which two matched features count as the same feature."""
 SAE_SHARED_LOW = 0.30
 """Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
+RELIE_JACCARD = 0.5
+"""Mean Jaccard index of the top features by indirect effect, across seeds, for the relie claim to hold."""
 
 RULES = {
     "transition": "holds if every trial finds a turning point of total feature dimensionality and the turning steps lie within one interval of the coarsest snapshot grid in the sweep; fails otherwise",
@@ -43,8 +49,11 @@ RULES = {
     "quality": "holds if every trial has explained variance >= 0.85, L0 < 120, ΔCE < 0.5 nats at every snapshot and at most 10 % dead features; fails otherwise",
     "stability": f"holds if, between trials that differ only in seed, the mean share of features matched one-to-one with cosine > {MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
     "token_specificity": "holds if in every trial token entropy rises with the snapshot where a feature's decoder norm peaks (Spearman r > 0); fails otherwise",
-    "relie": "not measured yet: needs the causal analyses (RelIE)",
-    "causal": "not measured yet: needs the causal analyses (ablation curves)",
+    "relie": f"holds if, between trials that differ only in seed, the top {TOP_FEATURES} features by indirect effect at the last snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching (cosine > {MATCH_THRESHOLD}); fails below",
+    "causal": (
+        f"holds if in every trial, averaged over the snapshots whose agreement accuracy is at least {TASK_LEARNED_ACCURACY}, ablating the top {ABLATE_K} features by indirect effect "
+        f"leaves under half of the task metric and keeping only the top {KEEP_K} (at most a quarter of the dictionary), errors kept, recovers over 90 % of it; fails otherwise"
+    ),
 }
 """The rule behind each verdict, as the report states it. A claim is inconclusive when no trial gives its statistic."""
 
@@ -108,11 +117,20 @@ def numeric_first(value: str) -> tuple:
         return (1, 0.0, str(value))
 
 
-def live_decoder(client: MlflowClient, run_id: str, folder: Path) -> torch.Tensor:
+class LiveDictionary(NamedTuple):
+    decoder: torch.Tensor
     """[live features, S, d] decoder of the trial's crosscoder, dead features dropped."""
+    top_features: torch.Tensor
+    """Indices (into ``decoder``) of the top features by indirect effect at the last snapshot."""
+
+
+def live_dictionary(client: MlflowClient, run_id: str, folder: Path) -> LiveDictionary:
     model = CrossCoder.load(client.download_artifacts(run_id, "crosscoder.safetensors", str(folder)))
     features = pd.read_parquet(client.download_artifacts(run_id, "features.parquet", str(folder)))
-    return model.decoder_weight.detach()[torch.tensor(features["alive"].to_numpy())]
+    alive = torch.tensor(features["alive"].to_numpy())
+    last_effect = max((column for column in features if column.startswith("ie_step")), key=lambda column: int(column[len("ie_step") :]))
+    live_effects = torch.tensor(features[last_effect].to_numpy())[alive]
+    return LiveDictionary(model.decoder_weight.detach()[alive], live_effects.argsort(descending=True)[:TOP_FEATURES])
 
 
 def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
@@ -130,21 +148,25 @@ def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
 
 def feature_stability(client: MlflowClient, trials: Trials) -> pd.DataFrame:
     """Stability between seeds (all pairs of trials differing only in seed) and, where the expansion
-    ratio is swept, the share of the smaller dictionary's features with a partner in the larger."""
+    ratio is swept, the share of the smaller dictionary's features with a partner in the larger;
+    for each pair also the Jaccard index of their top features by indirect effect, after matching."""
+    columns = ["kind", "run_a", "run_b", "shared_share", "mean_max_cosine", "pairs", "top_feature_jaccard"]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        decoders: dict[str, torch.Tensor] = {}
+        dictionaries: dict[str, LiveDictionary] = {}
 
-        def decoder(run_id: str) -> torch.Tensor:
-            if run_id not in decoders:
-                decoders[run_id] = live_decoder(client, run_id, Path(folder) / run_id)
-            return decoders[run_id]
+        def dictionary(run_id: str) -> LiveDictionary:
+            if run_id not in dictionaries:
+                dictionaries[run_id] = live_dictionary(client, run_id, Path(folder) / run_id)
+            return dictionaries[run_id]
 
         for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio")):
             for run_a, run_b in pairs_differing_in(trials.frame, key):
-                result = stability(decoder(run_a), decoder(run_b), MATCH_THRESHOLD)
-                rows.append({"kind": kind, "run_a": run_a, "run_b": run_b, "shared_share": result.shared_share, "mean_max_cosine": result.mean_max_cosine, "pairs": result.n_pairs})
-    return pd.DataFrame(rows, columns=["kind", "run_a", "run_b", "shared_share", "mean_max_cosine", "pairs"])
+                a, b = dictionary(run_a), dictionary(run_b)
+                result = stability(a.decoder, b.decoder, MATCH_THRESHOLD)
+                jaccard = matched_jaccard(result.match, a.top_features, b.top_features, MATCH_THRESHOLD)
+                rows.append(dict(zip(columns, (kind, run_a, run_b, result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard))))
+    return pd.DataFrame(rows, columns=columns)
 
 
 def grid_interval_spread(steps_found: list[float], grid: list[int]) -> int:
@@ -215,7 +237,24 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
         verdicts.append(Verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", RULES["stability"], evidence))
 
     verdicts.append(in_every_trial("token_specificity", "token_specificity_r", lambda r: r > 0, "r > 0"))
-    verdicts += [Verdict(claim, "not measured", RULES[claim], "") for claim in ("relie", "causal")]
+
+    relie_context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (", ".join(f"{value:.2f}" for value in column("relie_top_mean")) or "none")
+    if len(ratios):
+        relie_context += f"; across expansion ratios the top features' Jaccard index is {ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
+    if seeds.empty:
+        verdicts.append(Verdict("relie", "inconclusive", RULES["relie"], "no two trials differ only in seed; " + relie_context))
+    else:
+        jaccard = float(seeds["top_feature_jaccard"].mean())
+        evidence = f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to {seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {relie_context}"
+        verdicts.append(Verdict("relie", "holds" if jaccard >= RELIE_JACCARD else "fails", RULES["relie"], evidence))
+
+    ablated, kept = column("causal_ablate_relative"), column("causal_keep_relative")
+    if ablated.empty or kept.empty:
+        verdicts.append(Verdict("causal", "inconclusive", RULES["causal"], f"no trial has a snapshot with agreement accuracy >= {TASK_LEARNED_ACCURACY}"))
+    else:
+        meets = (frame["causal_ablate_relative"] < 0.5) & (frame["causal_keep_relative"] > 0.9)
+        listed = "; ".join(f"ablated {a:.2f}, kept {k:.2f}" for a, k in zip(frame["causal_ablate_relative"], frame["causal_keep_relative"]))
+        verdicts.append(Verdict("causal", "holds" if meets.all() else "fails", RULES["causal"], f"{int(meets.sum())} of {len(frame)} trials meet both thresholds (metric relative to clean: {listed})"))
     return verdicts
 
 
@@ -227,7 +266,7 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
     trials = finished_trials(client, parent_run_id)
     if trials.frame.empty:
         verdicts = [Verdict(claim, "inconclusive", rule, "no finished trial") for claim, rule in RULES.items()]
-        summary, stabilities = pd.DataFrame(), pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine"])
+        summary, stabilities = pd.DataFrame(), pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
     else:
         summary = by_axis_value(trials)
         stabilities = feature_stability(client, trials)

@@ -11,6 +11,7 @@ import yaml
 from ray import tune
 
 from crosscoder.config import SPARSITY_METHODS
+from study.attribution import BASELINES
 from study.errors import StudyInputError
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -52,6 +53,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (_positive_number, "a number > 0"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "held_out_shards": (_positive_int, "a positive integer"),
+    "task_items": (_positive_int, "a positive integer"),
+    "attribution_baseline": (lambda v: v in BASELINES, " or ".join(BASELINES)),
+    "attribution_steps": (_positive_int, "a positive integer"),
+    "relie_snapshots": (lambda v: v in (2, 3), "2 or 3"),
 }
 
 

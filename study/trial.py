@@ -21,6 +21,9 @@ from ray import tune  # noqa: E402
 
 from crosscoder import CrossCoderConfig, TrainResult, fit  # noqa: E402
 from study.activation_cache import ActivationCache  # noqa: E402
+from study.agreement import agreement_items  # noqa: E402
+from study.attribution import agreement_task  # noqa: E402
+from study.causal_statistics import causal_statistics  # noqa: E402
 from study.claim_statistics import ClaimStatistics, claim_statistics  # noqa: E402
 from study.search_space import activation_set  # noqa: E402
 from study.splicing import spliced_loss  # noqa: E402
@@ -102,10 +105,13 @@ def train_and_measure(params: dict, cache_folder: str, snapshots: list[Snapshot]
 
     model = result.model.eval()
     device = model.decoder_weight.device
-    contexts = held_out_contexts(cache, first_held_out, load_tokenizer(snapshots[-1]), SPLICED_CONTEXTS)
+    tokenizer = load_tokenizer(snapshots[-1])
+    contexts = held_out_contexts(cache, first_held_out, tokenizer, SPLICED_CONTEXTS)
     spliced = spliced_loss(snapshots, contexts, layer, lambda activations: model.reconstruct(activations.to(device)).cpu(), device)
+    task = agreement_task(agreement_items(params["task_items"]), tokenizer)
+    causal = causal_statistics(model, snapshots, layer, task, params["attribution_baseline"], params["attribution_steps"], params["relie_snapshots"])
     held_out_tokens = torch.from_numpy(cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64"))
-    statistics = claim_statistics(model, held_out, held_out_tokens, cache.steps, result.metrics, spliced, params["seed"])
+    statistics = claim_statistics(model, held_out, held_out_tokens, cache.steps, result.metrics, spliced, causal, params["seed"])
     return TrialOutcome(result, statistics, cache.steps)
 
 
@@ -116,6 +122,7 @@ def log_outcome(outcome: TrialOutcome) -> None:
         mlflow.log_metrics({f"train/{key}": value for key, value in entry.items() if key != "step"}, step=entry["step"])
     log_statistics(statistics, steps)
     log_table(statistics.features, "features.parquet")
+    log_table(statistics.ablation_curves, "ablation_curves.parquet")
     log_table(pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps]), "decoder_norms.parquet")
     with tempfile.TemporaryDirectory() as folder:
         result.model.save(Path(folder) / "crosscoder.safetensors")  # the sweep's stability analysis matches these decoders

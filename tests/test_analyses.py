@@ -148,7 +148,7 @@ def trials(**columns) -> Trials:
 
 
 def verdicts_of(trial_set: Trials, stabilities: pd.DataFrame | None = None) -> dict[str, tuple[str, str]]:
-    stabilities = stabilities if stabilities is not None else pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine"])
+    stabilities = stabilities if stabilities is not None else pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
     return {v.claim: (v.verdict, v.evidence) for v in judge(trial_set, stabilities)}
 
 
@@ -157,18 +157,27 @@ def test_verdicts_follow_their_rules():
         transition_found=[1.0, 1.0, 1.0], transition_step=[4.0, 4.0, 8.0], initial_share=[0.30, 0.35, 0.32], median_emergence_step=[4.0, 8.0, 8.0],
         norm_proxy_r=[-0.9, -0.85, -0.95], explained_variance=[0.9, 0.9, 0.95], l0=[30.0, 40.0, 50.0], delta_ce_max=[0.1, 0.2, 0.1],
         dead_fraction=[0.0, 0.05, 0.1], token_specificity_r=[0.2, 0.3, 0.1],
+        causal_ablate_relative=[0.2, 0.4, -0.1], causal_keep_relative=[0.95, 1.1, 0.92], relie_top_mean=[0.9, 0.8, 0.95],
     )
     verdicts = verdicts_of(trials(**good))
     assert {claim: verdict for claim, (verdict, _) in verdicts.items()} == {
         "transition": "holds", "emergence": "holds", "norm_proxy": "holds", "quality": "holds", "stability": "inconclusive",
-        "token_specificity": "holds", "relie": "not measured", "causal": "not measured",
+        "token_specificity": "holds", "relie": "inconclusive", "causal": "holds",
     }
-    bad = dict(good, transition_step=[1.0, 4.0, 16.0], initial_share=[0.1, 0.5, 0.3], norm_proxy_r=[-0.9, -0.5, -0.95], dead_fraction=[0.0, 0.3, 0.0], token_specificity_r=[0.2, -0.1, 0.1])
+    bad = dict(
+        good, transition_step=[1.0, 4.0, 16.0], initial_share=[0.1, 0.5, 0.3], norm_proxy_r=[-0.9, -0.5, -0.95], dead_fraction=[0.0, 0.3, 0.0], token_specificity_r=[0.2, -0.1, 0.1],
+        causal_keep_relative=[0.95, 0.8, 0.92],
+    )
     verdicts = verdicts_of(trials(**bad))
-    assert all(verdicts[claim][0] == "fails" for claim in ("transition", "emergence", "norm_proxy", "quality", "token_specificity"))
+    assert all(verdicts[claim][0] == "fails" for claim in ("transition", "emergence", "norm_proxy", "quality", "token_specificity", "causal"))
+    assert "2 of 3 trials meet both" in verdicts["causal"][1]
+    untrained = verdicts_of(trials(**dict(good, causal_ablate_relative=[math.nan] * 3, causal_keep_relative=[math.nan] * 3)))
+    assert untrained["causal"][0] == "inconclusive"
     assert "2 of 3 trials" in verdicts["norm_proxy"][1]
     missing_turn = verdicts_of(trials(**dict(good, transition_found=[1.0, 0.0, 1.0], transition_step=[4.0, math.nan, 4.0])))
     assert missing_turn["transition"] == ("fails", "2 of 3 trials find a turning point")
-    seeds = pd.DataFrame({"kind": ["seed", "seed"], "shared_share": [0.4, 0.3], "mean_max_cosine": [0.8, 0.7]})
+    seeds = pd.DataFrame({"kind": ["seed", "seed"], "shared_share": [0.4, 0.3], "mean_max_cosine": [0.8, 0.7], "top_feature_jaccard": [0.6, 0.5]})
     assert verdicts_of(trials(**good), seeds)["stability"][0] == "holds"
     assert verdicts_of(trials(**good), seeds.assign(shared_share=[0.1, 0.2]))["stability"][0] == "fails"
+    assert verdicts_of(trials(**good), seeds)["relie"][0] == "holds"
+    assert verdicts_of(trials(**good), seeds.assign(top_feature_jaccard=[0.4, 0.5]))["relie"][0] == "fails"

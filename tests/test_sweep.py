@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -106,8 +107,14 @@ def test_each_trial_logs_its_claim_statistics(finished_sweep):
         for name in ("feature_dimensionality_by_snapshot", "delta_ce_by_snapshot", "clean_loss_by_snapshot", "token_entropy_by_peak_snapshot"):
             assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 2, 16, 48], name
         assert len(client.get_metric_history(run_id, "alignment_overlap_by_snapshot")) == 3  # adjacent pairs
+        # Causal analyses: integrated gradients add up (10 steps), RelIE is a share, curves per snapshot.
+        assert metrics["attribution_gap_max"] < 0.05 and 0 <= metrics["relie_top_mean"] <= 1
+        assert [m.step for m in client.get_metric_history(run_id, "task_accuracy_by_snapshot")] == [0, 2, 16, 48]
         artifacts = {item.path for item in client.list_artifacts(run_id)}
-        assert {"decoder_norms.parquet", "decoder_norms.png", "features.parquet", "crosscoder.safetensors"} <= artifacts
+        assert {"decoder_norms.parquet", "decoder_norms.png", "features.parquet", "crosscoder.safetensors", "ablation_curves.parquet"} <= artifacts
+        features = pd.read_parquet(client.download_artifacts(run_id, "features.parquet", str(finished_sweep.folder / run_id)))
+        assert [c for c in features if c.startswith("relie_step")] == ["relie_step0", "relie_step16", "relie_step48"]
+        assert features[[f"ie_step{step}" for step in (0, 2, 16, 48)]].abs().to_numpy().sum() > 0
 
 
 def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep):
@@ -117,13 +124,14 @@ def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep)
     parent = client.get_run(parent_id)
     kl = client.get_metric_history(parent_id, "model/unigram_kl")
     assert [m.step for m in kl] == [0, 2, 16, 48] and kl[-1].value < kl[0].value  # the model learns unigram statistics
-    assert {parent.data.tags[f"verdict.{claim}"] for claim in ("transition", "quality", "stability")} <= {"holds", "fails", "inconclusive"}
+    assert {parent.data.tags[f"verdict.{claim}"] for claim in ("transition", "quality", "stability", "relie", "causal")} <= {"holds", "fails", "inconclusive"}
     assert 0 <= parent.data.metrics["stability_expansion_ratio_shared_share"] <= 1
     artifacts = {item.path for folder in ("", "robustness", "report") for item in client.list_artifacts(parent_id, folder or None)}
     assert {"model_curves.parquet", "robustness/verdicts.json", "robustness/stability.csv", "report/report.html", "report/summary.md"} <= artifacts
     summary = (finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report" / "summary.md").read_text()
-    for claim in ("transition", "emergence", "norm_proxy", "quality", "stability", "token_specificity"):
+    for claim in ("transition", "emergence", "norm_proxy", "quality", "stability", "token_specificity", "relie", "causal"):
         assert f"| {claim} |" in summary
+    assert "## Top features by indirect effect, with RelIE" in summary and "RelIE step 48" in summary
 
 
 def test_report_command_rewrites_the_report_from_mlflow_alone(finished_sweep, tmp_path):

@@ -1,0 +1,148 @@
+"""The causal claims' statistics for one trained crosscoder: attribution, ablation curves and RelIE on
+the agreement task at every snapshot (claims ``causal`` and ``relie`` of DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pandas as pd
+import torch
+
+from crosscoder import CrossCoder
+from study.attribution import Task, Terms, SnapshotModel, relative_indirect_effect
+from study.residual import residual_stream
+from study.trajectory import Snapshot, load_model
+
+ABLATION_KS = (1, 2, 5, 10, 15, 20, 50, 100, 200, 500, 1000)
+"""Numbers of top features ablated or kept, as far as the dictionary reaches."""
+ABLATE_K = 15
+"""Paper 1: ablating the top 15 features lowers the task metric by more than half..."""
+KEEP_K = 500
+"""...and keeping only the top 500 recovers more than 90 % of it (capped at a quarter of the dictionary)."""
+TASK_LEARNED_ACCURACY = 0.9
+"""A snapshot counts for the causal claim when its clean agreement accuracy reaches this: before the
+task is learned, a share of a near-zero metric means nothing."""
+TOP_FEATURES = 10
+"""Features per snapshot whose RelIE is summarised (and, in the sweep, compared across seeds)."""
+
+
+class CausalStatistics(NamedTuple):
+    summary: dict[str, float]
+    by_snapshot: dict[str, list[float]]
+    curves: pd.DataFrame
+    """One row per (snapshot step, k): metric with the top k ablated / kept, and relative to clean."""
+    features: pd.DataFrame
+    """One row per feature: ie_step<N> at every snapshot, relie_step<N> at the RelIE snapshots."""
+
+
+def relative(value: float, clean: float) -> float:
+    return value / clean if clean != 0 else float("nan")
+
+
+def keep_k(n_features: int) -> int:
+    return min(KEEP_K, max(1, n_features // 4))
+
+
+def relie_indices(n_snapshots: int, count: int) -> list[int]:
+    """``count`` snapshot indices spread from the first to the last."""
+    return sorted({round(index * (n_snapshots - 1) / (count - 1)) for index in range(count)})
+
+
+@torch.no_grad()
+def layer_activations(snapshots: list[Snapshot], layer: int, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[items, positions, S, d]: each snapshot's residual stream at ``layer``, positions 1 onwards."""
+    captured = []
+    for snapshot in snapshots:
+        model = load_model(snapshot, device=device)
+        captured.append(residual_stream(model, input_ids.to(device), [layer])[layer][:, 1:].float())
+    return torch.stack(captured, 2)
+
+
+def snapshot_terms(crosscoder: CrossCoder, activations: torch.Tensor):
+    """Per snapshot: (Terms, decoder [F, d], bias [d]) of activations [items, positions, S, d]."""
+    items, positions, n_snapshots, d_model = activations.shape
+    terms = crosscoder.snapshot_terms(activations.flatten(0, 1))
+    return [
+        (
+            Terms(terms.codes[index].reshape(items, positions, -1), terms.error[:, index].reshape(items, positions, d_model)),
+            terms.decoder[index],
+            terms.bias[index],
+        )
+        for index in range(n_snapshots)
+    ]
+
+
+def causal_statistics(
+    crosscoder: CrossCoder,
+    snapshots: list[Snapshot],
+    layer: int,
+    task: Task,
+    baseline: str,
+    attribution_steps: int,
+    relie_snapshots: int,
+) -> CausalStatistics:
+    """Attribute the task metric at every snapshot, rank features by indirect effect (largest first),
+    and measure ablation curves; RelIE compares ``relie_snapshots`` snapshots spread over the trajectory."""
+    crosscoder = crosscoder.eval()
+    device = crosscoder.decoder_weight.device
+    steps = [snapshot.step for snapshot in snapshots]
+    clean_terms = snapshot_terms(crosscoder, layer_activations(snapshots, layer, task.input_ids, device))
+    corrupted_terms = snapshot_terms(crosscoder, layer_activations(snapshots, layer, task.corrupted_ids, device)) if baseline == "corrupted" else None
+    n_features = crosscoder.n_features
+    kept_k = keep_k(n_features)
+    ks = sorted({k for k in ABLATION_KS if k <= n_features} | {kept_k})
+
+    effects, rows = [], []
+    per_snapshot: dict[str, list[float]] = {name: [] for name in ("task_logit_difference", "task_accuracy", "error_effect_share", "attribution_gap", "ablate_top_relative", "keep_top_relative")}
+    for index, snapshot in enumerate(snapshots):
+        clean, decoder, bias = clean_terms[index]
+        if corrupted_terms is None:
+            reference = Terms(torch.zeros_like(clean.codes), torch.zeros_like(clean.error))
+        else:
+            reference = corrupted_terms[index][0]
+        model = SnapshotModel(load_model(snapshot, device=device), layer, task, decoder, bias)
+        attribution = model.integrated_gradients(clean, reference, attribution_steps)
+        ranking = attribution.feature_effects.argsort(descending=True)
+        curves = model.ablation_curves(clean, reference, ranking, ks)
+        effects.append(attribution.feature_effects)
+
+        clean_metric = attribution.clean_metric
+        learned = attribution.accuracy >= TASK_LEARNED_ACCURACY
+        for k, ablated, kept in zip(curves.ks, curves.ablated, curves.kept):
+            rows.append(
+                {
+                    "step": snapshot.step, "k": k, "accuracy": attribution.accuracy, "learned": learned, "clean": clean_metric, "baseline": attribution.baseline_metric,
+                    "ablated": ablated, "kept": kept, "ablated_relative": relative(ablated, clean_metric), "kept_relative": relative(kept, clean_metric),
+                }
+            )
+        difference = clean_metric - attribution.baseline_metric
+        total_effect = float(attribution.feature_effects.sum()) + attribution.error_effect
+        per_snapshot["task_logit_difference"].append(clean_metric)
+        per_snapshot["task_accuracy"].append(attribution.accuracy)
+        per_snapshot["error_effect_share"].append(abs(attribution.error_effect) / max(float(attribution.feature_effects.abs().sum()) + abs(attribution.error_effect), 1e-30))
+        # Integrated gradients are complete: the effects add up to the metric difference, up to the Riemann sum's error.
+        per_snapshot["attribution_gap"].append(abs(total_effect - difference) / max(abs(difference), 1e-6))
+        per_snapshot["ablate_top_relative"].append(relative(curves.ablated[curves.ks.index(ABLATE_K)], clean_metric) if learned and ABLATE_K in curves.ks else float("nan"))
+        per_snapshot["keep_top_relative"].append(relative(curves.kept[curves.ks.index(kept_k)], clean_metric) if learned else float("nan"))
+
+    effects = torch.stack(effects, 1)  # [F, S]
+    chosen = relie_indices(len(snapshots), relie_snapshots)
+    relie = relative_indirect_effect(effects[:, chosen])
+    last = chosen[-1]
+    top_last = effects[:, last].argsort(descending=True)[:TOP_FEATURES]
+    learned_count = sum(accuracy >= TASK_LEARNED_ACCURACY for accuracy in per_snapshot["task_accuracy"])
+    summary = {
+        "task_learned_snapshots": float(learned_count),
+        "causal_ablate_relative": float(torch.tensor(per_snapshot["ablate_top_relative"]).nanmean()),
+        "causal_keep_relative": float(torch.tensor(per_snapshot["keep_top_relative"]).nanmean()),
+        "causal_keep_k": float(kept_k),
+        "attribution_gap_max": max(per_snapshot["attribution_gap"]),
+        "relie_top_mean": float(relie[top_last, -1].mean()),
+    }
+    features = pd.DataFrame({"feature": range(n_features)})
+    for index, step in enumerate(steps):
+        features[f"ie_step{step}"] = effects[:, index].numpy()
+    for column, index in enumerate(chosen):
+        features[f"relie_step{steps[index]}"] = relie[:, column].numpy()
+    by_snapshot = {f"{name}_by_snapshot": values for name, values in per_snapshot.items()}
+    return CausalStatistics(summary, by_snapshot, pd.DataFrame(rows), features)
