@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -119,7 +120,7 @@ def main() -> None:
         print(f"reader: {read:,.0f} rows/s; crosscoder training consumes {consumed:,.0f} rows/s: reader = {read / consumed:.1f} x consumption")
         for name, cache in (("small", small_cache), ("10x larger", large_cache)):
             measured = reader_peak_memory(str(cache.folder), layer)
-            size_mb = sum(path.stat().st_size for path in cache.folder.rglob("*.npy")) / 1e6
+            size_mb = sum(path.stat().st_size for path in Path(cache.files.path).rglob("*.npy")) / 1e6
             print(f"reader process peak RSS, {name} cache ({size_mb:.0f} MB, {measured['rows']} rows read): {measured['peak_rss_mb']:.0f} MB")
     print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

@@ -1,7 +1,9 @@
 """Reading an activation cache: checksummed shards, and a seeded stream of [batch, S, d_model] batches.
 
-Every shard file is checked against the manifest's SHA-256 as it is read, so a corrupt or
-truncated file is never used; ``study.extraction.ensure_activations`` rebuilds such files.
+The cache lives on any ``study.storage`` location (local, shared filesystem, object store). Its
+manifest, written last, names the build folder holding the files; a folder without a manifest
+is not a cache. Every file is checked against the manifest's SHA-256 as it is read, so a corrupt
+or truncated file is never used; ``study.extraction.ensure_activations`` rebuilds such files.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from study.storage import Location
+
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,20 +31,22 @@ def dtype_of(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def stored_digest(location: Location) -> str | None:
+    """SHA-256 of the file's bytes, None where it is missing."""
+    try:
+        return hashlib.sha256(location.read_bytes()).hexdigest()
+    except (FileNotFoundError, OSError):
+        return None
 
 
 class ActivationCache:
-    """A complete cache folder (one with a manifest) written by ``ensure_activations``."""
+    """A complete cache (one with a manifest) written by ``ensure_activations``, at a local path or URI."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path | Location):
+        self.folder = folder if isinstance(folder, Location) else Location.of(folder)
         self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        # Caches from before builds had their own folder keep their files beside the manifest.
+        self.files = self.folder / self.manifest["build"] if "build" in self.manifest else self.folder
 
     @property
     def steps(self) -> list[int]:
@@ -75,10 +81,13 @@ class ActivationCache:
         return self._read_verified("positions.npy", self.manifest["token_files"]["positions.npy"])
 
     def _read_verified(self, relative: str, digest: str) -> np.ndarray:
-        path = self.folder / relative
-        data = path.read_bytes() if path.is_file() else b""
+        location = self.files / relative
+        try:
+            data = location.read_bytes()
+        except (FileNotFoundError, OSError):
+            data = b""
         if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptShardError(f"{path} is missing or does not match its checksum; run the extraction again to rebuild it")
+            raise CorruptShardError(f"{location} is missing or does not match its checksum; run the extraction again to rebuild it")
         return np.load(io.BytesIO(data))
 
     def shard(self, layer: int, index: int, snapshots: list[int] | None = None) -> torch.Tensor:
@@ -96,8 +105,7 @@ class ActivationCache:
         """(snapshot, shard) units with a file that is missing or fails its checksum."""
         bad = set()
         for relative, digest in self.manifest["files"].items():
-            path = self.folder / relative
-            if not path.is_file() or file_digest(path) != digest:
+            if stored_digest(self.files / relative) != digest:
                 _, step, shard = relative.split("/")
                 bad.add((self.steps.index(int(step[4:])), int(shard[5:10])))
         return sorted(bad)

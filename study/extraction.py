@@ -5,13 +5,17 @@ cache folder by its digest. Its work is split into units of (snapshot, shard): a
 pool runs each unit, the actor loading the snapshot (and keeping it for the next unit) and running
 the model only up to the deepest requested layer, then writing one ``.npy`` file per layer.
 
-Layout under ``<cache>/activations/``::
+The cache may live on a local disk, a shared filesystem or an object store (``--cache-dir
+s3://bucket/prefix``; see ``study.storage``). Layout under ``<cache>/activations/``::
 
-    <key>/manifest.json                 complete caches only: published by renaming the build folder
-    <key>/tokens.npy, positions.npy     token id and position in its context of every row
-    <key>/layer<L>/step<N>/shard<K>.npy [rows of shard K, d_model] in float16 (bfloat16 as uint16)
-    <key>/progress.jsonl                finished units (a build in .<key>.building/ resumes from it)
-    <key>.lock                          one builder at a time; others wait and reuse its result
+    <key>/manifest.json                         written last: names the build; readers trust nothing else
+    <key>/<build>/tokens.npy, positions.npy     token id and position in its context of every row
+    <key>/<build>/layer<L>/step<N>/shard<K>.npy [rows of shard K, d_model] float16 (bfloat16 as uint16)
+    <key>/<build>/units/<snapshot>-<shard>.json a finished unit's files and digests (a killed build resumes)
+    <key>.lock                                  on filesystems: one builder at a time, the others reuse its result
+
+Each build writes under its own folder (``build-<random>``), so that builders that cannot share
+a lock (object stores) never mix files; whichever manifest lands last wins, and both are whole.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import json
 import os
 import socket
 import time
+import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +38,15 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from study.activation_cache import MANIFEST, ActivationCache, dtype_of, file_digest
+from study.activation_cache import MANIFEST, ActivationCache, dtype_of, stored_digest
 from study.errors import StudyInputError
-from study.paths import cache_root
+from study.paths import cache_location
 from study.residual import check_layers, residual_stream
 from study.tokens import corpus_fingerprint, sample_contexts
+from study.storage import Location
 from study.trajectory import Snapshot, Trajectory, explained_load_errors, load_model, load_tokenizer
 
-PROGRESS = "progress.jsonl"
+UNITS = "units"
 
 
 @dataclass(frozen=True)
@@ -99,19 +106,16 @@ def npy_bytes(array: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+def unit_name(snapshot: int, shard: int) -> str:
+    return f"{UNITS}/{snapshot}-{shard}.json"
 
 
 class ShardExtractor:
     """Ray Data actor: runs (snapshot, shard) units, keeping the last snapshot's model loaded."""
 
-    def __init__(self, snapshots: list[Snapshot], contexts: np.ndarray, request: dict, folder: str, threads: int, use_gpu: bool):
+    def __init__(self, snapshots: list[Snapshot], contexts: np.ndarray, request: dict, build: str, threads: int, use_gpu: bool):
         torch.set_num_threads(threads)
-        self.snapshots, self.contexts, self.request, self.folder = snapshots, torch.from_numpy(contexts), request, Path(folder)
+        self.snapshots, self.contexts, self.request, self.build = snapshots, torch.from_numpy(contexts), request, Location.of(build)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.loaded_index, self.model = None, None
 
@@ -143,10 +147,13 @@ class ShardExtractor:
             rows = torch.cat(pieces[layer])
             data = npy_bytes(rows.to(dtype_of(request["dtype"])))
             relative = shard_path(layer, step, shard)
-            write_atomically(self.folder / relative, data)
+            (self.build / relative).write_bytes(data)
             files[relative] = hashlib.sha256(data).hexdigest()
             norm_sums[str(layer)] = rows.norm(dim=-1).double().sum().item()
-        return {"snapshot": snapshot_index, "shard": shard, "rows": len(contexts) * (contexts.shape[1] - 1), "files": files, "norm_sums": norm_sums}
+        record = {"snapshot": snapshot_index, "shard": shard, "rows": len(contexts) * (contexts.shape[1] - 1), "files": files, "norm_sums": norm_sums}
+        # Written after the unit's files, where every node can see it: a killed build resumes from these.
+        (self.build / unit_name(snapshot_index, shard)).write_text(json.dumps(record))
+        return record
 
 
 def extraction_plan() -> tuple[int, float, int]:
@@ -169,23 +176,17 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=False, include_dashboard=False)
 
 
-def completed_units(folder: Path) -> dict[tuple[int, int], dict]:
+def completed_units(build: Location) -> dict[tuple[int, int], dict]:
     """Units recorded as finished whose files are all present with the recorded digest."""
-    progress = folder / PROGRESS
-    if not progress.is_file():
-        return {}
     done = {}
-    for line in progress.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line a kill cut short
-        if all((folder / path).is_file() and file_digest(folder / path) == digest for path, digest in record["files"].items()):
+    for unit in (build / UNITS).children():
+        record = json.loads(unit.read_text())
+        if all(stored_digest(build / path) == digest for path, digest in record["files"].items()):
             done[(record["snapshot"], record["shard"])] = record
     return done
 
 
-def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tuple[int, int]], folder: Path, progress: bool) -> list[dict]:
+def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tuple[int, int]], build: Location, progress: bool) -> list[dict]:
     """Extract ``units`` with a Ray Data actor pool; each record is logged as soon as it arrives."""
     ensure_ray()
     actors, gpus_per_actor, threads = extraction_plan()
@@ -203,7 +204,7 @@ def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tu
             "snapshots": list(request.trajectory.snapshots),
             "contexts": contexts.numpy(),
             "request": request_fields,
-            "folder": str(folder),
+            "build": build.uri,
             "threads": threads,
             "use_gpu": gpus_per_actor > 0,
         },
@@ -215,18 +216,17 @@ def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tu
     )
     records = []
     bar = tqdm(total=len(items), desc="extracting activations", unit="shard", disable=not progress)
-    with (folder / PROGRESS).open("a") as log:
-        for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
-            for text in batch["record"].tolist():
-                log.write(text + "\n")
-                log.flush()
-                records.append(json.loads(text))
-                bar.update()
+    for batch in dataset.iter_batches(batch_size=1, batch_format="numpy"):
+        for text in batch["record"].tolist():
+            records.append(json.loads(text))
+            bar.update()
     bar.close()
     return records
 
 
-def write_manifest(folder: Path, request: ActivationRequest, records: dict[tuple[int, int], dict], n_shards: int, d_model: int) -> None:
+def write_manifest(
+    folder: Location, build: Location, request: ActivationRequest, records: dict[tuple[int, int], dict], token_files: dict[str, str], n_shards: int, d_model: int
+) -> None:
     steps = request.trajectory.steps
     files = {path: digest for record in records.values() for path, digest in record["files"].items()}
     rows_per_shard = [records[(0, shard)]["rows"] for shard in range(n_shards)]
@@ -237,6 +237,7 @@ def write_manifest(folder: Path, request: ActivationRequest, records: dict[tuple
     }
     manifest = {
         "cache_key": request.cache_key(),
+        "build": build.name,
         "trajectory": request.trajectory.name,
         "snapshots": [str(snapshot) for snapshot in request.trajectory.snapshots],
         "steps": steps,
@@ -250,48 +251,64 @@ def write_manifest(folder: Path, request: ActivationRequest, records: dict[tuple
         "rows_per_shard": rows_per_shard,
         "mean_norms": mean_norms,
         "files": files,
-        "token_files": {name: file_digest(folder / name) for name in ("tokens.npy", "positions.npy")},
+        "token_files": token_files,
         "built_by": f"{socket.gethostname()}:{os.getpid()}",
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def build_lock(root: Location, key: str):
+    """One builder at a time where the cache is on a filesystem; object stores have no lock, and
+    two builders there each write their own build folder (the same bytes) and the same manifest."""
+    if root.is_local:
+        root.filesystem.create_dir(root.path, recursive=True)
+        return FileLock(f"{root.path}/{key}.lock")
+    return nullcontext()
+
+
+def unfinished_build(folder: Location) -> Location:
+    """The build folder to continue: the one with the most finished units, or a new one."""
+    builds = [child for child in folder.children() if child.name.startswith("build-")]
+    if builds:
+        return max(builds, key=lambda build: len((build / UNITS).children()))
+    return folder / f"build-{uuid.uuid4().hex[:12]}"
 
 
 def ensure_activations(request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True) -> ActivationCache:
     """The request's cache, extracted first where missing, resumed where partial, repaired where corrupt."""
-    root = cache_root(cache_dir) / "activations"
+    root = cache_location(cache_dir) / "activations"
     key = request.cache_key()
-    final, building = root / key, root / f".{key}.building"
-    if (final / MANIFEST).is_file() and not ActivationCache(final).corrupt_units():
-        return ActivationCache(final)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if (final / MANIFEST).is_file():
-            cache = ActivationCache(final)
-            bad = cache.corrupt_units()
-            if not bad:
+    folder = root / key
+    if (folder / MANIFEST).is_file() and not ActivationCache(folder).corrupt_units():
+        return ActivationCache(folder)
+    with build_lock(root, key):
+        build = None
+        if (folder / MANIFEST).is_file():
+            cache = ActivationCache(folder)
+            if not cache.corrupt_units():
                 return cache  # another process built or repaired it while we waited
-            # Rebuild only the units whose files fail their checksum, in place.
-            os.replace(final, building)
-            (building / MANIFEST).unlink()
+            if "build" in cache.manifest:
+                build = cache.files  # rebuild only the units whose files fail their checksum, in place
+        build = build or unfinished_build(folder)
         snapshot = request.trajectory.snapshots[-1]
         with explained_load_errors(snapshot):
             config = AutoConfig.from_pretrained(snapshot.source, revision=snapshot.revision)
         check_layers(request.layers, config.num_hidden_layers, request.trajectory.name)
         contexts = sample_contexts(load_tokenizer(snapshot), request.corpus, request.context_length, request.n_tokens, request.seed)
-        building.mkdir(parents=True, exist_ok=True)
         token_ids = contexts[:, 1:].reshape(-1)
         positions = torch.arange(1, request.context_length).repeat(len(contexts))
-        write_atomically(building / "tokens.npy", npy_bytes(token_ids.to(torch.int32)))
-        write_atomically(building / "positions.npy", npy_bytes(positions.to(torch.int16)))
+        token_files = {}
+        for name, values in (("tokens.npy", token_ids.to(torch.int32)), ("positions.npy", positions.to(torch.int16))):
+            data = npy_bytes(values)
+            (build / name).write_bytes(data)
+            token_files[name] = hashlib.sha256(data).hexdigest()
 
         n_shards = -(-len(contexts) // request.contexts_per_shard)
-        done = completed_units(building)
+        done = completed_units(build)
         pending = [(s, k) for s in range(len(request.trajectory.snapshots)) for k in range(n_shards) if (s, k) not in done]
         if pending:
-            for record in run_units(request, contexts, pending, building, progress):
+            for record in run_units(request, contexts, pending, build, progress):
                 done[(record["snapshot"], record["shard"])] = record
-        write_manifest(building, request, done, n_shards, config.hidden_size)
-        # progress.jsonl stays: a later repair of a corrupt shard redoes only that unit.
-        os.replace(building, final)
-    return ActivationCache(final)
+        write_manifest(folder, build, request, done, token_files, n_shards, config.hidden_size)
+    return ActivationCache(folder)

@@ -57,9 +57,10 @@ def test_cache_matches_a_plain_output_hidden_states_forward(trajectory, ray_clus
 
 def test_corrupt_shard_is_detected_and_only_it_is_rebuilt(trajectory, ray_cluster, tmp_path):
     cache = ensure_activations(small_request(trajectory), tmp_path, progress=False)
-    victim = cache.folder / "layer1" / f"step{trajectory.steps[2]}" / "shard00001.npy"
+    files = Path(cache.files.path)
+    victim = files / "layer1" / f"step{trajectory.steps[2]}" / "shard00001.npy"
     original = victim.read_bytes()
-    untouched = cache.folder / "layer1" / f"step{trajectory.steps[0]}" / "shard00000.npy"
+    untouched = files / "layer1" / f"step{trajectory.steps[0]}" / "shard00000.npy"
     untouched_time = untouched.stat().st_mtime_ns
     victim.write_bytes(original[:-7] + b"garbage")
     with pytest.raises(CorruptShardError, match="shard00001.npy"):
@@ -85,27 +86,30 @@ def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory,
     )
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=environment)
-    building = tmp_path / "activations" / f".{request.cache_key()}.building"
+    key_folder = tmp_path / "activations" / request.cache_key()
     deadline = time.time() + 120
+    units_folder = None
     while time.time() < deadline and process.poll() is None:
-        progress = building / "progress.jsonl"
-        if progress.is_file() and len(progress.read_text().splitlines()) >= 5:
+        units_folder = next(key_folder.glob("build-*/units"), None) if key_folder.is_dir() else None
+        if units_folder is not None and len(list(units_folder.glob("*.json"))) >= 5:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished_before = [json.loads(line) for line in (building / "progress.jsonl").read_text().splitlines() if line.endswith("}")]
+    assert not (key_folder / "manifest.json").exists(), "the extraction finished before it could be killed"
+    finished_before = {path.name: path.stat().st_mtime_ns for path in units_folder.glob("*.json")}
     n_contexts = -(-2000 // 31)
     total_units = len(trajectory.snapshots) * -(-n_contexts // 2)
-    assert 5 <= len(finished_before) < total_units, "the extraction finished before it could be killed"
-    first_file = building / next(iter(finished_before[0]["files"]))
+    assert 5 <= len(finished_before) < total_units
+    first_file = units_folder.parent / next(iter(json.loads(next(units_folder.glob("*.json")).read_text())["files"]))
     first_time = first_file.stat().st_mtime_ns
 
     cache = ensure_activations(request, tmp_path, progress=False)
-    lines = [json.loads(line) for line in (cache.folder / "progress.jsonl").read_text().splitlines() if line.endswith("}")]
-    units = [(line["snapshot"], line["shard"]) for line in lines]
-    assert len(units) == len(set(units)) == total_units, "a finished unit was extracted twice"
-    assert (cache.folder / first_file.relative_to(building)).stat().st_mtime_ns == first_time
+    assert Path(cache.files.path) == units_folder.parent  # the killed build was continued, not restarted
+    after = {path.name: path.stat().st_mtime_ns for path in units_folder.glob("*.json")}
+    assert len(after) == total_units
+    assert all(after[name] == written for name, written in finished_before.items()), "a finished unit was extracted twice"
+    assert first_file.stat().st_mtime_ns == first_time
     assert cache.corrupt_units() == []
 
 
@@ -126,9 +130,8 @@ def test_two_concurrent_requests_build_once(trajectory, ray_cluster, tmp_path):
     outputs = [process.communicate(timeout=240)[0].strip().splitlines()[-1] for process in processes]
     assert all(process.returncode == 0 for process in processes)
     assert outputs[0] == outputs[1], outputs  # same builder, same rows, no corrupt unit
-    key_folder = next(path for path in (tmp_path / "activations").iterdir() if path.is_dir() and not path.name.startswith("."))
-    units = (key_folder / "progress.jsonl").read_text().splitlines()
-    assert len(units) == len({(json.loads(line)["snapshot"], json.loads(line)["shard"]) for line in units})
+    key_folder = next(path for path in (tmp_path / "activations").iterdir() if path.is_dir())
+    assert len(list(key_folder.glob("build-*"))) == 1  # the second waited on the lock and built nothing
 
 
 def test_reader_is_seeded_and_covers_every_row_once_per_epoch(trajectory, ray_cluster, tmp_path):
