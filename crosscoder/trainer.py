@@ -7,7 +7,7 @@ import os
 import re
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -156,10 +156,12 @@ def train(
     config: CrossCoderConfig | None = None,
     eval_activations: Activations | None = None,
     progress: bool = False,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train a crosscoder on [tokens, S, d_model] activations (an array, or an iterable of batches).
 
-    Resumes from the newest checkpoint in ``config.checkpoint_dir`` when one is there.
+    Resumes from the newest checkpoint in ``config.checkpoint_dir`` when one is there;
+    ``on_checkpoint`` gets each checkpoint file as it is written (to copy it somewhere safer).
     """
     config = config or CrossCoderConfig()
     device = resolve_device(config.device)
@@ -213,6 +215,8 @@ def train(
             bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.0f}")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             last_checkpoint = save_checkpoint(Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history)
+            if on_checkpoint is not None:
+                on_checkpoint(last_checkpoint)
 
     model.eval()
     metrics = evaluate(model, eval_activations if eval_activations is not None else sample)

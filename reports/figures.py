@@ -205,6 +205,7 @@ def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame,
     if not curves or all(not table["learned"].any() for table in curves.values()):
         return None
     figure, (ablated_axis, kept_axis, snapshot_axis) = plt.subplots(1, 3, figsize=(15, 3.8))
+    colours = {run_id: f"C{index}" for index, run_id in enumerate(curves)}
     for run_id, table in curves.items():
         learned = table[table["learned"]]
         if learned.empty:
@@ -212,8 +213,8 @@ def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame,
         step = learned["step"].max()
         at_step = learned[learned["step"] == step]
         label = f"{labels.get(run_id, run_id[:8])} (step {int(step)})"
-        ablated_axis.plot(at_step["k"], at_step["ablated_relative"], "o-", markersize=3, label=label)
-        kept_axis.plot(at_step["k"], at_step["kept_relative"], "o-", markersize=3, label=label)
+        ablated_axis.plot(at_step["k"], at_step["ablated_relative"], "o-", color=colours[run_id], markersize=3, label=label)
+        kept_axis.plot(at_step["k"], at_step["kept_relative"], "o-", color=colours[run_id], markersize=3, label=label)
     for axis, title in ((ablated_axis, "top k features ablated"), (kept_axis, "only the top k kept (errors kept)")):
         axis.set_xscale("log")
         axis.axhline(1.0, color="gray", linestyle=":")
@@ -224,10 +225,11 @@ def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame,
         axis.legend(fontsize=7)
     ablated_axis.axhline(0.5, color="tab:red", linestyle="--", linewidth=0.8)
     kept_axis.axhline(0.9, color="tab:red", linestyle="--", linewidth=0.8)
-    for curve, marker, what in ((ablate_curve, "v-", "top 15 ablated"), (keep_curve, "^-", "top features kept")):
+    for curve, style, what in ((ablate_curve, "v--", "top 15 ablated"), (keep_curve, "^-", "top features kept")):
         for run_id, group in curve.dropna(subset=["value"]).groupby("run_id"):
-            snapshot_axis.plot(group["step"], group["value"], marker, markersize=4, label=f"{labels.get(run_id, run_id[:8])}: {what}")
-    step_axis(snapshot_axis)
+            snapshot_axis.plot(group["step"], group["value"], style, color=colours.get(run_id), markersize=5, label=f"{labels.get(run_id, run_id[:8])}: {what}")
+    snapshot_axis.set_xscale("log")
+    snapshot_axis.set_xlabel("training step")
     snapshot_axis.axhline(0.5, color="tab:red", linestyle="--", linewidth=0.8)
     snapshot_axis.axhline(0.9, color="tab:red", linestyle="--", linewidth=0.8)
     snapshot_axis.set_ylabel("task metric / clean metric")

@@ -3,7 +3,7 @@
     python -m reports.robustness (--experiment NAME | --run PARENT_RUN_ID) --out DIR [--log]
 
 writes DIR/report.html (self-contained: plots embedded), DIR/summary.md (verdict table, per-axis
-statistics) and the plots as PNG files. ``--log`` also stores them in the parent run's artifacts
+statistics) and the plots as PNG files; DIR may be a URI (s3://bucket/reports/x, file:///abs). ``--log`` also stores them in the parent run's artifacts
 under ``report/``. Reads the store at $MLFLOW_TRACKING_URI (default: ./mlflow.db).
 """
 
@@ -16,6 +16,7 @@ import io
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,6 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
+from study.storage import Location
 from study.tracking import tracking_uri
 
 VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "not measured": "#57606a"}
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="MLflow experiment: its newest sweep")
     which.add_argument("--run", help="a sweep's parent run id")
-    parser.add_argument("--out", required=True, help="folder for report.html, summary.md and the plots")
+    parser.add_argument("--out", required=True, help="folder or URI for report.html, summary.md and the plots")
     parser.add_argument("--log", action="store_true", help="also log the report to the parent run (artifacts report/)")
     args = parser.parse_args(argv)
     uri = tracking_uri()
@@ -236,10 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ReportInputError(f"no MLflow store at {uri[len('sqlite:///'):]}; run this where the sweep ran or set MLFLOW_TRACKING_URI")
     client = MlflowClient(uri)
     record = read_sweep(client, find_parent_run(client, args.experiment, args.run))
-    page, markdown = write_report(record, Path(args.out))
-    if args.log:
-        client.log_artifacts(record.parent.info.run_id, str(Path(args.out)), "report")
-    print(f"wrote {page} and {markdown}")
+    out = Location.of(args.out)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(out.path) if out.is_local else Path(scratch)
+        write_report(record, folder)
+        out.upload_folder(folder)
+        if args.log:
+            client.log_artifacts(record.parent.info.run_id, str(folder), "report")
+    print(f"wrote {out}/report.html and {out}/summary.md")
     for verdict in record.verdicts:
         print(f"  {verdict['claim']:<18} {verdict['verdict']}")
     return 0

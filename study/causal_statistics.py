@@ -43,9 +43,13 @@ def keep_k(n_features: int) -> int:
     return min(KEEP_K, max(1, n_features // 4))
 
 
-def relie_indices(n_snapshots: int, count: int) -> list[int]:
-    """``count`` snapshot indices spread from the first to the last."""
-    return sorted({round(index * (n_snapshots - 1) / (count - 1)) for index in range(count)})
+def relie_indices(accuracies: list[float], count: int) -> list[int]:
+    """``count`` snapshot indices spread from the first to the last snapshot where the task is learned
+    (where a feature's effect can be compared at all), or over all snapshots where fewer are."""
+    candidates = [index for index, accuracy in enumerate(accuracies) if accuracy >= TASK_LEARNED_ACCURACY]
+    if len(candidates) < count:
+        candidates = list(range(len(accuracies)))
+    return sorted({candidates[round(position * (len(candidates) - 1) / (count - 1))] for position in range(count)})
 
 
 @torch.no_grad()
@@ -82,7 +86,7 @@ def causal_statistics(
     relie_snapshots: int,
 ) -> CausalStatistics:
     """Attribute the task metric at every snapshot, rank features by indirect effect (largest first),
-    and measure ablation curves; RelIE compares ``relie_snapshots`` snapshots spread over the trajectory."""
+    and measure ablation curves; RelIE compares ``relie_snapshots`` snapshots (see ``relie_indices``)."""
     crosscoder = crosscoder.eval()
     device = crosscoder.decoder_weight.device
     steps = [snapshot.step for snapshot in snapshots]
@@ -126,7 +130,7 @@ def causal_statistics(
         per_snapshot["keep_top_relative"].append(relative(curves.kept[curves.ks.index(kept_k)], clean_metric) if learned else float("nan"))
 
     effects = torch.stack(effects, 1)  # [F, S]
-    chosen = relie_indices(len(snapshots), relie_snapshots)
+    chosen = relie_indices(per_snapshot["task_accuracy"], relie_snapshots)
     relie = relative_indirect_effect(effects[:, chosen])
     last = chosen[-1]
     top_last = effects[:, last].argsort(descending=True)[:TOP_FEATURES]

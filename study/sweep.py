@@ -32,6 +32,7 @@ from study.extraction import ActivationRequest, ensure_activations
 from study.model_curves import MODEL_CURVES, model_curves
 from study.robustness import analyse_sweep
 from study.search_space import ACTIVATION_KEYS, activation_set, available_axes, grid_points, load_space, swept_keys, to_tune
+from study.storage import Location
 from study.tracking import parent_run, tracking_uri
 from study.trajectory import Trajectory, explained_load_errors, resolve_trajectory
 from study.trial import SWEEP, run_trial
@@ -60,6 +61,9 @@ class TrialLines(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[FAILED] {trial.trial_id}  {self.describe(trial)}  (see the trial's MLflow run, tag 'error')", flush=True)
 
+
+MAX_FAILURES = 2
+"""Restarts of a trial (node lost, worker killed) before it counts as failed."""
 
 COST_KEYS = ("expansion_ratio", "n_snapshots", "n_steps", "batch_size", "n_tokens")
 """Keys whose larger values make a trial slower."""
@@ -120,9 +124,9 @@ def log_model_curves(parent_run_id: str, curve_sets: list[tuple[Trajectory, str]
             mlflow.log_artifact(str(Path(folder) / "model_curves.parquet"))
 
 
-def write_report(parent_run_id: str, folder: Path) -> bool:
+def write_report(parent_run_id: str, folder: Location) -> bool:
     """``python -m reports.robustness`` in its own process: the report reads only what MLflow holds."""
-    command = [sys.executable, "-m", "reports.robustness", "--run", parent_run_id, "--out", str(folder), "--log"]
+    command = [sys.executable, "-m", "reports.robustness", "--run", parent_run_id, "--out", folder.uri, "--log"]
     finished = subprocess.run(command, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()})
     if finished.returncode != 0:
         print(f"the report failed (exit {finished.returncode}); run again: {' '.join(command[1:])}", file=sys.stderr)
@@ -154,8 +158,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--experiment", help="MLflow experiment (default crosscoder-AXIS)")
     parser.add_argument("--resume", action="store_true", help="require an earlier run of this sweep to continue")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and activation sets, run nothing")
-    parser.add_argument("--cache-dir", help="cache of trajectories and activations")
-    parser.add_argument("--storage", default="sweeps", help="folder of Tune's experiment state (default ./sweeps)")
+    parser.add_argument("--cache-dir", help="cache of trajectories and activations (a URI such as s3://bucket/cache holds the activations only)")
+    parser.add_argument("--storage", default="sweeps", help="Tune's experiment state and the report: a folder every node sees, or a URI such as s3://bucket/sweeps (default ./sweeps)")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.gpus_per_trial < 0 or args.max_concurrent < 0:
         raise StudyInputError("--num-samples must be >= 1, --gpus-per-trial >= 0 and --max-concurrent >= 0")
@@ -212,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         caches[activation_set(point)] = str(ensure_activations(request, args.cache_dir).folder)
         snapshots[activation_set(point)] = [[s.step, s.source, s.revision] for s in request.trajectory.snapshots]
 
-    storage = Path(args.storage).resolve()
+    storage = Location.of(args.storage)
     experiment_path = storage / sweep_name
-    restoring = tune.Tuner.can_restore(str(experiment_path))
+    restoring = tune.Tuner.can_restore(experiment_path.uri)
     if args.resume and not restoring:
         raise StudyInputError(f"--resume: no earlier run of {sweep_name} in {storage}; drop --resume to start it")
     base = {key: str(value) for key, value in space.items()}
@@ -229,12 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         "parent_run_id": parent_run_id,
         "caches": caches,
         "snapshots": snapshots,
-        "checkpoint_root": str(experiment_path / "crosscoder-checkpoints"),
     }
     trainable = tune.with_resources(run_trial, {"cpu": 1, "gpu": args.gpus_per_trial})
     if restoring:
         print(f"continuing {sweep_name} from {experiment_path}")
-        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(experiment_path.uri, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         param_space = costliest_first(to_tune(space))
         search_alg = None
@@ -250,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             tune_config=tune.TuneConfig(num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None, search_alg=search_alg),
             run_config=tune.RunConfig(
                 name=sweep_name,
-                storage_path=str(storage),
+                storage_path=storage.uri,
                 verbose=0,
-                failure_config=tune.FailureConfig(max_failures=1),
+                # A trial whose node is lost restarts elsewhere from its last checkpoint (a failing
+                # trial also gets these retries before it is marked FAILED).
+                failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                 callbacks=[TrialLines(keys)],
             ),
         )
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     report_ok = write_report(parent_run_id, report_folder)
     print(f"MLflow: {tracking_uri()}  experiment '{experiment}', parent run {parent_run_id}")
     if report_ok:
-        print(f"report: {report_folder / 'report.html'} (also in the parent run's artifacts, report/)")
+        print(f"report: {report_folder}/report.html (also in the parent run's artifacts, report/)")
     if failed:
         print(f"{failed} trial(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import matplotlib
 
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 import pandas as pd  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
@@ -91,7 +93,9 @@ class TrialOutcome(NamedTuple):
     """The training step of each of the crosscoder's snapshots."""
 
 
-def train_and_measure(params: dict, cache_folder: str, snapshots: list[Snapshot], checkpoint_dir: Path) -> TrialOutcome:
+def train_and_measure(
+    params: dict, cache_folder: str, snapshots: list[Snapshot], checkpoint_dir: Path, on_checkpoint: Callable[[Path], None] | None = None
+) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
     statistic on the held-out ones. Knows nothing of Tune or MLflow (``bench/`` times it bare)."""
     cache = ActivationCache(cache_folder)
@@ -101,7 +105,7 @@ def train_and_measure(params: dict, cache_folder: str, snapshots: list[Snapshot]
     first_held_out = cache.n_shards - held_out_count
     held_out = torch.cat([cache.shard(layer, index) for index in range(first_held_out, cache.n_shards)]).float()
     batches = cache.batches(layer, params["batch_size"], params["seed"], shards=list(range(first_held_out)))
-    result = fit(batches, crosscoder_config(params, checkpoint_dir), eval_activations=held_out)
+    result = fit(batches, crosscoder_config(params, checkpoint_dir), eval_activations=held_out, on_checkpoint=on_checkpoint)
 
     model = result.model.eval()
     device = model.decoder_weight.device
@@ -132,9 +136,26 @@ def log_outcome(outcome: TrialOutcome) -> None:
     plt.close(figure)
 
 
+def report_checkpoint(path: Path) -> None:
+    """Hand the crosscoder checkpoint to Tune, which copies it to the sweep's storage: a trial
+    restarted on another node (its own lost) or by a resumed sweep continues from there."""
+    tune.report({"training_step": int(path.stem.removeprefix("step"))}, checkpoint=tune.Checkpoint.from_directory(str(path.parent)))
+
+
+def restore_checkpoint(folder: Path) -> int | None:
+    """Copy Tune's latest checkpoint of this trial (if any) into ``folder``; the step it holds."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    checkpoint.to_directory(str(folder))
+    steps = [int(path.stem.removeprefix("step")) for path in folder.glob("step*.safetensors")]
+    return max(steps) if steps else None
+
+
 def run_trial(config: dict) -> None:
-    """Tune trainable. ``config[_sweep]`` holds the sweep's MLflow ids, the activation cache folder
-    and snapshots of each activation set, and the folder of crosscoder checkpoints."""
+    """Tune trainable. ``config[_sweep]`` holds the sweep's MLflow ids and the activation cache and
+    snapshots of each activation set. Crosscoder checkpoints are written on the node's own disk
+    and reported to Tune, which keeps them in the sweep's storage."""
     sweep = config[SWEEP]
     params = {key: value for key, value in config.items() if key != SWEEP}
     context = tune.get_context()
@@ -147,16 +168,25 @@ def run_trial(config: dict) -> None:
         tune.report({**existing.data.metrics, "seconds": 0.0, "mlflow_run_id": run_id})
         return
     started = time.perf_counter()
+    checkpoints = Path(tempfile.gettempdir()) / "crosscoder-study-checkpoints" / context.get_trial_id()
+    shutil.rmtree(checkpoints, ignore_errors=True)  # a stale copy from an earlier attempt on this node
+    checkpoints.mkdir(parents=True)
     with mlflow.start_run(run_id=run_id) as run:
         try:
             mlflow.log_params({key: str(value) for key, value in params.items()})
+            mlflow.set_tag("ray_node_id", ray.get_runtime_context().get_node_id())
+            resumed_from = restore_checkpoint(checkpoints)
+            if resumed_from is not None:
+                mlflow.set_tag("resumed_from_step", str(resumed_from))
             key = activation_set(params)
             snapshots = [Snapshot(step, source, revision) for step, source, revision in sweep["snapshots"][key]]
-            outcome = train_and_measure(params, sweep["caches"][key], snapshots, Path(sweep["checkpoint_root"]) / context.get_trial_id())
+            outcome = train_and_measure(params, sweep["caches"][key], snapshots, checkpoints, on_checkpoint=report_checkpoint)
             log_outcome(outcome)
         except Exception as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             mlflow.end_run(status="FAILED")
             raise
+        finally:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     tune.report({**outcome.statistics.summary, "seconds": time.perf_counter() - started, "mlflow_run_id": run.info.run_id})
