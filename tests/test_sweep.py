@@ -212,7 +212,7 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["no_such_axis"], "unknown axis 'no_such_axis'; choose one of: expansion_ratio"),
+        (["no_such_axis"], "unknown axis 'no_such_axis'; choose one of: attribution_baseline, expansion_ratio"),
         (["seed", "--set", "expansion_ratio={grid_search: [4"], "--set expansion_ratio"),
         (["seed", "--set", "expansion_ratio=0"], "expansion_ratio = 0 is invalid; expected a number > 0"),
         (["seed", "--set", "layer=7", "--set", "n_snapshots=4"], "layer 7 is beyond"),
