@@ -23,6 +23,7 @@ from PIL import Image
 from study.errors import run_cli
 from study.search_space import ACTIVATION_KEYS, grid_points, load_space
 from study.sweep import activation_request, main
+from study.tracking import store_lock
 from study.trajectory import resolve_trajectory
 
 REPO = Path(__file__).parent.parent
@@ -175,7 +176,9 @@ def test_killed_sweep_resumes_without_duplicate_runs(tiny_trajectory_folder, tmp
         time.sleep(0.5)
         if store.exists():
             try:
-                frame = runs(store, "resumed")
+                # Under the sweep's own lock: reading a store whose schema is being created races it.
+                with store_lock(f"sqlite:///{store}"):
+                    frame = runs(store, "resumed")
             except Exception:
                 continue  # the experiment is not created yet
             if len(frame) and "tags.mlflow.parentRunId" in frame:
