@@ -1,0 +1,61 @@
+"""What reading the activation cache through ``study.storage`` costs, against bare ``np.load`` of the
+same files, measured in one run on this machine.
+
+    python bench/storage_read.py CACHE_FOLDER [--uri file:///...]
+
+CACHE_FOLDER is one cache (``<cache>/activations/<key>``, the folder holding ``manifest.json``).
+Reads every shard of its first layer three ways: ``np.load`` on the paths (no checksum), the
+cache reader on the local path (pyarrow's local filesystem, SHA-256 of every file), and the
+reader on a URI (``file://`` of the same folder by default, or ``--uri``, e.g. an ``s3://`` copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from study.activation_cache import ActivationCache
+
+
+def rows_per_second(read: Callable[[], int]) -> tuple[float, int]:
+    read()  # warm the page cache, so that every way reads from memory
+    started = time.perf_counter()
+    rows = read()
+    return rows / (time.perf_counter() - started), rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cache", help="a cache folder holding manifest.json")
+    parser.add_argument("--uri", help="the same cache behind a URI (default: file:// of CACHE)")
+    args = parser.parse_args()
+    folder = Path(args.cache).resolve()
+    cache = ActivationCache(folder)
+    layer = cache.layers[0]
+    files = Path(cache.files.path)
+
+    def bare() -> int:
+        rows = 0
+        for index in range(cache.n_shards):
+            columns = [np.load(files / f"layer{layer}/step{step}/shard{index:05d}.npy") for step in cache.steps]
+            rows += len(columns[0])
+        return rows
+
+    def through(spec: str) -> Callable[[], int]:
+        return lambda: sum(len(ActivationCache(spec).shard(layer, index)) for index in range(cache.n_shards))
+
+    print(f"{cache.n_tokens} rows x {len(cache.steps)} snapshots x d_model {cache.d_model}, layer {layer}, {cache.n_shards} shards")
+    baseline, _ = rows_per_second(bare)
+    print(f"bare np.load, no checksum:   {baseline:12,.0f} rows/s")
+    for name, spec in (("reader, local path", str(folder)), ("reader, URI", args.uri or f"file://{folder}")):
+        speed, rows = rows_per_second(through(spec))
+        assert rows == cache.n_tokens
+        print(f"{name:<28} {speed:12,.0f} rows/s = {speed / baseline:.2f} x bare")
+
+
+if __name__ == "__main__":
+    main()
