@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from crosscoder import CrossCoder
-from study.attribution import Task, Terms, SnapshotModel, relative_indirect_effect
+from study.attribution import SnapshotModel, Task, Terms, relative_indirect_effect
 from study.residual import residual_stream
 from study.trajectory import Snapshot, load_model
 
@@ -62,7 +62,7 @@ def layer_activations(snapshots: list[Snapshot], layer: int, input_ids: torch.Te
     return torch.stack(captured, 2)
 
 
-def snapshot_terms(crosscoder: CrossCoder, activations: torch.Tensor):
+def snapshot_terms(crosscoder: CrossCoder, activations: torch.Tensor) -> list[tuple[Terms, torch.Tensor, torch.Tensor]]:
     """Per snapshot: (Terms, decoder [F, d], bias [d]) of activations [items, positions, S, d]."""
     items, positions, n_snapshots, d_model = activations.shape
     terms = crosscoder.snapshot_terms(activations.flatten(0, 1))
