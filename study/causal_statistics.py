@@ -9,8 +9,8 @@ import pandas as pd
 import torch
 
 from crosscoder import CrossCoder
+from study.activations import direct_activations
 from study.attribution import SnapshotModel, Task, Terms, relative_indirect_effect
-from study.residual import residual_stream
 from study.trajectory import Snapshot, load_model
 
 ABLATION_KS = (1, 2, 5, 10, 15, 20, 50, 100, 200, 500, 1000)
@@ -52,23 +52,14 @@ def relie_indices(accuracies: list[float], count: int) -> list[int]:
     return sorted({candidates[round(position * (len(candidates) - 1) / (count - 1))] for position in range(count)})
 
 
-@torch.no_grad()
-def layer_activations(snapshots: list[Snapshot], layer: int, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """[items, positions, S, d]: each snapshot's residual stream at ``layer``, positions 1 onwards."""
-    captured = []
-    for snapshot in snapshots:
-        model = load_model(snapshot, device=device)
-        captured.append(residual_stream(model, input_ids.to(device), [layer])[layer][:, 1:].float())
-    return torch.stack(captured, 2)
-
-
-def snapshot_terms(crosscoder: CrossCoder, activations: torch.Tensor) -> list[tuple[Terms, torch.Tensor, torch.Tensor]]:
-    """Per snapshot: (Terms, decoder [F, d], bias [d]) of activations [items, positions, S, d]."""
-    items, positions, n_snapshots, d_model = activations.shape
-    terms = crosscoder.snapshot_terms(activations.flatten(0, 1))
+def snapshot_terms(crosscoder: CrossCoder, activations: torch.Tensor, items: int) -> list[tuple[Terms, torch.Tensor, torch.Tensor]]:
+    """Per snapshot: (Terms, decoder [F, d], bias [d]) of activations [items * positions, S, d]."""
+    n_snapshots, d_model = activations.shape[1:]
+    positions = len(activations) // items
+    terms = crosscoder.snapshot_terms(activations.to(crosscoder.decoder_weight.device))
     return [
         (
-            Terms(terms.codes[index].reshape(items, positions, -1), terms.error[:, index].reshape(items, positions, d_model)),
+            Terms(terms.codes[index].reshape(items, positions, -1).cpu(), terms.error[:, index].reshape(items, positions, d_model).cpu()),
             terms.decoder[index],
             terms.bias[index],
         )
@@ -90,8 +81,12 @@ def causal_statistics(
     crosscoder = crosscoder.eval()
     device = crosscoder.decoder_weight.device
     steps = [snapshot.step for snapshot in snapshots]
-    clean_terms = snapshot_terms(crosscoder, layer_activations(snapshots, layer, task.input_ids, device))
-    corrupted_terms = snapshot_terms(crosscoder, layer_activations(snapshots, layer, task.corrupted_ids, device)) if baseline == "corrupted" else None
+    items = len(task.input_ids)
+    # Clean and corrupted prompts have the same shape: one pass per snapshot gives both.
+    prompts = torch.cat([task.input_ids, task.corrupted_ids]) if baseline == "corrupted" else task.input_ids
+    activations = direct_activations(snapshots, prompts, layer, device=device).split(items * (prompts.shape[1] - 1))
+    clean_terms = snapshot_terms(crosscoder, activations[0], items)
+    corrupted_terms = snapshot_terms(crosscoder, activations[1], items) if baseline == "corrupted" else None
     n_features = crosscoder.n_features
     kept_k = keep_k(n_features)
     ks = sorted({k for k in ABLATION_KS if k <= n_features} | {kept_k})

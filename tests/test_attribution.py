@@ -10,10 +10,10 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from crosscoder import CrossCoder, CrossCoderConfig
 from crosscoder.matching import match_features, matched_jaccard
 from study.agreement import agreement_items
+from study.activations import direct_activations
 from study.attribution import SnapshotModel, Task, Terms, agreement_task, relative_indirect_effect
-from study.causal_statistics import causal_statistics, layer_activations, snapshot_terms
+from study.causal_statistics import causal_statistics, snapshot_terms
 from study.grammar import flip_subject_number
-from study.residual import residual_stream
 from study.tokens import sample_contexts
 from study.trajectory import Snapshot, directory_trajectory, load_model, load_tokenizer
 
@@ -111,12 +111,12 @@ def test_integrated_gradients_are_complete(tiny_trajectory_folder, baseline):
     snapshots = directory_trajectory(tiny_trajectory_folder).select(3, "log").snapshots
     tokenizer = load_tokenizer(snapshots[-1])
     layer = 1
-    sample = torch.stack([residual_stream(load_model(s), sample_contexts(tokenizer, "embedded", 32, 2000, seed=1), [layer])[layer].flatten(0, 1) for s in snapshots], 1)
+    sample = direct_activations(snapshots, sample_contexts(tokenizer, "embedded", 32, 2000, seed=1), layer)
     crosscoder = CrossCoder(len(snapshots), sample.shape[-1], CrossCoderConfig(expansion_ratio=4, sparsity="jumprelu"))
     crosscoder.initialize(sample, torch.Generator().manual_seed(0))
     task = agreement_task(agreement_items(4), tokenizer)
-    terms = snapshot_terms(crosscoder, layer_activations(snapshots, layer, task.input_ids, torch.device("cpu")))
-    corrupted = snapshot_terms(crosscoder, layer_activations(snapshots, layer, task.corrupted_ids, torch.device("cpu")))
+    terms = snapshot_terms(crosscoder, direct_activations(snapshots, task.input_ids, layer), len(task.input_ids))
+    corrupted = snapshot_terms(crosscoder, direct_activations(snapshots, task.corrupted_ids, layer), len(task.corrupted_ids))
     for index, snapshot in enumerate(snapshots):
         clean, decoder, bias = terms[index]
         reference = corrupted[index][0] if baseline == "corrupted" else Terms(torch.zeros_like(clean.codes), torch.zeros_like(clean.error))
