@@ -4,7 +4,7 @@ measured in one run on this machine.
     python bench/causal_cost.py CROSSCODER.safetensors [--steps 10] [--items 16] [--cache-dir DIR]
 
 On the embedded default trajectory at the crosscoder's snapshots (its trial's ``crosscoder.safetensors``
-artifact, 9 snapshots at the defaults): times ``study.causal_statistics.causal_statistics``
+artifact, 9 snapshots at the defaults): times ``study.analysis.causal_statistics.causal_statistics``
 (integrated gradients with ``--steps`` points, ablation curves, RelIE) and one plain forward pass of
 the same agreement prompts through every snapshot. The attribution alone needs ``steps`` forward and
 backward passes per snapshot, the curves two forward passes per k, so the ratio shows what the
@@ -19,10 +19,10 @@ import time
 import torch
 
 from crosscoder import CrossCoder
-from study.agreement import agreement_items
-from study.attribution import agreement_task
-from study.causal_statistics import ABLATION_KS, causal_statistics
-from study.trajectory import load_model, load_tokenizer, resolve_trajectory
+from study.analysis.attribution import agreement_task
+from study.analysis.causal_statistics import ABLATION_KS, causal_statistics
+from study.lm.agreement import agreement_items
+from study.lm.trajectory import load_model, load_tokenizer, resolve_trajectory
 
 
 def main() -> None:
@@ -51,11 +51,16 @@ def main() -> None:
     causal = time.perf_counter() - started
     ks = len([k for k in ABLATION_KS if k <= crosscoder.n_features]) + 1
     passes = args.steps * 3 + 2 * ks + 2  # a backward costs about two forwards
-    print(f"{len(task.input_ids)} prompts x {task.input_ids.shape[1]} tokens, {len(snapshots)} snapshots, {crosscoder.n_features} features, {args.steps} IG steps, one CPU thread")
+    print(
+        f"{len(task.input_ids)} prompts x {task.input_ids.shape[1]} tokens, {len(snapshots)} snapshots, "
+        f"{crosscoder.n_features} features, {args.steps} IG steps, one CPU thread"
+    )
     print(f"plain forward through every snapshot: {forward:.3f} s")
     print(f"causal analyses (model loading included): {causal:.2f} s = {causal / forward:.0f} x the plain forward")
-    print(f"forward-pass equivalents they need per snapshot: about {passes}; overhead beyond them: {causal / (forward * passes):.2f} x")
-    print(f"largest attribution gap (completeness): {statistics.summary['attribution_gap_max']:.3f}")
+    print(
+        f"forward-pass equivalents they need per snapshot: about {passes}; overhead beyond them: {causal / (forward * passes):.2f} x"
+    )
+    print(f"largest attribution gap (completeness): {statistics.summary.attribution_gap_max:.3f}")
 
 
 if __name__ == "__main__":

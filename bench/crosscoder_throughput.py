@@ -54,7 +54,15 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, rounds: int
     return best
 
 
-def step_seconds(shape: tuple[int, int, int], method: str, dtype: torch.dtype, device: torch.device, batch_size: int, steps: int, firing: float) -> tuple[float, float]:
+def step_seconds(
+    shape: tuple[int, int, int],
+    method: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int,
+    steps: int,
+    firing: float,
+) -> tuple[float, float]:
     """Median wall time of one training step after two warm-up steps, and the share of features active."""
     n_snapshots, d_model, ratio = shape
     config = CrossCoderConfig(
@@ -100,7 +108,10 @@ def main() -> None:
         reuse_freed_memory()  # as crosscoder.train does on CPU
     size = 2048 if device.type == "cpu" else 8192
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
-    print(f"{'S':>3} {'d':>4} {'ratio':>5} {'F':>6} {'method':>9} {'dtype':>9} {'tokens/s':>9} {'GFLOP/s':>8} {'matmul GFLOP/s':>14} {'share':>6} {'active':>7}")
+    print(
+        f"{'S':>3} {'d':>4} {'ratio':>5} {'F':>6} {'method':>9} {'dtype':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
+        f"{'matmul GFLOP/s':>14} {'share':>6} {'active':>7}"
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         before = matmul_rate(dtype, device, size)

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from study.config import PRESETS
-from study.extraction import ActivationRequest, ensure_activations, ensure_ray
-from study.tokens import sample_contexts
-from study.trajectory import embedded_trajectory, load_model, load_tokenizer
+from study.activations.contexts import sample_contexts
+from study.activations.extraction import ActivationRequest, ensure_activations, ensure_ray
+from study.lm.pretrain_config import PRESETS
+from study.lm.trajectory import embedded_trajectory, load_model, load_tokenizer
 
 # The child's own high-water mark: ru_maxrss would carry the parent's peak across fork and exec.
 READ_SCRIPT = """
 import json, sys
-from study.activation_cache import ActivationCache
+from study.activations.cache import ActivationCache
 cache = ActivationCache(sys.argv[1])
 rows = sum(len(batch) for batch in cache.batches(int(sys.argv[2]), batch_size=1024, seed=0, epochs=1))
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -84,7 +84,9 @@ def reader_rate(cache, layer: int) -> float:
 
 
 def reader_peak_memory(folder: str, layer: int) -> dict:
-    output = subprocess.run([sys.executable, "-c", READ_SCRIPT, folder, str(layer)], capture_output=True, text=True, check=True)
+    output = subprocess.run(
+        [sys.executable, "-c", READ_SCRIPT, folder, str(layer)], capture_output=True, text=True, check=True
+    )
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
@@ -99,29 +101,52 @@ def main() -> None:
     model = load_model(trajectory.snapshots[-1])
     n_layers = model.config.num_hidden_layers
     context_length = PRESETS[args.preset].context_length
-    contexts = sample_contexts(load_tokenizer(trajectory.snapshots[-1]), "embedded", context_length, args.tokens, seed=0)
+    contexts = sample_contexts(
+        load_tokenizer(trajectory.snapshots[-1]), "embedded", context_length, args.tokens, seed=0
+    )
     ensure_ray()
-    print(f"{len(trajectory.snapshots)} snapshots, {n_layers} layers, {contexts.numel()} context tokens per snapshot, batch {args.batch_size}")
+    print(
+        f"{len(trajectory.snapshots)} snapshots, {n_layers} layers, {contexts.numel()} context tokens per snapshot, batch {args.batch_size}"
+    )
 
     plain = plain_forward_rate(model, contexts, args.batch_size)
     print(f"plain full forward with output_hidden_states: {plain:,.0f} tokens/s")
     for label, layer in (("middle", n_layers // 2), ("last", n_layers)):
-        request = ActivationRequest(trajectory, layers=(layer,), n_tokens=args.tokens, context_length=context_length, batch_size=args.batch_size)
+        request = ActivationRequest(
+            trajectory, layers=(layer,), n_tokens=args.tokens, context_length=context_length, batch_size=args.batch_size
+        )
         rate = extraction_rate(request)
-        print(f"Ray Data extraction, {label} layer {layer}: {rate:,.0f} tokens/s = {rate / plain:.2f} x the plain forward")
+        print(
+            f"Ray Data extraction, {label} layer {layer}: {rate:,.0f} tokens/s = {rate / plain:.2f} x the plain forward"
+        )
 
     layer = n_layers // 2
     with tempfile.TemporaryDirectory() as cache_dir:
-        small = ActivationRequest(trajectory, layers=(layer,), n_tokens=args.tokens // 10, context_length=context_length, contexts_per_shard=64)
-        large = ActivationRequest(trajectory, layers=(layer,), n_tokens=args.tokens, context_length=context_length, contexts_per_shard=64)
-        small_cache, large_cache = ensure_activations(small, cache_dir, progress=False), ensure_activations(large, cache_dir, progress=False)
+        small = ActivationRequest(
+            trajectory,
+            layers=(layer,),
+            n_tokens=args.tokens // 10,
+            context_length=context_length,
+            contexts_per_shard=64,
+        )
+        large = ActivationRequest(
+            trajectory, layers=(layer,), n_tokens=args.tokens, context_length=context_length, contexts_per_shard=64
+        )
+        small_cache, large_cache = (
+            ensure_activations(small, cache_dir, progress=False),
+            ensure_activations(large, cache_dir, progress=False),
+        )
         read = reader_rate(large_cache, layer)
         consumed = crosscoder_consumption(len(trajectory.snapshots), large_cache.d_model)
-        print(f"reader: {read:,.0f} rows/s; crosscoder training consumes {consumed:,.0f} rows/s: reader = {read / consumed:.1f} x consumption")
+        print(
+            f"reader: {read:,.0f} rows/s; crosscoder training consumes {consumed:,.0f} rows/s: reader = {read / consumed:.1f} x consumption"
+        )
         for name, cache in (("small", small_cache), ("10x larger", large_cache)):
             measured = reader_peak_memory(str(cache.folder), layer)
             size_mb = sum(path.stat().st_size for path in Path(cache.files.path).rglob("*.npy")) / 1e6
-            print(f"reader process peak RSS, {name} cache ({size_mb:.0f} MB, {measured['rows']} rows read): {measured['peak_rss_mb']:.0f} MB")
+            print(
+                f"reader process peak RSS, {name} cache ({size_mb:.0f} MB, {measured['rows']} rows read): {measured['peak_rss_mb']:.0f} MB"
+            )
     print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from study.activation_cache import ActivationCache
+from study.activations.cache import ActivationCache
 
 
 def rows_per_second(read: Callable[[], int]) -> tuple[float, int]:
@@ -48,7 +48,9 @@ def main() -> None:
     def through(spec: str) -> Callable[[], int]:
         return lambda: sum(len(ActivationCache(spec).shard(layer, index)) for index in range(cache.n_shards))
 
-    print(f"{cache.n_tokens} rows x {len(cache.steps)} snapshots x d_model {cache.d_model}, layer {layer}, {cache.n_shards} shards")
+    print(
+        f"{cache.n_tokens} rows x {len(cache.steps)} snapshots x d_model {cache.d_model}, layer {layer}, {cache.n_shards} shards"
+    )
     baseline, _ = rows_per_second(bare)
     print(f"bare np.load, no checksum:   {baseline:12,.0f} rows/s")
     for name, spec in (("reader, local path", str(folder)), ("reader, URI", args.uri or f"file://{folder}")):

@@ -4,7 +4,7 @@ measured in one run on this machine.
     python bench/sweep_overhead.py [--trials 3] [--steps 500] [--tokens 60000]
 
 Both sides train the same crosscoders on the same cached activations and compute the same claim
-statistics (``study.trial.train_and_measure``), one trial at a time on one CPU thread, so the ratio
+statistics (``study.sweep.trial.train_and_measure``), one trial at a time on one CPU thread, so the ratio
 is what Ray Tune, MLflow logging, the model curves, the sweep's robustness analysis and its report
 add. The activation cache and the model curves are built before either side is timed.
 """
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from study.extraction import ensure_activations
-from study.model_curves import model_curves
-from study.search_space import ACTIVATION_KEYS, grid_points, load_space
-from study.sweep import activation_request, main as sweep_main, snapshots_for_model_curves
-from study.trajectory import resolve_trajectory
-from study.trial import train_and_measure
+from study.activations.extraction import ensure_activations
+from study.analysis.model_curves import model_curves
+from study.sweep.cli import main as sweep_main
+from study.sweep.plan import plan_sweep
+from study.sweep.prepare import snapshots_for_model_curves
+from study.sweep.trial import train_and_measure
+from study.sweep.trial_config import TrialConfig
 
 
 def main() -> None:
@@ -37,26 +38,39 @@ def main() -> None:
     args = parser.parse_args()
     ratios = [4 * 2**index for index in range(args.trials)]
     overrides = [f"expansion_ratio={{grid_search: {ratios}}}", f"n_steps={args.steps}", f"n_tokens={args.tokens}"]
-    space = load_space("expansion_ratio", overrides)
-    (point,) = grid_points(space, ACTIVATION_KEYS)
-    trajectory = resolve_trajectory(point["trajectory"], point["revisions"], args.cache_dir)
-    request = activation_request(point, trajectory)
+    plan = plan_sweep("expansion_ratio", overrides, "overhead", args.cache_dir)
+    (activation_set,) = plan.activation_sets.values()
+    request = activation_set.request
     cache = ensure_activations(request, args.cache_dir, progress=False)
-    for curve_trajectory, corpus in snapshots_for_model_curves([(point, trajectory)]):
+    for curve_trajectory, corpus in snapshots_for_model_curves([activation_set]):
         model_curves(curve_trajectory, corpus, args.cache_dir)
 
     torch.set_num_threads(1)  # as a Tune trial on one CPU runs (Ray sets OMP_NUM_THREADS=1)
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         trial_seconds = []
-        for index, config in enumerate(grid_points(space)):
+        for index, config in enumerate(plan.trials):
             begun = time.perf_counter()
-            train_and_measure(config, str(cache.folder), list(request.trajectory.snapshots), Path(scratch) / f"loop{index}")
+            train_and_measure(
+                TrialConfig.from_flat(config),
+                str(cache.folder),
+                list(request.trajectory.snapshots),
+                Path(scratch) / f"loop{index}",
+            )
             trial_seconds.append(time.perf_counter() - begun)
         loop_seconds = time.perf_counter() - started
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
-        arguments = ["expansion_ratio", *[item for override in overrides for item in ("--set", override)], "--max-concurrent", "1", "--experiment", "overhead", "--storage", str(Path(scratch) / "sweeps")]
+        arguments = [
+            "expansion_ratio",
+            *[item for override in overrides for item in ("--set", override)],
+            "--max-concurrent",
+            "1",
+            "--experiment",
+            "overhead",
+            "--storage",
+            str(Path(scratch) / "sweeps"),
+        ]
         if args.cache_dir:
             arguments += ["--cache-dir", args.cache_dir]
         started = time.perf_counter()

@@ -1,8 +1,8 @@
 """Crosscoders across pre-training snapshots, in plain PyTorch (no Ray, no MLflow).
 
-    from crosscoder import CrossCoderConfig, fit
-    result = fit(activations, CrossCoderConfig(expansion_ratio=8, sparsity="jumprelu"))
-    result.metrics.explained_variance, result.model.decoder_norms()
+from crosscoder import CrossCoderConfig, fit
+result = fit(activations, CrossCoderConfig(expansion_ratio=8, sparsity="jumprelu"))
+result.metrics.explained_variance, result.model.decoder_norms()
 """
 
 from crosscoder.config import CrossCoderConfig, InputError, TrainingError

@@ -138,7 +138,7 @@ class CrossCoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CrossCoderConfig":
+    def from_dict(cls, values: dict) -> CrossCoderConfig:
         known = {field.name for field in fields(cls)}
         values = {key: value for key, value in values.items() if key in known}
         if "adam_betas" in values:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ def array_batches(activations: torch.Tensor, batch_size: int, seed: int, start_s
     """Endless batches of a fresh seeded permutation per epoch; step j's batch depends only on (seed, j)."""
     n_tokens = activations.shape[0]
     if batch_size > n_tokens:
-        raise InputError(f"batch_size {batch_size} exceeds the {n_tokens} tokens given; lower batch_size or pass more tokens")
+        raise InputError(
+            f"batch_size {batch_size} exceeds the {n_tokens} tokens given; lower batch_size or pass more tokens"
+        )
     batches_per_epoch = n_tokens // batch_size
     step = start_step
     while True:
@@ -57,7 +59,9 @@ def iterable_batches(batches: Iterable, start_step: int = 0) -> Iterator[torch.T
             continue  # a resumed run skips what the checkpoint has already seen
         tensor = torch.as_tensor(batch)
         if tensor.dim() != 3:
-            raise InputError(f"batch {index} has shape {tuple(tensor.shape)}; batches must be [batch, snapshots, d_model]")
+            raise InputError(
+                f"batch {index} has shape {tuple(tensor.shape)}; batches must be [batch, snapshots, d_model]"
+            )
         yield tensor
 
 

@@ -34,7 +34,9 @@ def feature_dimensionality(decoder: torch.Tensor, block_size: int = 4096) -> tor
         for start in range(0, n_features, block_size):
             overlaps = (units[start : start + block_size] @ weights.T).square().sum(-1)
             block_norms = squared_norms[start : start + block_size]
-            dimensionality[start : start + block_size, snapshot] = torch.where(block_norms > 0, block_norms / overlaps.clamp_min(1e-30), 0.0).cpu()
+            dimensionality[start : start + block_size, snapshot] = torch.where(
+                block_norms > 0, block_norms / overlaps.clamp_min(1e-30), 0.0
+            ).cpu()
     return dimensionality
 
 

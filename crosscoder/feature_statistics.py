@@ -15,7 +15,9 @@ def token_entropy(feature_activations: torch.Tensor, token_ids: torch.Tensor) ->
     """
     activations = feature_activations.detach().double().clamp_min(0)
     distinct, slot = torch.unique(token_ids, return_inverse=True)
-    mass = torch.zeros(len(distinct), activations.shape[1], dtype=torch.float64).index_add_(0, slot.to(activations.device).cpu(), activations.cpu())
+    mass = torch.zeros(len(distinct), activations.shape[1], dtype=torch.float64).index_add_(
+        0, slot.to(activations.device).cpu(), activations.cpu()
+    )
     total = mass.sum(0)
     share = mass / total.clamp_min(1e-300)
     entropy = -(share * share.clamp_min(1e-300).log()).sum(0)

@@ -56,7 +56,11 @@ def matched_jaccard(match: FeatureMatch, top_a: torch.Tensor, top_b: torch.Tenso
     """Jaccard index of feature sets ``top_a`` (indices into A) and ``top_b`` (into B) once A's features
     are renamed to their matched partners in B; a feature without a partner above ``threshold`` is
     counted as different from every feature of B."""
-    partner = {int(row): int(column) for row, column, cosine in zip(match.rows, match.columns, match.cosines) if cosine > threshold}
+    partner = {
+        int(row): int(column)
+        for row, column, cosine in zip(match.rows, match.columns, match.cosines)
+        if cosine > threshold
+    }
     renamed = {partner[int(feature)] for feature in top_a if int(feature) in partner}
     shared = len(renamed & {int(feature) for feature in top_b})
     union = len(top_a) + len(top_b) - shared

@@ -34,8 +34,15 @@ class CrossCoderMetrics(NamedTuple):
 
     def summary(self) -> dict[str, float]:
         """The scalar metrics, for logging."""
-        summary = {"explained_variance": self.explained_variance, "mse": self.mse, "l0": self.l0, "dead_fraction": self.dead_fraction}
-        summary.update({f"explained_variance_snapshot_{s}": value for s, value in enumerate(self.explained_variance_per_snapshot)})
+        summary = {
+            "explained_variance": self.explained_variance,
+            "mse": self.mse,
+            "l0": self.l0,
+            "dead_fraction": self.dead_fraction,
+        }
+        summary.update(
+            {f"explained_variance_snapshot_{s}": value for s, value in enumerate(self.explained_variance_per_snapshot)}
+        )
         return summary
 
 
@@ -44,7 +51,9 @@ def evaluate(model: CrossCoder, activations: Activations, batch_size: int = 4096
     """Metrics of ``model`` on ``activations`` [tokens, S, d_model], in batches."""
     tensor = as_tensor(activations)
     if tuple(tensor.shape[1:]) != (model.n_snapshots, model.d_model):
-        raise ValueError(f"activations are [*, {tensor.shape[1]}, {tensor.shape[2]}], the crosscoder expects [*, {model.n_snapshots}, {model.d_model}]")
+        raise ValueError(
+            f"activations are [*, {tensor.shape[1]}, {tensor.shape[2]}], the crosscoder expects [*, {model.n_snapshots}, {model.d_model}]"
+        )
     device = model.decoder_weight.device
     n_snapshots = model.n_snapshots
     squared_error = torch.zeros(n_snapshots, dtype=torch.float64)

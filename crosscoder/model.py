@@ -56,7 +56,9 @@ class CrossCoder(nn.Module):
         super().__init__()
         n_features = config.n_features(d_model)
         if config.sparsity in ("topk", "batchtopk") and config.k >= n_features:
-            raise InputError(f"k = {config.k} must be below n_features = {n_features}; lower k or raise expansion_ratio")
+            raise InputError(
+                f"k = {config.k} must be below n_features = {n_features}; lower k or raise expansion_ratio"
+            )
         self.config = config
         self.n_snapshots, self.d_model, self.n_features = n_snapshots, d_model, n_features
         self.encoder_weight = nn.Parameter(torch.zeros(n_snapshots * d_model, n_features))
@@ -128,7 +130,9 @@ class CrossCoder(nn.Module):
             codes = topk(pre, config.k) if config.sparsity == "topk" else batch_topk(pre, config.k)
             penalty = pre.new_zeros(())
         # Shared code: all snapshots decoded by one [B, F] x [F, S*d] product.
-        reconstruction = (codes @ self.decoder_weight.flatten(1)).view(-1, self.n_snapshots, self.d_model) + self.decoder_bias
+        reconstruction = (codes @ self.decoder_weight.flatten(1)).view(
+            -1, self.n_snapshots, self.d_model
+        ) + self.decoder_bias
         return CrossCoderOutput(reconstruction, codes, codes.detach() != 0, penalty)
 
     @torch.no_grad()
@@ -176,14 +180,22 @@ class CrossCoder(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """One safetensors file: the weights, the normalisation, and the config as metadata."""
-        metadata = {"config": json.dumps(self.config.to_dict()), "n_snapshots": str(self.n_snapshots), "d_model": str(self.d_model)}
+        metadata = {
+            "config": json.dumps(self.config.to_dict()),
+            "n_snapshots": str(self.n_snapshots),
+            "d_model": str(self.d_model),
+        }
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         save_file(state, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "CrossCoder":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> CrossCoder:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
-        model = cls(int(metadata["n_snapshots"]), int(metadata["d_model"]), CrossCoderConfig.from_dict(json.loads(metadata["config"])))
+        model = cls(
+            int(metadata["n_snapshots"]),
+            int(metadata["d_model"]),
+            CrossCoderConfig.from_dict(json.loads(metadata["config"])),
+        )
         model.load_state_dict(load_file(str(path)))
         return model.to(device)

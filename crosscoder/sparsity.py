@@ -101,7 +101,9 @@ def decoder_norms(decoder_weight: torch.Tensor) -> torch.Tensor:
     return DecoderNorms.apply(decoder_weight)
 
 
-def jumprelu(pre: torch.Tensor, decoder_norms: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float, tanh_scale: float):
+def jumprelu(
+    pre: torch.Tensor, decoder_norms: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float, tanh_scale: float
+):
     """Per-snapshot codes [S, B, F] and the tanh frequency p [F] (see ``JumpReLU``)."""
     return JumpReLU.apply(pre, decoder_norms, log_threshold, bandwidth, tanh_scale)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -61,11 +62,20 @@ def sparsity_factor(step: int, config: CrossCoderConfig) -> float:
 def latest_checkpoint(folder: str | Path | None) -> Path | None:
     if not folder or not Path(folder).is_dir():
         return None
-    found = [(int(match.group(1)), path) for path in Path(folder).iterdir() if (match := CHECKPOINT_NAME.match(path.name))]
+    found = [
+        (int(match.group(1)), path) for path in Path(folder).iterdir() if (match := CHECKPOINT_NAME.match(path.name))
+    ]
     return max(found)[1] if found else None
 
 
-def save_checkpoint(folder: Path, step: int, model: CrossCoder, optimizer: torch.optim.Adam, tokens_since_fired: torch.Tensor, history: list) -> Path:
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    model: CrossCoder,
+    optimizer: torch.optim.Adam,
+    tokens_since_fired: torch.Tensor,
+    history: list,
+) -> Path:
     """Weights, Adam's moments and the dead-feature counters at ``step``, written atomically."""
     tensors = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     for index, parameter in enumerate(optimizer_parameters(optimizer)):
@@ -87,14 +97,20 @@ def save_checkpoint(folder: Path, step: int, model: CrossCoder, optimizer: torch
     return path
 
 
-def load_checkpoint(path: Path, model: CrossCoder, optimizer: torch.optim.Adam, device: torch.device) -> tuple[int, torch.Tensor, list]:
+def load_checkpoint(
+    path: Path, model: CrossCoder, optimizer: torch.optim.Adam, device: torch.device
+) -> tuple[int, torch.Tensor, list]:
     with safe_open(str(path), framework="pt", device=str(device)) as handle:
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     saved_config = CrossCoderConfig.from_dict(json.loads(metadata["config"]))
     if saved_config != model.config:
-        raise InputError(f"checkpoint {path} was written by another configuration; point checkpoint_dir at a fresh folder")
-    model.load_state_dict({name[len("model."):]: tensor for name, tensor in tensors.items() if name.startswith("model.")})
+        raise InputError(
+            f"checkpoint {path} was written by another configuration; point checkpoint_dir at a fresh folder"
+        )
+    model.load_state_dict(
+        {name[len("model.") :]: tensor for name, tensor in tensors.items() if name.startswith("model.")}
+    )
     step = int(metadata["step"])
     for index, parameter in enumerate(optimizer_parameters(optimizer)):
         if f"adam.{index}.exp_avg" in tensors:
@@ -172,7 +188,9 @@ def train(
     if eval_activations is not None:
         eval_activations = as_tensor(eval_activations)
         if tuple(eval_activations.shape[1:]) != (n_snapshots, d_model):
-            raise InputError(f"eval_activations are [*, {eval_activations.shape[1]}, {eval_activations.shape[2]}], training data [*, {n_snapshots}, {d_model}]")
+            raise InputError(
+                f"eval_activations are [*, {eval_activations.shape[1]}, {eval_activations.shape[2]}], training data [*, {n_snapshots}, {d_model}]"
+            )
 
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(sample, torch.Generator().manual_seed(config.seed))
@@ -188,7 +206,14 @@ def train(
         batches = array_batches(data, config.batch_size, config.seed, start_step)
     else:
         batches = iterable_batches(data, start_step)
-    bar = tqdm(range(start_step, config.n_steps), desc="crosscoder", unit="step", disable=not progress, initial=start_step, total=config.n_steps)
+    bar = tqdm(
+        range(start_step, config.n_steps),
+        desc="crosscoder",
+        unit="step",
+        disable=not progress,
+        initial=start_step,
+        total=config.n_steps,
+    )
     for step in bar:
         try:
             batch = next(batches).to(device, non_blocking=True).float()
@@ -196,8 +221,14 @@ def train(
             break
         result = training_step(model, optimizer, batch, step)
         if not torch.isfinite(result.loss):
-            where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written (set checkpoint_every)"
-            raise TrainingError(f"loss became {result.loss.item()} at step {step}; {where}; lower learning_rate or sparsity_coefficient")
+            where = (
+                f"last good checkpoint: {last_checkpoint}"
+                if last_checkpoint
+                else "no checkpoint was written (set checkpoint_every)"
+            )
+            raise TrainingError(
+                f"loss became {result.loss.item()} at step {step}; {where}; lower learning_rate or sparsity_coefficient"
+            )
         tokens_since_fired = torch.where(result.active.any(0), 0.0, tokens_since_fired + batch.shape[0])
         if (step + 1) % config.log_every == 0 or step + 1 == config.n_steps:
             history.append(
@@ -214,7 +245,9 @@ def train(
             )
             bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.0f}")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            last_checkpoint = save_checkpoint(Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history)
+            last_checkpoint = save_checkpoint(
+                Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history
+            )
             if on_checkpoint is not None:
                 on_checkpoint(last_checkpoint)
 

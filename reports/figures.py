@@ -13,22 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-STATISTIC_LABELS = {
-    "explained_variance": "explained variance",
-    "min_explained_variance_by_snapshot": "lowest EV over snapshots",
-    "l0": "L0",
-    "dead_fraction": "dead share",
-    "delta_ce_max": "largest ΔCE (nats)",
-    "transition_step": "turning step",
-    "initial_share": "init.-dependent share",
-    "median_emergence_step": "median emergence step",
-    "norm_proxy_r": "r(probe error, norm)",
-    "token_specificity_r": "r(peak snapshot, entropy)",
-    "alignment_overlap": "top-10 overlap",
-    "causal_ablate_relative": "metric left, top 15 ablated",
-    "causal_keep_relative": "metric kept, top features only",
-    "relie_top_mean": "RelIE of top features, last snapshot",
-}
+from study.record import ABLATE_K, ABLATE_LEFT_BELOW, COMPARED, KEEP_RECOVERS_ABOVE, LABELS  # noqa: E402
 
 
 def step_axis(axis) -> None:
@@ -43,7 +28,12 @@ def model_curve_figure(curves: pd.DataFrame) -> Figure | None:
         return None
     figure, (kl_axis, loss_axis, agreement_axis) = plt.subplots(1, 3, figsize=(13, 3.6))
     for trajectory, group in curves.groupby("trajectory"):
-        kl_axis.plot(group["step"], group["unigram_kl"], "o-", label=f"unigram KL ({trajectory})" if curves["trajectory"].nunique() > 1 else "unigram KL")
+        kl_axis.plot(
+            group["step"],
+            group["unigram_kl"],
+            "o-",
+            label=f"unigram KL ({trajectory})" if curves["trajectory"].nunique() > 1 else "unigram KL",
+        )
         kl_axis.plot(group["step"], group["bigram_kl"], "s-", label="bigram KL")
         loss_axis.plot(group["step"], group["lm_loss"], "o-", label="LM loss")
         agreement_axis.plot(group["step"], group["agreement_accuracy"], "o-", label="accuracy")
@@ -57,7 +47,11 @@ def model_curve_figure(curves: pd.DataFrame) -> Figure | None:
     loss_axis.set_ylabel("nats per token")
     agreement_axis.set_ylabel("agreement accuracy")
     agreement_axis.set_ylim(0, 1.05)
-    for axis, title in ((kl_axis, "n-gram KL divergence"), (loss_axis, "language-model loss"), (agreement_axis, "subject-verb agreement")):
+    for axis, title in (
+        (kl_axis, "n-gram KL divergence"),
+        (loss_axis, "language-model loss"),
+        (agreement_axis, "subject-verb agreement"),
+    ):
         step_axis(axis)
         axis.set_title(title)
         axis.legend(fontsize=7)
@@ -74,7 +68,14 @@ def dimensionality_figure(curve: pd.DataFrame, trials: pd.DataFrame, labels: dic
         (line,) = axis.plot(group["step"], group["value"], "o-", label=labels.get(run_id, run_id[:8]))
         step = turning.get(run_id, math.nan)
         if not math.isnan(step):
-            axis.plot([step], group.loc[group["step"] == step, "value"], marker="v", markersize=13, color=line.get_color(), markeredgecolor="black")
+            axis.plot(
+                [step],
+                group.loc[group["step"] == step, "value"],
+                marker="v",
+                markersize=13,
+                color=line.get_color(),
+                markeredgecolor="black",
+            )
     step_axis(axis)
     axis.set_ylabel("total feature dimensionality Σ D_i")
     axis.set_title("feature dimensionality (▼ turning point)")
@@ -83,7 +84,9 @@ def dimensionality_figure(curve: pd.DataFrame, trials: pd.DataFrame, labels: dic
     return figure
 
 
-def decoder_norm_heatmaps(decoder_norms: dict[str, pd.DataFrame], labels: dict[str, str], limit: int = 6) -> Figure | None:
+def decoder_norm_heatmaps(
+    decoder_norms: dict[str, pd.DataFrame], labels: dict[str, str], limit: int = 6
+) -> Figure | None:
     if not decoder_norms:
         return None
     chosen = list(decoder_norms.items())[:limit]
@@ -92,7 +95,9 @@ def decoder_norm_heatmaps(decoder_norms: dict[str, pd.DataFrame], labels: dict[s
         values = norms.to_numpy()
         order = np.lexsort((-values.max(1), values.argmax(1)))  # by peak snapshot, strongest first
         image = axis.imshow(values[order], aspect="auto", interpolation="nearest", cmap="viridis")
-        axis.set_xticks(range(values.shape[1]), [column.removeprefix("step") for column in norms.columns], rotation=70, fontsize=6)
+        axis.set_xticks(
+            range(values.shape[1]), [column.removeprefix("step") for column in norms.columns], rotation=70, fontsize=6
+        )
         axis.set_title(labels.get(run_id, run_id[:8]), fontsize=9)
         axis.set_xlabel("snapshot step")
         figure.colorbar(image, ax=axis, fraction=0.05)
@@ -112,7 +117,12 @@ def emergence_figure(features: dict[str, pd.DataFrame], labels: dict[str, str]) 
     width = 0.8 / len(tables)
     for index, (run_id, table) in enumerate(tables.items()):
         counts = table["emergence_step"].value_counts(normalize=True).reindex(steps, fill_value=0)
-        axis.bar(np.arange(len(steps)) + index * width - 0.4 + width / 2, counts.to_numpy(), width, label=labels.get(run_id, run_id[:8]))
+        axis.bar(
+            np.arange(len(steps)) + index * width - 0.4 + width / 2,
+            counts.to_numpy(),
+            width,
+            label=labels.get(run_id, run_id[:8]),
+        )
     axis.set_xticks(range(len(steps)), [str(int(step)) for step in steps], rotation=60, fontsize=7)
     axis.set_xlabel("emergence step (decoder norm first ≥ half its maximum)")
     axis.set_ylabel("share of live features")
@@ -148,21 +158,23 @@ def statistics_figure(by_axis_value: pd.DataFrame, axis_keys: list[str]) -> Figu
     if by_axis_value.empty or not axis_keys:
         return None
     key_columns = [f"params.{key}" for key in axis_keys]
-    statistics = [s for s in STATISTIC_LABELS if s in set(by_axis_value["statistic"])]
+    statistics = [s for s in COMPARED if s in set(by_axis_value["statistic"])]
     columns = 4
     rows = math.ceil(len(statistics) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.8 * rows), squeeze=False)
     for axis, statistic in zip(axes.flat, statistics):
         table = by_axis_value[by_axis_value["statistic"] == statistic]
         names = table[key_columns].astype(str).agg(", ".join, axis=1)
-        numeric = pd.to_numeric(table[key_columns[0]], errors="coerce") if len(key_columns) == 1 else pd.Series([math.nan])
+        numeric = (
+            pd.to_numeric(table[key_columns[0]], errors="coerce") if len(key_columns) == 1 else pd.Series([math.nan])
+        )
         positions = numeric.to_numpy() if numeric.notna().all() else np.arange(len(table))
         axis.errorbar(positions, table["mean"], yerr=table["std"].fillna(0), fmt="o-", capsize=4)
         if not numeric.notna().all():
             axis.set_xticks(positions, names, rotation=30, fontsize=7)
         elif len(positions) > 1 and positions.min() > 0 and positions.max() / positions.min() >= 4:
             axis.set_xscale("log", base=2)
-        axis.set_title(STATISTIC_LABELS[statistic], fontsize=9)
+        axis.set_title(LABELS[statistic], fontsize=9)
         axis.set_xlabel(", ".join(axis_keys), fontsize=8)
     for axis in list(axes.flat)[len(statistics) :]:
         axis.axis("off")
@@ -191,14 +203,26 @@ def stability_figure(stability: pd.DataFrame, labels: dict[str, str]) -> Figure 
         axis.set_yticks(range(len(runs)), names, fontsize=7)
         for (a, b), value in np.ndenumerate(matrix):
             if not math.isnan(value):
-                axis.text(b, a, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
-        axis.set_title("seed stability" if kind == "seed" else "small dictionary's features found in the larger", fontsize=9)
+                axis.text(
+                    b,
+                    a,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 0.6 else "black",
+                    fontsize=8,
+                )
+        axis.set_title(
+            "seed stability" if kind == "seed" else "small dictionary's features found in the larger", fontsize=9
+        )
         figure.colorbar(image, ax=axis, fraction=0.05, label="share matched with cosine > 0.7")
     figure.tight_layout()
     return figure
 
 
-def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame, keep_curve: pd.DataFrame, labels: dict[str, str]) -> Figure | None:
+def ablation_figure(
+    curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame, keep_curve: pd.DataFrame, labels: dict[str, str]
+) -> Figure | None:
     """Per trial, the task metric (relative to clean) against k at the last snapshot where the task
     is learned, with the top k features ablated and with only them kept; and the verdict's two
     points over the snapshots where the task is learned."""
@@ -213,7 +237,9 @@ def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame,
         step = learned["step"].max()
         at_step = learned[learned["step"] == step]
         label = f"{labels.get(run_id, run_id[:8])} (step {int(step)})"
-        ablated_axis.plot(at_step["k"], at_step["ablated_relative"], "o-", color=colours[run_id], markersize=3, label=label)
+        ablated_axis.plot(
+            at_step["k"], at_step["ablated_relative"], "o-", color=colours[run_id], markersize=3, label=label
+        )
         kept_axis.plot(at_step["k"], at_step["kept_relative"], "o-", color=colours[run_id], markersize=3, label=label)
     for axis, title in ((ablated_axis, "top k features ablated"), (kept_axis, "only the top k kept (errors kept)")):
         axis.set_xscale("log")
@@ -223,15 +249,25 @@ def ablation_figure(curves: dict[str, pd.DataFrame], ablate_curve: pd.DataFrame,
         axis.set_ylabel("task metric / clean metric")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7)
-    ablated_axis.axhline(0.5, color="tab:red", linestyle="--", linewidth=0.8)
-    kept_axis.axhline(0.9, color="tab:red", linestyle="--", linewidth=0.8)
-    for curve, style, what in ((ablate_curve, "v--", "top 15 ablated"), (keep_curve, "^-", "top features kept")):
+    ablated_axis.axhline(ABLATE_LEFT_BELOW, color="tab:red", linestyle="--", linewidth=0.8)
+    kept_axis.axhline(KEEP_RECOVERS_ABOVE, color="tab:red", linestyle="--", linewidth=0.8)
+    for curve, style, what in (
+        (ablate_curve, "v--", f"top {ABLATE_K} ablated"),
+        (keep_curve, "^-", "top features kept"),
+    ):
         for run_id, group in curve.dropna(subset=["value"]).groupby("run_id"):
-            snapshot_axis.plot(group["step"], group["value"], style, color=colours.get(run_id), markersize=5, label=f"{labels.get(run_id, run_id[:8])}: {what}")
+            snapshot_axis.plot(
+                group["step"],
+                group["value"],
+                style,
+                color=colours.get(run_id),
+                markersize=5,
+                label=f"{labels.get(run_id, run_id[:8])}: {what}",
+            )
     snapshot_axis.set_xscale("log")
     snapshot_axis.set_xlabel("training step")
-    snapshot_axis.axhline(0.5, color="tab:red", linestyle="--", linewidth=0.8)
-    snapshot_axis.axhline(0.9, color="tab:red", linestyle="--", linewidth=0.8)
+    snapshot_axis.axhline(ABLATE_LEFT_BELOW, color="tab:red", linestyle="--", linewidth=0.8)
+    snapshot_axis.axhline(KEEP_RECOVERS_ABOVE, color="tab:red", linestyle="--", linewidth=0.8)
     snapshot_axis.set_ylabel("task metric / clean metric")
     snapshot_axis.set_title("per snapshot where the task is learned", fontsize=9)
     snapshot_axis.legend(fontsize=6)

@@ -3,7 +3,8 @@
     python -m reports.robustness (--experiment NAME | --run PARENT_RUN_ID) --out DIR [--log]
 
 writes DIR/report.html (self-contained: plots embedded), DIR/summary.md (verdict table, per-axis
-statistics) and the plots as PNG files; DIR may be a URI (s3://bucket/reports/x, file:///abs). ``--log`` also stores them in the parent run's artifacts
+statistics) and the plots as PNG files; DIR may be a URI (s3://bucket/reports/x, file:///abs).
+``--log`` also stores them in the parent run's artifacts
 under ``report/``. Reads the store at $MLFLOW_TRACKING_URI (default: ./mlflow.db).
 """
 
@@ -28,21 +29,22 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
+from study.record import COMPARED, IE_COLUMN, LABELS, RELIE_COLUMN, REPORT_FOLDER
 from study.storage import Location
 from study.tracking import tracking_uri
 
 VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "not measured": "#57606a"}
-TRIAL_COLUMNS = (
-    "explained_variance", "l0", "dead_fraction", "delta_ce_max", "transition_step", "initial_share", "median_emergence_step", "norm_proxy_r",
-    "token_specificity_r", "alignment_overlap", "causal_ablate_relative", "causal_keep_relative", "relie_top_mean",
-)
 TOP_FEATURES_SHOWN = 5
 """Top features by indirect effect listed per trial, with their RelIE."""
 
 
 def trial_labels(record: SweepRecord) -> dict[str, str]:
     """run_id -> "key=value ..." over the swept keys (the run name where nothing is swept)."""
-    keys = record.axis_keys + (["seed"] if "seed" not in record.axis_keys and record.trials.get("params.seed", pd.Series()).nunique() > 1 else [])
+    keys = record.axis_keys + (
+        ["seed"]
+        if "seed" not in record.axis_keys and record.trials.get("params.seed", pd.Series()).nunique() > 1
+        else []
+    )
     labels = {}
     for row in record.trials.to_dict("records"):
         described = " ".join(f"{key}={row.get(f'params.{key}')}" for key in keys if f"params.{key}" in row)
@@ -54,16 +56,43 @@ def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
     """name -> (caption, figure), in the report's order; plots with nothing to show are left out."""
     labels = trial_labels(record)
     candidates = {
-        "verdict_statistics": ("Each claim statistic against the sweep's axis.", figures.statistics_figure(record.by_axis_value, record.axis_keys)),
-        "model_curves": ("Model-level curves of the trajectory: statistical learning shows as falling n-gram KL.", figures.model_curve_figure(record.model_curves)),
-        "feature_dimensionality": ("Total feature dimensionality per snapshot, its turning point marked.", figures.dimensionality_figure(record.curves["feature_dimensionality_by_snapshot"], record.trials, labels)),
-        "decoder_norms": ("Decoder norms of every feature over snapshots, features sorted by peak snapshot.", figures.decoder_norm_heatmaps(record.decoder_norms, labels)),
-        "emergence": ("When features emerge (decoder norm first at half its maximum).", figures.emergence_figure(record.features, labels)),
-        "per_snapshot": ("Quality, probe error, token specificity and alignment per snapshot.", figures.per_snapshot_figure(record.curves, labels)),
-        "stability": ("Feature stability: share of features matched one-to-one with cosine above 0.7.", figures.stability_figure(record.stability, labels)),
+        "verdict_statistics": (
+            "Each claim statistic against the sweep's axis.",
+            figures.statistics_figure(record.by_axis_value, record.axis_keys),
+        ),
+        "model_curves": (
+            "Model-level curves of the trajectory: statistical learning shows as falling n-gram KL.",
+            figures.model_curve_figure(record.model_curves),
+        ),
+        "feature_dimensionality": (
+            "Total feature dimensionality per snapshot, its turning point marked.",
+            figures.dimensionality_figure(record.curves["feature_dimensionality_by_snapshot"], record.trials, labels),
+        ),
+        "decoder_norms": (
+            "Decoder norms of every feature over snapshots, features sorted by peak snapshot.",
+            figures.decoder_norm_heatmaps(record.decoder_norms, labels),
+        ),
+        "emergence": (
+            "When features emerge (decoder norm first at half its maximum).",
+            figures.emergence_figure(record.features, labels),
+        ),
+        "per_snapshot": (
+            "Quality, probe error, token specificity and alignment per snapshot.",
+            figures.per_snapshot_figure(record.curves, labels),
+        ),
+        "stability": (
+            "Feature stability: share of features matched one-to-one with cosine above 0.7.",
+            figures.stability_figure(record.stability, labels),
+        ),
         "ablation_curves": (
-            "Agreement logit difference relative to clean, with the top-k features by indirect effect ablated or kept alone (dashed: the causal claim's thresholds).",
-            figures.ablation_figure(record.ablation_curves, record.curves["ablate_top_relative_by_snapshot"], record.curves["keep_top_relative_by_snapshot"], labels),
+            "Agreement logit difference relative to clean, with the top-k features by indirect effect ablated or kept "
+            "alone (dashed: the causal claim's thresholds).",
+            figures.ablation_figure(
+                record.ablation_curves,
+                record.curves["ablate_top_relative_by_snapshot"],
+                record.curves["keep_top_relative_by_snapshot"],
+                labels,
+            ),
         ),
     }
     return {name: (caption, figure) for name, (caption, figure) in candidates.items() if figure is not None}
@@ -90,12 +119,13 @@ def axis_table(record: SweepRecord) -> pd.DataFrame:
     key_columns = [f"params.{key}" for key in record.axis_keys]
     table["value"] = table[key_columns].astype(str).agg(", ".join, axis=1) if key_columns else "all"
     table["cell"] = [
-        "–" if n == 0 else format_number(m) if n == 1 else f"{format_number(m)} ± {format_number(s)} ({n})" for m, s, n in zip(table["mean"], table["std"], table["n"])
+        "–" if n == 0 else format_number(m) if n == 1 else f"{format_number(m)} ± {format_number(s)} ({n})"
+        for m, s, n in zip(table["mean"], table["std"], table["n"])
     ]
     pivot = table.pivot(index="statistic", columns="value", values="cell")[list(dict.fromkeys(table["value"]))]
-    order = [s for s in figures.STATISTIC_LABELS if s in pivot.index]
+    order = [s for s in COMPARED if s in pivot.index]
     pivot = pivot.loc[order]
-    pivot.index = [figures.STATISTIC_LABELS[s] for s in order]
+    pivot.index = [LABELS[s] for s in order]
     pivot.columns.name = ", ".join(record.axis_keys)
     pivot.index.name = "statistic"
     return pivot
@@ -106,7 +136,7 @@ def trials_table(record: SweepRecord) -> pd.DataFrame:
         return pd.DataFrame()
     labels = trial_labels(record)
     table = pd.DataFrame({"trial": [labels[r] for r in record.trials["run_id"]], "status": record.trials["status"]})
-    for column in TRIAL_COLUMNS:
+    for column in COMPARED:
         if column in record.trials:
             table[column] = record.trials[column].map(format_number)
     return table
@@ -117,18 +147,22 @@ def relie_table(record: SweepRecord) -> pd.DataFrame:
     labels = trial_labels(record)
     rows = []
     for run_id, features in record.features.items():
-        effect_columns = sorted((c for c in features if c.startswith("ie_step")), key=lambda c: int(c[len("ie_step") :]))
+        effect_columns = sorted(
+            (c for c in features if c.startswith(IE_COLUMN)), key=lambda c: int(c[len(IE_COLUMN) :])
+        )
         if not effect_columns:
             continue
-        relie_columns = [c for c in features if c.startswith("relie_step")]
+        relie_columns = [c for c in features if c.startswith(RELIE_COLUMN)]
         for row in features.nlargest(TOP_FEATURES_SHOWN, effect_columns[-1]).itertuples():
             values = row._asdict()
             rows.append(
                 {
                     "trial": labels.get(run_id, run_id[:8]),
                     "feature": values["feature"],
-                    f"IE at step {effect_columns[-1][len('ie_step'):]}": format_number(float(values[effect_columns[-1]])),
-                    **{f"RelIE step {c[len('relie_step'):]}": format_number(float(values[c])) for c in relie_columns},
+                    f"IE at step {effect_columns[-1][len(IE_COLUMN) :]}": format_number(
+                        float(values[effect_columns[-1]])
+                    ),
+                    **{f"RelIE step {c[len(RELIE_COLUMN) :]}": format_number(float(values[c])) for c in relie_columns},
                 }
             )
     return pd.DataFrame(rows)
@@ -161,7 +195,13 @@ def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path)
     lines = [f"# {title}", "", facts, "", "## Verdicts", ""]
     verdicts = pd.DataFrame(record.verdicts, columns=["claim", "verdict", "evidence", "rule"])
     lines.append(markdown_table(verdicts))
-    lines += ["## Statistics per axis value", "", "mean ± standard deviation over seeds (number of trials) where an axis value has several trials", "", markdown_table(axis_table(record), index=True)]
+    lines += [
+        "## Statistics per axis value",
+        "",
+        "mean ± standard deviation over seeds (number of trials) where an axis value has several trials",
+        "",
+        markdown_table(axis_table(record), index=True),
+    ]
     lines += ["## Trials", "", markdown_table(trials_table(record))]
     lines += ["## Top features by indirect effect, with RelIE", "", markdown_table(relie_table(record))]
     lines += ["## Plots", ""] + [f"![{caption}]({name}.png)" for name, caption in figure_names.items()]
@@ -171,7 +211,11 @@ def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path)
 
 
 def html_table(frame: pd.DataFrame, index: bool = False) -> str:
-    return frame.to_html(index=index, escape=True, border=0, classes="table") if not frame.empty else "<p><em>none</em></p>"
+    return (
+        frame.to_html(index=index, escape=True, border=0, classes="table")
+        if not frame.empty
+        else "<p><em>none</em></p>"
+    )
 
 
 def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], out: Path) -> Path:
@@ -184,11 +228,15 @@ def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], out: P
         for v in record.verdicts
     )
     plots = "".join(
-        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         for name, (caption, data) in images.items()
     )
     failed = record.trials[record.trials["status"] != "FINISHED"] if len(record.trials) else record.trials
-    failures = "".join(f"<li><code>{html.escape(r.run_name)}</code> {html.escape(r.status)}: {html.escape(r.error)}</li>" for r in failed.itertuples())
+    failures = "".join(
+        f"<li><code>{html.escape(r.run_name)}</code> {html.escape(r.status)}: {html.escape(r.error)}</li>"
+        for r in failed.itertuples()
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -202,9 +250,14 @@ figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ 
 <h1>{html.escape(title)}</h1><p>{facts_html}</p>
 <h2>Verdicts</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>rule</th></tr>{verdict_rows}</table>
 {"<h2>Trials that did not finish</h2><ul>" + failures + "</ul>" if failures else ""}
-<h2>Statistics per axis value</h2><p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>{html_table(axis_table(record), index=True)}
+<h2>Statistics per axis value</h2>
+<p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>
+{html_table(axis_table(record), index=True)}
 <h2>Trials</h2>{html_table(trials_table(record))}
-<h2>Top features by indirect effect, with RelIE</h2><p>RelIE at a snapshot: the share of the feature's absolute indirect effect (on the agreement logit difference) that belongs to that snapshot, among the snapshots compared.</p>{html_table(relie_table(record))}
+<h2>Top features by indirect effect, with RelIE</h2>
+<p>RelIE at a snapshot: the share of the feature's absolute indirect effect (on the agreement logit difference)
+that belongs to that snapshot, among the snapshots compared.</p>
+{html_table(relie_table(record))}
 <h2>Plots</h2>{plots}
 </body></html>
 """
@@ -213,8 +266,8 @@ figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ 
     return path
 
 
-def write_report(record: SweepRecord, out: Path) -> tuple[Path, Path]:
-    """report.html, summary.md and one PNG per plot in ``out``."""
+def render_report(record: SweepRecord, out: Path) -> tuple[Path, Path]:
+    """report.html, summary.md and one PNG per plot in the local folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     images = {}
     for name, (caption, figure) in build_figures(record).items():
@@ -225,6 +278,27 @@ def write_report(record: SweepRecord, out: Path) -> tuple[Path, Path]:
     return write_html(record, images, out), markdown
 
 
+def write_report(out: str, run_id: str | None = None, experiment: str | None = None, log: bool = False) -> SweepRecord:
+    """Read a sweep from the store at ``tracking_uri()`` (its parent run ``run_id``, or ``experiment``'s
+    newest sweep), render its report into ``out`` (a folder or a URI) and, with ``log``, store it in
+    the parent run's artifacts too. Returns what it read."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ReportInputError(
+            f"no MLflow store at {uri[len('sqlite:///') :]}; run this where the sweep ran or set MLFLOW_TRACKING_URI"
+        )
+    client = MlflowClient(uri)
+    record = read_sweep(client, find_parent_run(client, experiment, run_id))
+    location = Location.of(out)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(location.path) if location.is_local else Path(scratch)
+        render_report(record, folder)
+        location.upload_folder(folder)
+        if log:
+            client.log_artifacts(record.parent.info.run_id, str(folder), REPORT_FOLDER)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reports.robustness", description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -233,18 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder or URI for report.html, summary.md and the plots")
     parser.add_argument("--log", action="store_true", help="also log the report to the parent run (artifacts report/)")
     args = parser.parse_args(argv)
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise ReportInputError(f"no MLflow store at {uri[len('sqlite:///'):]}; run this where the sweep ran or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(uri)
-    record = read_sweep(client, find_parent_run(client, args.experiment, args.run))
+    record = write_report(args.out, run_id=args.run, experiment=args.experiment, log=args.log)
     out = Location.of(args.out)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(out.path) if out.is_local else Path(scratch)
-        write_report(record, folder)
-        out.upload_folder(folder)
-        if args.log:
-            client.log_artifacts(record.parent.info.run_id, str(folder), "report")
     print(f"wrote {out}/report.html and {out}/summary.md")
     for verdict in record.verdicts:
         print(f"  {verdict['claim']:<18} {verdict['verdict']}")

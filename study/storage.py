@@ -22,7 +22,7 @@ class Location:
         self.filesystem, self.path, self.uri = filesystem, path.rstrip("/") or "/", uri.rstrip("/")
 
     @classmethod
-    def of(cls, spec: str | Path) -> "Location":
+    def of(cls, spec: str | Path) -> Location:
         """``spec``: a local path (made absolute) or a URI such as ``s3://bucket/prefix`` or ``file:///abs``."""
         text = str(spec)
         if "://" in text:
@@ -40,7 +40,7 @@ class Location:
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
-    def __truediv__(self, part: str) -> "Location":
+    def __truediv__(self, part: str) -> Location:
         return Location(self.filesystem, f"{self.path}/{part}", f"{self.uri}/{part}")
 
     def __str__(self) -> str:
@@ -71,7 +71,7 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
-    def children(self) -> list["Location"]:
+    def children(self) -> list[Location]:
         """Entries directly inside this folder (none if it does not exist)."""
         if not self.exists():
             return []
@@ -83,4 +83,9 @@ class Location:
         if self.is_local and Path(self.path) == Path(local_folder).resolve():
             return
         self.filesystem.create_dir(self.path, recursive=True)
-        pafs.copy_files(str(Path(local_folder).resolve()), self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.filesystem)
+        pafs.copy_files(
+            str(Path(local_folder).resolve()),
+            self.path,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.filesystem,
+        )

@@ -30,7 +30,7 @@ def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> 
 def store_lock(uri: str):
     """A lock beside an SQLite store: two sweeps creating its schema at once would corrupt it."""
     if uri.startswith("sqlite:///"):
-        return FileLock(uri[len("sqlite:///"):] + ".lock")
+        return FileLock(uri[len("sqlite:///") :] + ".lock")
     return nullcontext()
 
 

@@ -16,8 +16,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-from study.config import TINY  # noqa: E402
-from study.pretrain import build_embedded_trajectory  # noqa: E402
+from study.lm.pretrain import build_embedded_trajectory  # noqa: E402
+from study.lm.pretrain_config import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from study.sweep import main
+from study.sweep.cli import main
 
 WORKER_NODES = 2
 DEADLINE_SECONDS = 400
@@ -30,9 +30,12 @@ DEADLINE_SECONDS = 400
 def running_trial_nodes() -> dict[str, str]:
     """Tune trial id -> Ray node id of the trials MLflow shows running (each trial tags its node)."""
     runs = MlflowClient().search_runs(
-        [experiment.experiment_id for experiment in MlflowClient().search_experiments()], filter_string="attributes.status = 'RUNNING'"
+        [experiment.experiment_id for experiment in MlflowClient().search_experiments()],
+        filter_string="attributes.status = 'RUNNING'",
     )
-    return {run.data.tags["tune_trial_id"]: run.data.tags["ray_node_id"] for run in runs if "ray_node_id" in run.data.tags}
+    return {
+        run.data.tags["tune_trial_id"]: run.data.tags["ray_node_id"] for run in runs if "ray_node_id" in run.data.tags
+    }
 
 
 def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, storage: Path, removed: dict) -> None:
@@ -51,13 +54,18 @@ def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, stor
 
 def run(result_path: Path, storage: Path, arguments: list[str]) -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 1024**2})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 1024**2},
+    )
     workers = [cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2) for _ in range(WORKER_NODES)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     nodes = {"head": cluster.head_node.node_id, "workers": [worker.node_id for worker in workers]}
     removed: dict = {}
-    remover = threading.Thread(target=remove_node_under_a_checkpointed_trial, args=(cluster, workers, storage, removed), daemon=True)
+    remover = threading.Thread(
+        target=remove_node_under_a_checkpointed_trial, args=(cluster, workers, storage, removed), daemon=True
+    )
     remover.start()
     try:
         exit_code = main(arguments)

@@ -12,8 +12,8 @@ from crosscoder.evolution import emergence, feature_dimensionality, turning_poin
 from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
 from crosscoder.matching import stability
 from crosscoder.probing import norm_proxy, probe_errors
-from study.model_curves import NgramStatistics
-from study.robustness import Trials, judge
+from study.analysis.model_curves import NgramStatistics
+from study.analysis.verdicts import Trials, judge
 
 
 def orthonormal(count: int, dimension: int, seed: int = 0) -> torch.Tensor:
@@ -123,7 +123,9 @@ def test_stability_identical_random_and_permuted_with_noise():
 
 def test_ngram_kl_is_zero_for_a_model_that_predicts_the_ngram_statistics():
     zipf = 1 / torch.arange(1.0, 13.0)
-    contexts = torch.multinomial(zipf, 300 * 16, replacement=True, generator=torch.Generator().manual_seed(0)).view(300, 16)
+    contexts = torch.multinomial(zipf, 300 * 16, replacement=True, generator=torch.Generator().manual_seed(0)).view(
+        300, 16
+    )
     statistics = NgramStatistics(contexts, vocab_size=12)
     unigram = torch.from_numpy(statistics.unigram).float().log()
     assert statistics.unigram_kl(unigram.expand(40, -1)) == pytest.approx(0.0, abs=1e-6)
@@ -131,7 +133,9 @@ def test_ngram_kl_is_zero_for_a_model_that_predicts_the_ngram_statistics():
     bigram_log_probs = torch.full((len(previous), 12), -1e9)
     for row, token in enumerate(previous.tolist()):
         start, end = statistics.row_start[token], statistics.row_start[token + 1]
-        bigram_log_probs[row, torch.from_numpy(statistics.following[start:end])] = torch.from_numpy(statistics.conditional[start:end]).float().log()
+        bigram_log_probs[row, torch.from_numpy(statistics.following[start:end])] = (
+            torch.from_numpy(statistics.conditional[start:end]).float().log()
+        )
     kl, entropy = statistics.bigram_kl_and_entropy(bigram_log_probs, previous)
     assert kl == pytest.approx(0.0, abs=1e-5) and 0 < entropy < math.log(12)
     assert statistics.unigram_kl(torch.full((40, 12), -math.log(12))) > 0.1  # a uniform model is off
@@ -148,35 +152,73 @@ def trials(**columns) -> Trials:
 
 
 def verdicts_of(trial_set: Trials, stabilities: pd.DataFrame | None = None) -> dict[str, tuple[str, str]]:
-    stabilities = stabilities if stabilities is not None else pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
+    stabilities = (
+        stabilities
+        if stabilities is not None
+        else pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
+    )
     return {v.claim: (v.verdict, v.evidence) for v in judge(trial_set, stabilities)}
 
 
 def test_verdicts_follow_their_rules():
     good = dict(
-        transition_found=[1.0, 1.0, 1.0], transition_step=[4.0, 4.0, 8.0], initial_share=[0.30, 0.35, 0.32], median_emergence_step=[4.0, 8.0, 8.0],
-        norm_proxy_r=[-0.9, -0.85, -0.95], explained_variance=[0.9, 0.9, 0.95], l0=[30.0, 40.0, 50.0], delta_ce_max=[0.1, 0.2, 0.1],
-        dead_fraction=[0.0, 0.05, 0.1], token_specificity_r=[0.2, 0.3, 0.1],
-        causal_ablate_relative=[0.2, 0.4, -0.1], causal_keep_relative=[0.95, 1.1, 0.92], relie_top_mean=[0.9, 0.8, 0.95],
+        transition_found=[1.0, 1.0, 1.0],
+        transition_step=[4.0, 4.0, 8.0],
+        initial_share=[0.30, 0.35, 0.32],
+        median_emergence_step=[4.0, 8.0, 8.0],
+        norm_proxy_r=[-0.9, -0.85, -0.95],
+        explained_variance=[0.9, 0.9, 0.95],
+        l0=[30.0, 40.0, 50.0],
+        delta_ce_max=[0.1, 0.2, 0.1],
+        dead_fraction=[0.0, 0.05, 0.1],
+        token_specificity_r=[0.2, 0.3, 0.1],
+        causal_ablate_relative=[0.2, 0.4, -0.1],
+        causal_keep_relative=[0.95, 1.1, 0.92],
+        relie_top_mean=[0.9, 0.8, 0.95],
     )
     verdicts = verdicts_of(trials(**good))
     assert {claim: verdict for claim, (verdict, _) in verdicts.items()} == {
-        "transition": "holds", "emergence": "holds", "norm_proxy": "holds", "quality": "holds", "stability": "inconclusive",
-        "token_specificity": "holds", "relie": "inconclusive", "causal": "holds",
+        "transition": "holds",
+        "emergence": "holds",
+        "norm_proxy": "holds",
+        "quality": "holds",
+        "stability": "inconclusive",
+        "token_specificity": "holds",
+        "relie": "inconclusive",
+        "causal": "holds",
     }
     bad = dict(
-        good, transition_step=[1.0, 4.0, 16.0], initial_share=[0.1, 0.5, 0.3], norm_proxy_r=[-0.9, -0.5, -0.95], dead_fraction=[0.0, 0.3, 0.0], token_specificity_r=[0.2, -0.1, 0.1],
+        good,
+        transition_step=[1.0, 4.0, 16.0],
+        initial_share=[0.1, 0.5, 0.3],
+        norm_proxy_r=[-0.9, -0.5, -0.95],
+        dead_fraction=[0.0, 0.3, 0.0],
+        token_specificity_r=[0.2, -0.1, 0.1],
         causal_keep_relative=[0.95, 0.8, 0.92],
     )
     verdicts = verdicts_of(trials(**bad))
-    assert all(verdicts[claim][0] == "fails" for claim in ("transition", "emergence", "norm_proxy", "quality", "token_specificity", "causal"))
+    assert all(
+        verdicts[claim][0] == "fails"
+        for claim in ("transition", "emergence", "norm_proxy", "quality", "token_specificity", "causal")
+    )
     assert "2 of 3 trials meet both" in verdicts["causal"][1]
-    untrained = verdicts_of(trials(**dict(good, causal_ablate_relative=[math.nan] * 3, causal_keep_relative=[math.nan] * 3)))
+    untrained = verdicts_of(
+        trials(**dict(good, causal_ablate_relative=[math.nan] * 3, causal_keep_relative=[math.nan] * 3))
+    )
     assert untrained["causal"][0] == "inconclusive"
     assert "2 of 3 trials" in verdicts["norm_proxy"][1]
-    missing_turn = verdicts_of(trials(**dict(good, transition_found=[1.0, 0.0, 1.0], transition_step=[4.0, math.nan, 4.0])))
+    missing_turn = verdicts_of(
+        trials(**dict(good, transition_found=[1.0, 0.0, 1.0], transition_step=[4.0, math.nan, 4.0]))
+    )
     assert missing_turn["transition"] == ("fails", "2 of 3 trials find a turning point")
-    seeds = pd.DataFrame({"kind": ["seed", "seed"], "shared_share": [0.4, 0.3], "mean_max_cosine": [0.8, 0.7], "top_feature_jaccard": [0.6, 0.5]})
+    seeds = pd.DataFrame(
+        {
+            "kind": ["seed", "seed"],
+            "shared_share": [0.4, 0.3],
+            "mean_max_cosine": [0.8, 0.7],
+            "top_feature_jaccard": [0.6, 0.5],
+        }
+    )
     assert verdicts_of(trials(**good), seeds)["stability"][0] == "holds"
     assert verdicts_of(trials(**good), seeds.assign(shared_share=[0.1, 0.2]))["stability"][0] == "fails"
     assert verdicts_of(trials(**good), seeds)["relie"][0] == "holds"

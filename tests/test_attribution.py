@@ -9,13 +9,13 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from crosscoder import CrossCoder, CrossCoderConfig
 from crosscoder.matching import match_features, matched_jaccard
-from study.agreement import agreement_items
-from study.activations import direct_activations
-from study.attribution import SnapshotModel, Task, Terms, agreement_task, relative_indirect_effect
-from study.causal_statistics import causal_statistics, snapshot_terms
-from study.grammar import flip_subject_number
-from study.tokens import sample_contexts
-from study.trajectory import Snapshot, directory_trajectory, load_model, load_tokenizer
+from study.activations.contexts import sample_contexts
+from study.activations.direct import direct_activations
+from study.analysis.attribution import SnapshotModel, Task, Terms, agreement_task, relative_indirect_effect
+from study.analysis.causal_statistics import causal_statistics, snapshot_terms
+from study.lm.agreement import agreement_items
+from study.lm.grammar import flip_subject_number
+from study.lm.trajectory import Snapshot, directory_trajectory, load_model, load_tokenizer
 
 D_MODEL = 16
 SINGULAR_SUBJECT, PLURAL_SUBJECT, SINGULAR_VERB, PLURAL_VERB = 10, 11, 12, 13
@@ -40,7 +40,14 @@ def planted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted")
     snapshots = []
     for step, reads_task in ((0, False), (1, True)):
-        config = GPTNeoXConfig(vocab_size=16, hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+        config = GPTNeoXConfig(
+            vocab_size=16,
+            hidden_size=D_MODEL,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
         model = GPTNeoXForCausalLM(config)
         with torch.no_grad():
             for layer in model.base_model.layers:
@@ -58,7 +65,9 @@ def planted(tmp_path_factory):
         model.save_pretrained(folder / f"step{step}")
         snapshots.append(Snapshot(step, str(folder / f"step{step}")))
 
-    prompts = torch.tensor([[0, 1, 2, SINGULAR_SUBJECT], [0, 3, 4, SINGULAR_SUBJECT], [0, 5, 6, PLURAL_SUBJECT], [0, 7, 8, PLURAL_SUBJECT]])
+    prompts = torch.tensor(
+        [[0, 1, 2, SINGULAR_SUBJECT], [0, 3, 4, SINGULAR_SUBJECT], [0, 5, 6, PLURAL_SUBJECT], [0, 7, 8, PLURAL_SUBJECT]]
+    )
     corrupted = prompts.clone()
     corrupted[:, -1] = torch.where(prompts[:, -1] == SINGULAR_SUBJECT, PLURAL_SUBJECT, SINGULAR_SUBJECT)
     correct = torch.where(prompts[:, -1] == SINGULAR_SUBJECT, SINGULAR_VERB, PLURAL_VERB)
@@ -90,7 +99,7 @@ def test_planted_task_feature_carries_the_task(planted):
     assert abs(curves.loc[2, "ablated_relative"]) < 0.02  # ablating the planted features destroys the metric
     assert curves.loc[1, "ablated_relative"] == pytest.approx(0.5, abs=0.02)  # one of two: half the items
     assert curves.loc[2, "kept_relative"] == pytest.approx(1.0, abs=0.1)  # keeping only them restores it
-    assert statistics.summary["task_learned_snapshots"] == 1.0
+    assert statistics.summary.task_learned_snapshots == 1.0
     # The task exists only at step 1: there the planted features' whole effect lies.
     assert effects.loc[0, "relie_step1"] == pytest.approx(1.0) and effects.loc[0, "relie_step0"] == pytest.approx(0.0)
     assert effects.loc[7, "relie_step1"] == 0.5  # a feature that never fires: no effect at either snapshot
@@ -116,11 +125,19 @@ def test_integrated_gradients_are_complete(tiny_trajectory_folder, baseline):
     crosscoder.initialize(sample, torch.Generator().manual_seed(0))
     task = agreement_task(agreement_items(4), tokenizer)
     terms = snapshot_terms(crosscoder, direct_activations(snapshots, task.input_ids, layer), len(task.input_ids))
-    corrupted = snapshot_terms(crosscoder, direct_activations(snapshots, task.corrupted_ids, layer), len(task.corrupted_ids))
+    corrupted = snapshot_terms(
+        crosscoder, direct_activations(snapshots, task.corrupted_ids, layer), len(task.corrupted_ids)
+    )
     for index, snapshot in enumerate(snapshots):
         clean, decoder, bias = terms[index]
-        reference = corrupted[index][0] if baseline == "corrupted" else Terms(torch.zeros_like(clean.codes), torch.zeros_like(clean.error))
-        attribution = SnapshotModel(load_model(snapshot), layer, task, decoder, bias).integrated_gradients(clean, reference, 64)
+        reference = (
+            corrupted[index][0]
+            if baseline == "corrupted"
+            else Terms(torch.zeros_like(clean.codes), torch.zeros_like(clean.error))
+        )
+        attribution = SnapshotModel(load_model(snapshot), layer, task, decoder, bias).integrated_gradients(
+            clean, reference, 64
+        )
         difference = attribution.clean_metric - attribution.baseline_metric
         total = float(attribution.feature_effects.sum()) + attribution.error_effect
         assert abs(difference) > 1e-3
@@ -143,7 +160,9 @@ def test_top_feature_jaccard_after_matching():
     top = torch.arange(10)
     inverse = permutation.argsort()
     assert matched_jaccard(match, top, inverse[top]) == 1.0  # the same features under other names
-    assert matched_jaccard(match, top, inverse[top[:5]].tolist() + inverse[torch.arange(20, 25)].tolist()) == pytest.approx(5 / 15)
+    assert matched_jaccard(
+        match, top, inverse[top[:5]].tolist() + inverse[torch.arange(20, 25)].tolist()
+    ) == pytest.approx(5 / 15)
 
 
 def test_corrupted_agreement_prompt_flips_the_subject_number_only():

@@ -13,10 +13,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from study.activation_cache import ActivationCache
-from study.extraction import ActivationRequest, ensure_activations
+from study.activations.cache import ActivationCache
+from study.activations.extraction import ActivationRequest, ensure_activations
+from study.lm.trajectory import directory_trajectory
 from study.storage import Location
-from study.trajectory import directory_trajectory
 
 REPO = Path(__file__).parent.parent
 
@@ -24,18 +24,42 @@ REPO = Path(__file__).parent.parent
 def test_sweep_survives_a_lost_node_with_cache_and_storage_behind_file_uris(tiny_trajectory_folder, tmp_path):
     storage, cache, store = tmp_path / "sweeps", tmp_path / "cache", tmp_path / "mlflow.db"
     arguments = [
-        "expansion_ratio", "--experiment", "nodes",
-        "--trajectory", str(tiny_trajectory_folder),
-        "--set", "n_snapshots=4", "--set", "layer=1", "--set", "context_length=32", "--set", "batch_size=128",
-        "--set", "n_steps=1500", "--set", "task_items=4", "--tokens", "2000",
-        "--cache-dir", f"file://{cache}", "--storage", f"file://{storage}",
+        "expansion_ratio",
+        "--experiment",
+        "nodes",
+        "--trajectory",
+        str(tiny_trajectory_folder),
+        "--set",
+        "n_snapshots=4",
+        "--set",
+        "layer=1",
+        "--set",
+        "context_length=32",
+        "--set",
+        "batch_size=128",
+        "--set",
+        "n_steps=1500",
+        "--set",
+        "task_items=4",
+        "--tokens",
+        "2000",
+        "--cache-dir",
+        f"file://{cache}",
+        "--storage",
+        f"file://{storage}",
     ]
-    environment = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}", CROSSCODER_STUDY_CACHE=str(tmp_path / "local-cache"))
+    environment = dict(
+        os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}", CROSSCODER_STUDY_CACHE=str(tmp_path / "local-cache")
+    )
     environment.pop("RAY_ADDRESS", None)
     result_file = tmp_path / "result.json"
     finished = subprocess.run(
         [sys.executable, str(REPO / "tests" / "multinode_sweep.py"), str(result_file), str(storage), *arguments],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert finished.returncode == 0 and result_file.exists(), finished.stdout[-3000:] + finished.stderr[-3000:]
     result = json.loads(result_file.read_text())
@@ -87,8 +111,17 @@ def test_location_round_trip_and_atomic_rewrite_under_a_reader(tmp_path):
     assert [child.name for child in Location.of(f"file://{tmp_path}/deep/folder").children()] == ["manifest.json"]
 
 
-def test_cache_under_a_file_uri_is_complete_whenever_a_reader_finds_its_manifest(tiny_trajectory_folder, ray_cluster, tmp_path):
-    request = ActivationRequest(directory_trajectory(tiny_trajectory_folder).select(3, "log"), layers=(1,), n_tokens=1500, context_length=32, contexts_per_shard=4, batch_size=8)
+def test_cache_under_a_file_uri_is_complete_whenever_a_reader_finds_its_manifest(
+    tiny_trajectory_folder, ray_cluster, tmp_path
+):
+    request = ActivationRequest(
+        directory_trajectory(tiny_trajectory_folder).select(3, "log"),
+        layers=(1,),
+        n_tokens=1500,
+        context_length=32,
+        contexts_per_shard=4,
+        batch_size=8,
+    )
     uri = f"file://{tmp_path}/cache"
     folder = Location.of(uri) / "activations" / request.cache_key()
     observations: list[str] = []
@@ -97,7 +130,11 @@ def test_cache_under_a_file_uri_is_complete_whenever_a_reader_finds_its_manifest
         while not stop.is_set():
             if (folder / "manifest.json").is_file():
                 cache = ActivationCache(folder)
-                observations.append("complete" if not cache.corrupt_units() and cache.load(1).shape[0] == cache.n_tokens else "incomplete")
+                observations.append(
+                    "complete"
+                    if not cache.corrupt_units() and cache.load(1).shape[0] == cache.n_tokens
+                    else "incomplete"
+                )
                 return
             observations.append("absent")
             stop.wait(0.005)

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from study.agreement import agreement_items, encode_items, logit_differences, score_agreement
-from study.corpus import generate_documents, read_documents
 from study.errors import StudyInputError
-from study.grammar import NOUNS, SINGULAR, plural_noun, third_person_singular, vocabulary
-from study.tokenizer import train_tokenizer
-from study.trajectory import directory_trajectory, load_model, load_tokenizer
+from study.lm.agreement import agreement_items, encode_items, logit_differences, score_agreement
+from study.lm.corpus import generate_documents, read_documents
+from study.lm.grammar import NOUNS, SINGULAR, plural_noun, third_person_singular, vocabulary
+from study.lm.tokenizer import train_tokenizer
+from study.lm.trajectory import directory_trajectory, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,9 @@ def test_agreement_items_cover_four_balanced_conditions():
     for item in items:
         singular = item.subject_number == SINGULAR
         assert (item.correct_verb, item.wrong_verb) == (
-            (third_person_singular(item.wrong_verb), item.wrong_verb) if singular else (item.correct_verb, third_person_singular(item.correct_verb))
+            (third_person_singular(item.wrong_verb), item.wrong_verb)
+            if singular
+            else (item.correct_verb, third_person_singular(item.correct_verb))
         )
     assert sum(item.has_attractor for item in items) == 20
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -65,7 +64,10 @@ def test_jumprelu_gradients_match_a_plain_autograd_reference():
     pre = torch.randn(16, 10, dtype=torch.float64, requires_grad=True)
     norms = (torch.rand(3, 10, dtype=torch.float64) + 0.5).requires_grad_()
     log_threshold = torch.full((10,), -0.5, dtype=torch.float64, requires_grad=True)
-    upstream_codes, upstream_frequency = torch.randn(3, 16, 10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    upstream_codes, upstream_frequency = (
+        torch.randn(3, 16, 10, dtype=torch.float64),
+        torch.randn(10, dtype=torch.float64),
+    )
 
     codes, frequency = jumprelu(pre, norms, log_threshold, bandwidth, c)
     ((codes * upstream_codes).sum() + (frequency * upstream_frequency).sum()).backward()
@@ -91,7 +93,9 @@ def test_jumprelu_gradients_match_a_plain_autograd_reference():
 def test_killed_training_resumes_to_the_same_weights(planted, tmp_path):
     data = tmp_path / "planted.pt"
     torch.save(planted.activations[:8192], data)
-    config = replace(SMALL, sparsity="jumprelu", n_steps=3000, checkpoint_every=25, checkpoint_dir=str(tmp_path / "run"))
+    config = replace(
+        SMALL, sparsity="jumprelu", n_steps=3000, checkpoint_every=25, checkpoint_dir=str(tmp_path / "run")
+    )
     script = textwrap.dedent(
         f"""
         import torch
@@ -118,7 +122,9 @@ def test_killed_training_resumes_to_the_same_weights(planted, tmp_path):
 
 def test_diverging_loss_names_the_step_and_the_checkpoint(planted, tmp_path):
     config = replace(SMALL, learning_rate=1e30, checkpoint_every=1, checkpoint_dir=str(tmp_path))
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at step \d+; last good checkpoint: .*step\d+\.safetensors"):
+    with pytest.raises(
+        TrainingError, match=r"loss became (nan|inf) at step \d+; last good checkpoint: .*step\d+\.safetensors"
+    ):
         fit(planted.activations, config)
 
 
@@ -128,7 +134,11 @@ def test_diverging_loss_names_the_step_and_the_checkpoint(planted, tmp_path):
         (lambda: torch.randn(100, 32), SMALL, "shape \\[tokens, snapshots, d_model\\]"),
         (lambda: torch.full((300, 2, 8), float("nan")), SMALL, "NaN or inf"),
         (lambda: torch.randn(300, 2, 8), {"expansion_ratio": 0}, "expansion_ratio must be > 0"),
-        (lambda: torch.randn(300, 2, 8), {"sparsity": "topk", "k": 32, "expansion_ratio": 4}, "k = 32 must be below n_features = 32"),
+        (
+            lambda: torch.randn(300, 2, 8),
+            {"sparsity": "topk", "k": 32, "expansion_ratio": 4},
+            "k = 32 must be below n_features = 32",
+        ),
         (lambda: torch.randn(300, 2, 8), {"sparsity": "relu6"}, "sparsity 'relu6' is unknown"),
         (lambda: torch.randn(100, 2, 8), {"batch_size": 256}, "batch_size 256 exceeds the 100 tokens"),
     ],

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from study.activation_cache import CorruptShardError
-from study.config import TINY
+from study.activations.cache import CorruptShardError
+from study.activations.contexts import sample_contexts
+from study.activations.extraction import ActivationRequest, ensure_activations
 from study.errors import StudyInputError
-from study.extraction import ActivationRequest, ensure_activations
-from study.tokens import sample_contexts
-from study.trajectory import directory_trajectory, load_model, load_tokenizer
+from study.lm.pretrain_config import TINY
+from study.lm.trajectory import directory_trajectory, load_model, load_tokenizer
 
 REPO = Path(__file__).parent.parent
 
@@ -31,7 +31,9 @@ def trajectory(tiny_trajectory_folder):
 
 
 def small_request(trajectory, **changes) -> ActivationRequest:
-    fields = dict(trajectory=trajectory, layers=(0, 1), n_tokens=1500, context_length=32, contexts_per_shard=12, batch_size=8)
+    fields = dict(
+        trajectory=trajectory, layers=(0, 1), n_tokens=1500, context_length=32, contexts_per_shard=12, batch_size=8
+    )
     fields.update(changes)
     return ActivationRequest(**fields)
 
@@ -51,7 +53,9 @@ def test_cache_matches_a_plain_output_hidden_states_forward(trajectory, ray_clus
                 direct = load_model(snapshot)(input_ids=contexts, output_hidden_states=True).hidden_states[layer][:, 1:]
             direct = direct.reshape(-1, TINY.hidden_size)
             # float16 keeps 11 significant bits: relative rounding below 2 ** -11.
-            assert torch.allclose(cached[:, index], direct, rtol=2**-10, atol=1e-6), f"layer {layer} step {snapshot.step}"
+            assert torch.allclose(cached[:, index], direct, rtol=2**-10, atol=1e-6), (
+                f"layer {layer} step {snapshot.step}"
+            )
         assert cache.mean_norms(layer) == pytest.approx(cached.norm(dim=-1).mean(0).tolist(), rel=1e-3)
 
 
@@ -77,9 +81,9 @@ def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory,
     request = small_request(trajectory, contexts_per_shard=2, n_tokens=2000)
     script = textwrap.dedent(
         f"""
-        from study.extraction import ActivationRequest, ensure_activations
-        from study.trajectory import directory_trajectory
-        request = ActivationRequest(directory_trajectory({str(trajectory.snapshots[0].source.rsplit('/', 1)[0])!r}),
+        from study.activations.extraction import ActivationRequest, ensure_activations
+        from study.lm.trajectory import directory_trajectory
+        request = ActivationRequest(directory_trajectory({str(trajectory.snapshots[0].source.rsplit("/", 1)[0])!r}),
                                     layers=(0, 1), n_tokens=2000, context_length=32, contexts_per_shard=2, batch_size=8)
         ensure_activations(request, {str(tmp_path)!r}, progress=False)
         """
@@ -108,7 +112,9 @@ def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory,
     assert Path(cache.files.path) == units_folder.parent  # the killed build was continued, not restarted
     after = {path.name: path.stat().st_mtime_ns for path in units_folder.glob("*.json")}
     assert len(after) == total_units
-    assert all(after[name] == written for name, written in finished_before.items()), "a finished unit was extracted twice"
+    assert all(after[name] == written for name, written in finished_before.items()), (
+        "a finished unit was extracted twice"
+    )
     assert first_file.stat().st_mtime_ns == first_time
     assert cache.corrupt_units() == []
 
@@ -117,8 +123,8 @@ def test_two_concurrent_requests_build_once(trajectory, ray_cluster, tmp_path):
     source = trajectory.snapshots[0].source.rsplit("/", 1)[0]
     script = textwrap.dedent(
         f"""
-        from study.extraction import ActivationRequest, ensure_activations
-        from study.trajectory import directory_trajectory
+        from study.activations.extraction import ActivationRequest, ensure_activations
+        from study.lm.trajectory import directory_trajectory
         request = ActivationRequest(directory_trajectory({source!r}), layers=(1,), n_tokens=2000, context_length=32,
                                     contexts_per_shard=8, batch_size=8)
         cache = ensure_activations(request, {str(tmp_path)!r}, progress=False)
@@ -126,7 +132,10 @@ def test_two_concurrent_requests_build_once(trajectory, ray_cluster, tmp_path):
         """
     )
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=environment, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=240)[0].strip().splitlines()[-1] for process in processes]
     assert all(process.returncode == 0 for process in processes)
     assert outputs[0] == outputs[1], outputs  # same builder, same rows, no corrupt unit
@@ -157,13 +166,15 @@ def test_layer_beyond_the_model_is_refused_before_writing(trajectory, ray_cluste
 
 
 def test_streaming_mode_yields_the_rows_the_cache_holds(trajectory, ray_cluster, tmp_path):
-    from study.streaming import cache_bytes, stream_activations
+    from study.activations.streaming import cache_bytes, stream_activations
 
     request = small_request(trajectory, layers=(1,))
     cache = ensure_activations(request, tmp_path, progress=False)
     assert cache_bytes(request, cache.d_model) == 1500 * len(trajectory.snapshots) * cache.d_model * 2
     n_batches = cache.n_tokens // 31
-    streamed = torch.cat([batch for _, batch in zip(range(n_batches), stream_activations(request, 1, batch_size=31, seed=0))])
+    streamed = torch.cat(
+        [batch for _, batch in zip(range(n_batches), stream_activations(request, 1, batch_size=31, seed=0))]
+    )
     cached = cache.load(1)
     # Same rows, in float32 rather than float16: each streamed row rounds to a cached one.
     streamed_rows = torch.unique(streamed.half().float().flatten(1), dim=0)

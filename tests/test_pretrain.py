@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 from safetensors.torch import load_file
 
-from study.config import TINY, PretrainConfig
 from study.errors import StudyInputError
-from study.pretrain import build_embedded_trajectory, trajectory_folder
+from study.lm.pretrain import build_embedded_trajectory, trajectory_folder
+from study.lm.pretrain_config import TINY, PretrainConfig
 
 
 def weights(folder, step):
@@ -49,7 +49,9 @@ def test_training_moves_past_initialisation(tiny_trajectory_folder):
 def test_second_build_reuses_the_cache(tiny_trajectory_folder):
     manifest = tiny_trajectory_folder / "manifest.json"
     written = manifest.stat().st_mtime_ns
-    assert build_embedded_trajectory(TINY, tiny_trajectory_folder.parent.parent, progress=False) == tiny_trajectory_folder
+    assert (
+        build_embedded_trajectory(TINY, tiny_trajectory_folder.parent.parent, progress=False) == tiny_trajectory_folder
+    )
     assert manifest.stat().st_mtime_ns == written
 
 
@@ -68,7 +70,7 @@ def test_failed_build_leaves_the_cache_as_it_was(tiny_trajectory_folder, tmp_pat
 
 def test_cli_rejects_a_negative_seed_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "study.pretrain", "--preset", "tiny", "--seed", "-3", "--cache-dir", str(tmp_path)],
+        [sys.executable, "-m", "study.lm.pretrain", "--preset", "tiny", "--seed", "-3", "--cache-dir", str(tmp_path)],
         capture_output=True,
         text=True,
     )
@@ -79,7 +81,11 @@ def test_cli_rejects_a_negative_seed_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"hidden_size": 30, "n_heads": 4}, "divisible"), ({"total_steps": 0}, "total_steps"), ({"vocab_size": 10}, "vocab_size")],
+    [
+        ({"hidden_size": 30, "n_heads": 4}, "divisible"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"vocab_size": 10}, "vocab_size"),
+    ],
 )
 def test_inconsistent_config_is_refused_before_building(change, message):
     with pytest.raises(StudyInputError, match=message):

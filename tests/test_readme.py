@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 README = Path(__file__).parent.parent / "README.md"
 
 
@@ -32,7 +30,7 @@ def test_notebook_example_trains_and_saves(tiny_trajectory_folder, tmp_path, mon
         assert old in code, f"README example no longer contains {old!r}"
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
-    from study.config import TINY
+    from study.lm.pretrain_config import TINY
 
     namespace = {"TINY": TINY, "CACHE": tiny_trajectory_folder.parent.parent}
     exec(compile(code, "README.md", "exec"), namespace)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from study.residual import next_token_loss, residual_replaced
-from study.splicing import spliced_loss
-from study.tokens import sample_contexts
-from study.trajectory import directory_trajectory, load_model, load_tokenizer
+from study.activations.contexts import sample_contexts
+from study.activations.residual import next_token_loss, residual_replaced
+from study.analysis.splicing import spliced_loss
+from study.lm.trajectory import directory_trajectory, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,9 @@ def test_delta_ce_is_zero_when_the_reconstruction_is_exact(setting, layer):
 def test_delta_ce_is_large_when_the_layer_is_destroyed(setting):
     trajectory, contexts = setting
     generator = torch.Generator().manual_seed(0)
-    noise = spliced_loss(trajectory.snapshots, contexts, 1, lambda a: a + 10 * a.std() * torch.randn(a.shape, generator=generator))
+    noise = spliced_loss(
+        trajectory.snapshots, contexts, 1, lambda a: a + 10 * a.std() * torch.randn(a.shape, generator=generator)
+    )
     assert noise.delta_ce[-1] > 0.5
     # Mixing snapshots up (each snapshot fed another's activations) hurts too: the splice uses the right column.
     rolled = spliced_loss(trajectory.snapshots, contexts, 1, lambda activations: activations.roll(1, dims=1))

@@ -21,10 +21,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from study.errors import run_cli
-from study.search_space import ACTIVATION_KEYS, grid_points, load_space
-from study.sweep import activation_request, main
+from study.lm.trajectory import resolve_trajectory
+from study.sweep.cli import main
+from study.sweep.plan import activation_request
+from study.sweep.search_space import ACTIVATION_KEYS, grid_points, load_space
 from study.tracking import store_lock
-from study.trajectory import resolve_trajectory
 
 REPO = Path(__file__).parent.parent
 
@@ -33,12 +34,24 @@ def sweep_arguments(trajectory_folder: Path, tmp_path: Path, *extra: str) -> lis
     """A small sweep; its activations and model curves go to the tiny trajectory's cache, shared by all tests."""
     return [
         "expansion_ratio",
-        "--trajectory", str(trajectory_folder),
-        "--set", "n_snapshots=4", "--set", "layer=1", "--set", "context_length=32",
-        "--set", "n_steps=30", "--set", "batch_size=128",
-        "--tokens", "2000",
-        "--cache-dir", str(trajectory_folder.parent.parent),
-        "--storage", str(tmp_path / "sweeps"),
+        "--trajectory",
+        str(trajectory_folder),
+        "--set",
+        "n_snapshots=4",
+        "--set",
+        "layer=1",
+        "--set",
+        "context_length=32",
+        "--set",
+        "n_steps=30",
+        "--set",
+        "batch_size=128",
+        "--tokens",
+        "2000",
+        "--cache-dir",
+        str(trajectory_folder.parent.parent),
+        "--storage",
+        str(tmp_path / "sweeps"),
         *extra,
     ]
 
@@ -100,20 +113,40 @@ def test_each_trial_logs_its_claim_statistics(finished_sweep):
     client = MlflowClient()
     for run_id in trials["run_id"]:
         metrics = client.get_run(run_id).data.metrics
-        assert {"transition_found", "initial_share", "norm_proxy_r", "delta_ce_max", "token_specificity_r", "alignment_overlap"} <= set(metrics)
+        assert {
+            "transition_found",
+            "initial_share",
+            "norm_proxy_r",
+            "delta_ce_max",
+            "token_specificity_r",
+            "alignment_overlap",
+        } <= set(metrics)
         assert 0 <= metrics["initial_share"] <= 1 and metrics["delta_ce_max"] < 1
         # The probe needs features that fire often on the (small) held-out shard; with none, r is nan, not made up.
         probed = metrics["sampled_features"] >= 2
         assert -1 <= metrics["norm_proxy_r"] <= 1 if probed else math.isnan(metrics["norm_proxy_r"])
-        for name in ("feature_dimensionality_by_snapshot", "delta_ce_by_snapshot", "clean_loss_by_snapshot", "token_entropy_by_peak_snapshot"):
+        for name in (
+            "feature_dimensionality_by_snapshot",
+            "delta_ce_by_snapshot",
+            "clean_loss_by_snapshot",
+            "token_entropy_by_peak_snapshot",
+        ):
             assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 2, 16, 48], name
         assert len(client.get_metric_history(run_id, "alignment_overlap_by_snapshot")) == 3  # adjacent pairs
         # Causal analyses: integrated gradients add up (10 steps), RelIE is a share, curves per snapshot.
         assert metrics["attribution_gap_max"] < 0.05 and 0 <= metrics["relie_top_mean"] <= 1
         assert [m.step for m in client.get_metric_history(run_id, "task_accuracy_by_snapshot")] == [0, 2, 16, 48]
         artifacts = {item.path for item in client.list_artifacts(run_id)}
-        assert {"decoder_norms.parquet", "decoder_norms.png", "features.parquet", "crosscoder.safetensors", "ablation_curves.parquet"} <= artifacts
-        features = pd.read_parquet(client.download_artifacts(run_id, "features.parquet", str(finished_sweep.folder / run_id)))
+        assert {
+            "decoder_norms.parquet",
+            "decoder_norms.png",
+            "features.parquet",
+            "crosscoder.safetensors",
+            "ablation_curves.parquet",
+        } <= artifacts
+        features = pd.read_parquet(
+            client.download_artifacts(run_id, "features.parquet", str(finished_sweep.folder / run_id))
+        )
         assert [c for c in features if c.startswith("relie_step")] == ["relie_step0", "relie_step16", "relie_step48"]
         assert features[[f"ie_step{step}" for step in (0, 2, 16, 48)]].abs().to_numpy().sum() > 0
 
@@ -125,12 +158,33 @@ def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep)
     parent = client.get_run(parent_id)
     kl = client.get_metric_history(parent_id, "model/unigram_kl")
     assert [m.step for m in kl] == [0, 2, 16, 48] and kl[-1].value < kl[0].value  # the model learns unigram statistics
-    assert {parent.data.tags[f"verdict.{claim}"] for claim in ("transition", "quality", "stability", "relie", "causal")} <= {"holds", "fails", "inconclusive"}
+    assert {
+        parent.data.tags[f"verdict.{claim}"] for claim in ("transition", "quality", "stability", "relie", "causal")
+    } <= {"holds", "fails", "inconclusive"}
     assert 0 <= parent.data.metrics["stability_expansion_ratio_shared_share"] <= 1
-    artifacts = {item.path for folder in ("", "robustness", "report") for item in client.list_artifacts(parent_id, folder or None)}
-    assert {"model_curves.parquet", "robustness/verdicts.json", "robustness/stability.csv", "report/report.html", "report/summary.md"} <= artifacts
+    artifacts = {
+        item.path
+        for folder in ("", "robustness", "report")
+        for item in client.list_artifacts(parent_id, folder or None)
+    }
+    assert {
+        "model_curves.parquet",
+        "robustness/verdicts.json",
+        "robustness/stability.csv",
+        "report/report.html",
+        "report/summary.md",
+    } <= artifacts
     summary = (finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report" / "summary.md").read_text()
-    for claim in ("transition", "emergence", "norm_proxy", "quality", "stability", "token_specificity", "relie", "causal"):
+    for claim in (
+        "transition",
+        "emergence",
+        "norm_proxy",
+        "quality",
+        "stability",
+        "token_specificity",
+        "relie",
+        "causal",
+    ):
         assert f"| {claim} |" in summary
     assert "## Top features by indirect effect, with RelIE" in summary and "RelIE step 48" in summary
 
@@ -138,13 +192,32 @@ def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep)
 def test_report_command_rewrites_the_report_from_mlflow_alone(finished_sweep, tmp_path):
     environment = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{finished_sweep.store}")
     before = finished_sweep.store.read_bytes()
-    result = subprocess.run([sys.executable, "-m", "reports.robustness", "--experiment", "er", "--out", str(tmp_path / "again")], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "reports.robustness", "--experiment", "er", "--out", str(tmp_path / "again")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "again" / "report.html").read_text()
     assert page.count("<img") >= 6 and "data:image/png;base64," in page and "verdict" in page
     assert finished_sweep.store.read_bytes() == before  # without --log it only reads
-    bad = subprocess.run([sys.executable, "-m", "reports.robustness", "--experiment", "nope", "--out", str(tmp_path / "x")], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no MLflow experiment 'nope'" in bad.stderr and "er" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "reports.robustness", "--experiment", "nope", "--out", str(tmp_path / "x")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip().count("\n") == 0
+        and "no MLflow experiment 'nope'" in bad.stderr
+        and "er" in bad.stderr
+    )
     assert not (tmp_path / "x").exists() and finished_sweep.store.read_bytes() == before
 
 
@@ -156,7 +229,16 @@ def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
         pytest.skip("chromium is not installed")
     page = finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report" / "report.html"
     screenshot = tmp_path / "report.png"
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,4000", f"--screenshot={screenshot}", page.as_uri()]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1400,4000",
+        f"--screenshot={screenshot}",
+        page.as_uri(),
+    ]
     subprocess.run(command, capture_output=True, timeout=120, check=True)
     with Image.open(screenshot) as image:
         pixels = image.convert("RGB").resize((350, 1000))
@@ -166,10 +248,18 @@ def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
 
 
 def test_killed_sweep_resumes_without_duplicate_runs(tiny_trajectory_folder, tmp_path, store, ray_cluster):
-    arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "resumed", "--set", "n_steps=600", "--max-concurrent", "1")
+    arguments = sweep_arguments(
+        tiny_trajectory_folder, tmp_path, "--experiment", "resumed", "--set", "n_steps=600", "--max-concurrent", "1"
+    )
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     log = tmp_path / "killed-sweep.log"
-    process = subprocess.Popen([sys.executable, "-m", "study.sweep", *arguments], cwd=REPO, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "study.sweep", *arguments],
+        cwd=REPO,
+        env=environment,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 240
     finished = []
     while time.time() < deadline and process.poll() is None and not finished:
@@ -199,7 +289,16 @@ def test_killed_sweep_resumes_without_duplicate_runs(tiny_trajectory_folder, tmp
 
 
 def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder, tmp_path, store, ray_cluster, capsys):
-    arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "diverge", "--set", "expansion_ratio=4", "--set", "learning_rate={grid_search: [0.001, 1.0e+30]}")
+    arguments = sweep_arguments(
+        tiny_trajectory_folder,
+        tmp_path,
+        "--experiment",
+        "diverge",
+        "--set",
+        "expansion_ratio=4",
+        "--set",
+        "learning_rate={grid_search: [0.001, 1.0e+30]}",
+    )
     assert main(arguments) == 1
     trials = children(runs(store, "diverge")).set_index("params.learning_rate")
     assert trials.loc["0.001", "status"] == "FINISHED"
@@ -217,19 +316,28 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
     [
         (["no_such_axis"], "unknown axis 'no_such_axis'; choose one of: attribution_baseline, expansion_ratio"),
         (["seed", "--set", "expansion_ratio={grid_search: [4"], "--set expansion_ratio"),
-        (["seed", "--set", "expansion_ratio=0"], "expansion_ratio = 0 is invalid; expected a number > 0"),
+        (["seed", "--set", "expansion_ratio=0"], "expansion_ratio = 0 is invalid; expansion_ratio must be > 0"),
         (["seed", "--set", "layer=7", "--set", "n_snapshots=4"], "layer 7 is beyond"),
         (["seed", "--set", "learning_rate={loguniform: [1]}"], "learning_rate.loguniform needs [low, high]"),
         (["seed", "--set", "layer={uniform: [0, 2]}"], "layer changes the activations"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(tiny_trajectory_folder, tmp_path, arguments, message, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(
+    tiny_trajectory_folder, tmp_path, arguments, message, capsys, monkeypatch
+):
     store = tmp_path / "mlflow.db"
     arguments = [*arguments, "--trajectory", str(tiny_trajectory_folder), "--storage", str(tmp_path / "sweeps")]
     if arguments[0] == "no_such_axis":
         # The real command line once, in its own process; the other cases take the same path in this one.
         environment = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}")
-        result = subprocess.run([sys.executable, "-m", "study.sweep", *arguments], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "study.sweep", *arguments],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         exit_code, errors = result.returncode, result.stderr
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
@@ -247,8 +355,24 @@ def test_two_sweeps_at_once_lose_no_run(tiny_trajectory_folder, tmp_path, store,
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "study.sweep", *sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", name, "--set", "expansion_ratio={grid_search: [2, 4]}")],
-            cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "study.sweep",
+                *sweep_arguments(
+                    tiny_trajectory_folder,
+                    tmp_path,
+                    "--experiment",
+                    name,
+                    "--set",
+                    "expansion_ratio={grid_search: [2, 4]}",
+                ),
+            ],
+            cwd=REPO,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in ("first", "second")
     ]
@@ -261,9 +385,13 @@ def test_two_sweeps_at_once_lose_no_run(tiny_trajectory_folder, tmp_path, store,
 
 
 def test_shards_are_nearly_equal_so_the_held_out_shard_is_not_a_remainder(tiny_trajectory_folder):
-    space = load_space("expansion_ratio", [f"trajectory={tiny_trajectory_folder}", "n_snapshots=4", "layer=1", "n_tokens=60000"])
+    space = load_space(
+        "expansion_ratio", [f"trajectory={tiny_trajectory_folder}", "n_snapshots=4", "layer=1", "n_tokens=60000"]
+    )
     (point,) = grid_points(space, ACTIVATION_KEYS)
     request = activation_request(point, resolve_trajectory(point["trajectory"], None))
     n_contexts = -(-60000 // (point["context_length"] - 1))
-    contexts_in_last_shard = n_contexts - (-(-n_contexts // request.contexts_per_shard) - 1) * request.contexts_per_shard
+    contexts_in_last_shard = (
+        n_contexts - (-(-n_contexts // request.contexts_per_shard) - 1) * request.contexts_per_shard
+    )
     assert contexts_in_last_shard >= 0.9 * request.contexts_per_shard

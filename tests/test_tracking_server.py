@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_sweep import REPO, sweep_arguments
+from tests.test_sweep import sweep_arguments
 
 POSTGRES = os.environ.get("MLFLOW_TEST_POSTGRES")
 if not POSTGRES and not os.environ.get("CI"):
@@ -50,8 +50,24 @@ def tracking_server(tmp_path_factory):
     port = free_port()
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -71,16 +87,38 @@ def tracking_server(tmp_path_factory):
     execute(f"DROP DATABASE {database} WITH (FORCE)")
 
 
-def test_two_sweeps_at_once_against_a_tracking_server_on_postgresql(tracking_server, tiny_trajectory_folder, tmp_path, ray_cluster):
-    environment = dict(os.environ, MLFLOW_TRACKING_URI=tracking_server, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+def test_two_sweeps_at_once_against_a_tracking_server_on_postgresql(
+    tracking_server, tiny_trajectory_folder, tmp_path, ray_cluster
+):
+    environment = dict(
+        os.environ, MLFLOW_TRACKING_URI=tracking_server, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address
+    )
     sweeps = {}
     for team, ratio in (("team-a", 4), ("team-b", 8)):
-        arguments = sweep_arguments(tiny_trajectory_folder, tmp_path / team, "--experiment", team, "--set", f"expansion_ratio={ratio}", "--set", "task_items=4")
+        arguments = sweep_arguments(
+            tiny_trajectory_folder,
+            tmp_path / team,
+            "--experiment",
+            team,
+            "--set",
+            f"expansion_ratio={ratio}",
+            "--set",
+            "task_items=4",
+        )
         arguments[0] = "seed"
         arguments += ["--set", "seed={grid_search: [0, 1]}"]
         log = tmp_path / f"{team}.log"
-        sweeps[team] = (subprocess.Popen([sys.executable, "-m", "study.sweep", *arguments], cwd=tmp_path, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
-    for team, (process, log) in sweeps.items():
+        sweeps[team] = (
+            subprocess.Popen(
+                [sys.executable, "-m", "study.sweep", *arguments],
+                cwd=tmp_path,
+                env=environment,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+            ),
+            log,
+        )
+    for process, log in sweeps.values():
         assert process.wait(timeout=420) == 0, log.read_text()[-4000:]
 
     client = MlflowClient(tracking_server)
@@ -89,13 +127,24 @@ def test_two_sweeps_at_once_against_a_tracking_server_on_postgresql(tracking_ser
         runs = client.search_runs([experiment.experiment_id])
         parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
         trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-        assert len(parents) == 1 and len(runs) == 3, [run.info.run_name for run in runs]  # nothing lost, nothing doubled
-        assert sorted(run.data.params["seed"] for run in trials) == ["0", "1"] and {run.data.params["expansion_ratio"] for run in trials} == {ratio}
+        assert len(parents) == 1 and len(runs) == 3, [
+            run.info.run_name for run in runs
+        ]  # nothing lost, nothing doubled
+        assert sorted(run.data.params["seed"] for run in trials) == ["0", "1"] and {
+            run.data.params["expansion_ratio"] for run in trials
+        } == {ratio}
         assert all(run.info.status == "FINISHED" and run.data.metrics["explained_variance"] > 0 for run in trials)
         # Seed pairs exist here: stability and relie get real verdicts, not "inconclusive".
         tags = parents[0].data.tags
         assert tags["verdict.stability"] in ("holds", "fails") and tags["verdict.relie"] in ("holds", "fails")
         # Artifacts went through the server to its artifact store, and come back the same way.
-        path = Path(client.download_artifacts(trials[0].info.run_id, "crosscoder.safetensors", str(tmp_path / team / "download")))
+        path = Path(
+            client.download_artifacts(
+                trials[0].info.run_id, "crosscoder.safetensors", str(tmp_path / team / "download")
+            )
+        )
         assert path.stat().st_size > 1000
-        assert {item.path for item in client.list_artifacts(parents[0].info.run_id, "report")} >= {"report/report.html", "report/summary.md"}
+        assert {item.path for item in client.list_artifacts(parents[0].info.run_id, "report")} >= {
+            "report/report.html",
+            "report/summary.md",
+        }

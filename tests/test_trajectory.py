@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import mirror_as_hub_cache
+
 from study.errors import StudyInputError
-from study.trajectory import (
+from study.lm.trajectory import (
     directory_trajectory,
     hub_trajectory,
     load_model,
@@ -33,7 +33,8 @@ def test_hub_revision_and_local_folder_load_the_same_weights(tiny_trajectory_fol
     assert load_tokenizer(from_hub.snapshot(16)).get_vocab() == load_tokenizer(from_folder.snapshot(16)).get_vocab()
     # Two snapshots of one run differ: the loader did not return one checkpoint twice.
     assert not torch.equal(
-        load_model(from_hub.snapshot(0)).gpt_neox.embed_in.weight, load_model(from_hub.snapshot(16)).gpt_neox.embed_in.weight
+        load_model(from_hub.snapshot(0)).gpt_neox.embed_in.weight,
+        load_model(from_hub.snapshot(16)).gpt_neox.embed_in.weight,
     )
 
 
@@ -46,7 +47,19 @@ def test_embedded_spec_resolves_through_the_cache(tiny_trajectory_folder):
 def test_pythia_revisions_follow_the_published_schedule():
     revisions = pythia_revisions()
     assert len(revisions) == 154
-    assert revisions[:11] == ["step0", "step1", "step2", "step4", "step8", "step16", "step32", "step64", "step128", "step256", "step512"]
+    assert revisions[:11] == [
+        "step0",
+        "step1",
+        "step2",
+        "step4",
+        "step8",
+        "step16",
+        "step32",
+        "step64",
+        "step128",
+        "step256",
+        "step512",
+    ]
     assert revisions[11:13] == ["step1000", "step2000"] and revisions[-1] == "step143000"
 
 

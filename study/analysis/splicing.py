@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from study.residual import next_token_loss, residual_replaced
-from study.trajectory import Snapshot, load_model
+from study.activations.residual import next_token_loss, residual_replaced
+from study.lm.trajectory import Snapshot, load_model
 
 BATCH_SIZE = 16
 """Contexts per forward pass."""
@@ -42,7 +43,7 @@ def spliced_loss(
         parts: list[torch.Tensor] = []
 
         def keep(hidden: torch.Tensor) -> torch.Tensor:
-            parts.append(hidden[:, 1:].float().cpu())
+            parts.append(hidden[:, 1:].float().cpu())  # noqa: B023 (called within the iteration)
             return hidden
 
         with residual_replaced(model, layer, keep):
@@ -56,7 +57,7 @@ def spliced_loss(
         replacement = iter(reconstruction[:, :, index].split(BATCH_SIZE))
 
         def splice(hidden: torch.Tensor) -> torch.Tensor:
-            return torch.cat([hidden[:, :1], next(replacement).to(hidden.device, hidden.dtype)], 1)
+            return torch.cat([hidden[:, :1], next(replacement).to(hidden.device, hidden.dtype)], 1)  # noqa: B023
 
         with residual_replaced(model, layer, splice):
             spliced.append(next_token_loss(model, contexts, BATCH_SIZE))

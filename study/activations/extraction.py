@@ -38,13 +38,13 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from study.activation_cache import MANIFEST, ActivationCache, dtype_of, stored_digest
+from study.activations.cache import MANIFEST, ActivationCache, dtype_of, stored_digest
+from study.activations.contexts import corpus_fingerprint, sample_contexts
+from study.activations.residual import check_layers, residual_stream
 from study.errors import StudyInputError
+from study.lm.trajectory import Snapshot, Trajectory, explained_load_errors, load_model, load_tokenizer
 from study.paths import cache_location
-from study.residual import check_layers, residual_stream
-from study.tokens import corpus_fingerprint, sample_contexts
 from study.storage import Location
-from study.trajectory import Snapshot, Trajectory, explained_load_errors, load_model, load_tokenizer
 
 UNITS = "units"
 
@@ -113,9 +113,16 @@ def unit_name(snapshot: int, shard: int) -> str:
 class ShardExtractor:
     """Ray Data actor: runs (snapshot, shard) units, keeping the last snapshot's model loaded."""
 
-    def __init__(self, snapshots: list[Snapshot], contexts: np.ndarray, request: dict, build: str, threads: int, use_gpu: bool):
+    def __init__(
+        self, snapshots: list[Snapshot], contexts: np.ndarray, request: dict, build: str, threads: int, use_gpu: bool
+    ):
         torch.set_num_threads(threads)
-        self.snapshots, self.contexts, self.request, self.build = snapshots, torch.from_numpy(contexts), request, Location.of(build)
+        self.snapshots, self.contexts, self.request, self.build = (
+            snapshots,
+            torch.from_numpy(contexts),
+            request,
+            Location.of(build),
+        )
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.loaded_index, self.model = None, None
 
@@ -150,7 +157,13 @@ class ShardExtractor:
             (self.build / relative).write_bytes(data)
             files[relative] = hashlib.sha256(data).hexdigest()
             norm_sums[str(layer)] = rows.norm(dim=-1).double().sum().item()
-        record = {"snapshot": snapshot_index, "shard": shard, "rows": len(contexts) * (contexts.shape[1] - 1), "files": files, "norm_sums": norm_sums}
+        record = {
+            "snapshot": snapshot_index,
+            "shard": shard,
+            "rows": len(contexts) * (contexts.shape[1] - 1),
+            "files": files,
+            "norm_sums": norm_sums,
+        }
         # Written after the unit's files, where every node can see it: a killed build resumes from these.
         (self.build / unit_name(snapshot_index, shard)).write_text(json.dumps(record))
         return record
@@ -186,7 +199,9 @@ def completed_units(build: Location) -> dict[tuple[int, int], dict]:
     return done
 
 
-def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tuple[int, int]], build: Location, progress: bool) -> list[dict]:
+def run_units(
+    request: ActivationRequest, contexts: torch.Tensor, units: list[tuple[int, int]], build: Location, progress: bool
+) -> list[dict]:
     """Extract ``units`` with a Ray Data actor pool; each record is logged as soon as it arrives."""
     ensure_ray()
     actors, gpus_per_actor, threads = extraction_plan()
@@ -225,14 +240,22 @@ def run_units(request: ActivationRequest, contexts: torch.Tensor, units: list[tu
 
 
 def write_manifest(
-    folder: Location, build: Location, request: ActivationRequest, records: dict[tuple[int, int], dict], token_files: dict[str, str], n_shards: int, d_model: int
+    folder: Location,
+    build: Location,
+    request: ActivationRequest,
+    records: dict[tuple[int, int], dict],
+    token_files: dict[str, str],
+    n_shards: int,
+    d_model: int,
 ) -> None:
     steps = request.trajectory.steps
     files = {path: digest for record in records.values() for path, digest in record["files"].items()}
     rows_per_shard = [records[(0, shard)]["rows"] for shard in range(n_shards)]
     n_rows = sum(rows_per_shard)
     mean_norms = {
-        str(layer): [sum(records[(s, k)]["norm_sums"][str(layer)] for k in range(n_shards)) / n_rows for s in range(len(steps))]
+        str(layer): [
+            sum(records[(s, k)]["norm_sums"][str(layer)] for k in range(n_shards)) / n_rows for s in range(len(steps))
+        ]
         for layer in sorted(request.layers)
     }
     manifest = {
@@ -275,7 +298,9 @@ def unfinished_build(folder: Location) -> Location:
     return folder / f"build-{uuid.uuid4().hex[:12]}"
 
 
-def ensure_activations(request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True) -> ActivationCache:
+def ensure_activations(
+    request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True
+) -> ActivationCache:
     """The request's cache, extracted first where missing, resumed where partial, repaired where corrupt."""
     root = cache_location(cache_dir) / "activations"
     key = request.cache_key()
@@ -295,7 +320,9 @@ def ensure_activations(request: ActivationRequest, cache_dir: str | Path | None 
         with explained_load_errors(snapshot):
             config = AutoConfig.from_pretrained(snapshot.source, revision=snapshot.revision)
         check_layers(request.layers, config.num_hidden_layers, request.trajectory.name)
-        contexts = sample_contexts(load_tokenizer(snapshot), request.corpus, request.context_length, request.n_tokens, request.seed)
+        contexts = sample_contexts(
+            load_tokenizer(snapshot), request.corpus, request.context_length, request.n_tokens, request.seed
+        )
         token_ids = contexts[:, 1:].reshape(-1)
         positions = torch.arange(1, request.context_length).repeat(len(contexts))
         token_files = {}
@@ -306,7 +333,9 @@ def ensure_activations(request: ActivationRequest, cache_dir: str | Path | None 
 
         n_shards = -(-len(contexts) // request.contexts_per_shard)
         done = completed_units(build)
-        pending = [(s, k) for s in range(len(request.trajectory.snapshots)) for k in range(n_shards) if (s, k) not in done]
+        pending = [
+            (s, k) for s in range(len(request.trajectory.snapshots)) for k in range(n_shards) if (s, k) not in done
+        ]
         if pending:
             for record in run_units(request, contexts, pending, build, progress):
                 done[(record["snapshot"], record["shard"])] = record

@@ -3,7 +3,7 @@
 The cache lives on any ``study.storage`` location (local, shared filesystem, object store). Its
 manifest, written last, names the build folder holding the files; a folder without a manifest
 is not a cache. Every file is checked against the manifest's SHA-256 as it is read, so a corrupt
-or truncated file is never used; ``study.extraction.ensure_activations`` rebuilds such files.
+or truncated file is never used; ``study.activations.extraction.ensure_activations`` rebuilds such files.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -87,7 +87,9 @@ class ActivationCache:
         except (FileNotFoundError, OSError):
             data = b""
         if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptShardError(f"{location} is missing or does not match its checksum; run the extraction again to rebuild it")
+            raise CorruptShardError(
+                f"{location} is missing or does not match its checksum; run the extraction again to rebuild it"
+            )
         return np.load(io.BytesIO(data))
 
     def shard(self, layer: int, index: int, snapshots: list[int] | None = None) -> torch.Tensor:
@@ -115,7 +117,13 @@ class ActivationCache:
         return torch.cat([self.shard(layer, index) for index in range(self.n_shards)]).float()
 
     def batches(
-        self, layer: int, batch_size: int, seed: int, epochs: int | None = None, snapshots: list[int] | None = None, shards: list[int] | None = None
+        self,
+        layer: int,
+        batch_size: int,
+        seed: int,
+        epochs: int | None = None,
+        snapshots: list[int] | None = None,
+        shards: list[int] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Float32 batches [batch_size, S, d_model], shuffled by ``seed``: shard order per epoch, rows within.
 

@@ -10,15 +10,16 @@ feature effects plus the error effect add up to metric(clean) - metric(baseline)
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from study.agreement import encode_items
+from study.activations.residual import residual_replaced
 from study.errors import StudyInputError
-from study.grammar import AgreementItem, flip_subject_number
-from study.residual import residual_replaced
+from study.lm.agreement import encode_items
+from study.lm.grammar import AgreementItem, flip_subject_number
 
 BASELINES = ("zero", "corrupted")
 
@@ -41,8 +42,13 @@ def agreement_task(items: list[AgreementItem], tokenizer: PreTrainedTokenizerBas
     the corrupted prompt has the subject in the other number."""
     clean = encode_items(items, tokenizer)
     corrupted = encode_items([flip_subject_number(item) for item in items], tokenizer)
-    if clean.input_ids.shape != corrupted.input_ids.shape or not torch.equal(clean.last_position, corrupted.last_position):
-        raise StudyInputError("the tokenizer splits a subject noun differently in its two numbers; the corrupted baseline needs equal lengths, use --set attribution_baseline=zero")
+    if clean.input_ids.shape != corrupted.input_ids.shape or not torch.equal(
+        clean.last_position, corrupted.last_position
+    ):
+        raise StudyInputError(
+            "the tokenizer splits a subject noun differently in its two numbers; the corrupted baseline needs equal "
+            "lengths, use --set attribution_baseline=zero"
+        )
     rows = torch.arange(len(items))
 
     def logit_difference(logits: torch.Tensor) -> torch.Tensor:
@@ -127,7 +133,13 @@ class SnapshotModel:
         with torch.no_grad():
             clean_values = self.metric(clean_residual)
             baseline_value = self.metric(baseline_residual).mean().item()
-        return Attribution(feature_effects.cpu(), error_effect.item(), clean_values.mean().item(), baseline_value, (clean_values > 0).float().mean().item())
+        return Attribution(
+            feature_effects.cpu(),
+            error_effect.item(),
+            clean_values.mean().item(),
+            baseline_value,
+            (clean_values > 0).float().mean().item(),
+        )
 
     @torch.no_grad()
     def ablation_curves(self, clean: Terms, baseline: Terms, ranking: torch.Tensor, ks: list[int]) -> AblationCurves:
@@ -150,4 +162,6 @@ def relative_indirect_effect(effects: torch.Tensor) -> torch.Tensor:
     abs(IE_b) / (abs(IE_a) + abs(IE_b)); one against the rest for three); 1/n where all are zero."""
     magnitude = effects.abs()
     total = magnitude.sum(1, keepdim=True)
-    return torch.where(total > 0, magnitude / total.clamp_min(1e-30), torch.full_like(magnitude, 1.0 / effects.shape[1]))
+    return torch.where(
+        total > 0, magnitude / total.clamp_min(1e-30), torch.full_like(magnitude, 1.0 / effects.shape[1])
+    )

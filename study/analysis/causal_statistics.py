@@ -9,26 +9,27 @@ import pandas as pd
 import torch
 
 from crosscoder import CrossCoder
-from study.activations import direct_activations
-from study.attribution import SnapshotModel, Task, Terms, relative_indirect_effect
-from study.trajectory import Snapshot, load_model
+from study.activations.direct import direct_activations
+from study.analysis.attribution import SnapshotModel, Task, Terms, relative_indirect_effect
+from study.lm.trajectory import Snapshot, load_model
+from study.record import (
+    ABLATE_K,
+    IE_COLUMN,
+    KEEP_K,
+    RELIE_COLUMN,
+    TASK_LEARNED_ACCURACY,
+    TOP_FEATURES,
+    CausalCurves,
+    CausalSummary,
+)
 
 ABLATION_KS = (1, 2, 5, 10, 15, 20, 50, 100, 200, 500, 1000)
 """Numbers of top features ablated or kept, as far as the dictionary reaches."""
-ABLATE_K = 15
-"""Paper 1: ablating the top 15 features lowers the task metric by more than half..."""
-KEEP_K = 500
-"""...and keeping only the top 500 recovers more than 90 % of it (capped at a quarter of the dictionary)."""
-TASK_LEARNED_ACCURACY = 0.9
-"""A snapshot counts for the causal claim when its clean agreement accuracy reaches this: before the
-task is learned, a share of a near-zero metric means nothing."""
-TOP_FEATURES = 10
-"""Features per snapshot whose RelIE is summarised (and, in the sweep, compared across seeds)."""
 
 
 class CausalStatistics(NamedTuple):
-    summary: dict[str, float]
-    by_snapshot: dict[str, list[float]]
+    summary: CausalSummary
+    by_snapshot: CausalCurves
     curves: pd.DataFrame
     """One row per (snapshot step, k): metric with the top k ablated / kept, and relative to clean."""
     features: pd.DataFrame
@@ -52,14 +53,19 @@ def relie_indices(accuracies: list[float], count: int) -> list[int]:
     return sorted({candidates[round(position * (len(candidates) - 1) / (count - 1))] for position in range(count)})
 
 
-def snapshot_terms(crosscoder: CrossCoder, activations: torch.Tensor, items: int) -> list[tuple[Terms, torch.Tensor, torch.Tensor]]:
+def snapshot_terms(
+    crosscoder: CrossCoder, activations: torch.Tensor, items: int
+) -> list[tuple[Terms, torch.Tensor, torch.Tensor]]:
     """Per snapshot: (Terms, decoder [F, d], bias [d]) of activations [items * positions, S, d]."""
     n_snapshots, d_model = activations.shape[1:]
     positions = len(activations) // items
     terms = crosscoder.snapshot_terms(activations.to(crosscoder.decoder_weight.device))
     return [
         (
-            Terms(terms.codes[index].reshape(items, positions, -1).cpu(), terms.error[:, index].reshape(items, positions, d_model).cpu()),
+            Terms(
+                terms.codes[index].reshape(items, positions, -1).cpu(),
+                terms.error[:, index].reshape(items, positions, d_model).cpu(),
+            ),
             terms.decoder[index],
             terms.bias[index],
         )
@@ -92,7 +98,17 @@ def causal_statistics(
     ks = sorted({k for k in ABLATION_KS if k <= n_features} | {kept_k})
 
     effects, rows = [], []
-    per_snapshot: dict[str, list[float]] = {name: [] for name in ("task_logit_difference", "task_accuracy", "error_effect_share", "attribution_gap", "ablate_top_relative", "keep_top_relative")}
+    per_snapshot: dict[str, list[float]] = {
+        name: []
+        for name in (
+            "task_logit_difference",
+            "task_accuracy",
+            "error_effect_share",
+            "attribution_gap",
+            "ablate_top_relative",
+            "keep_top_relative",
+        )
+    }
     for index, snapshot in enumerate(snapshots):
         clean, decoder, bias = clean_terms[index]
         if corrupted_terms is None:
@@ -110,19 +126,36 @@ def causal_statistics(
         for k, ablated, kept in zip(curves.ks, curves.ablated, curves.kept):
             rows.append(
                 {
-                    "step": snapshot.step, "k": k, "accuracy": attribution.accuracy, "learned": learned, "clean": clean_metric, "baseline": attribution.baseline_metric,
-                    "ablated": ablated, "kept": kept, "ablated_relative": relative(ablated, clean_metric), "kept_relative": relative(kept, clean_metric),
+                    "step": snapshot.step,
+                    "k": k,
+                    "accuracy": attribution.accuracy,
+                    "learned": learned,
+                    "clean": clean_metric,
+                    "baseline": attribution.baseline_metric,
+                    "ablated": ablated,
+                    "kept": kept,
+                    "ablated_relative": relative(ablated, clean_metric),
+                    "kept_relative": relative(kept, clean_metric),
                 }
             )
         difference = clean_metric - attribution.baseline_metric
         total_effect = float(attribution.feature_effects.sum()) + attribution.error_effect
         per_snapshot["task_logit_difference"].append(clean_metric)
         per_snapshot["task_accuracy"].append(attribution.accuracy)
-        per_snapshot["error_effect_share"].append(abs(attribution.error_effect) / max(float(attribution.feature_effects.abs().sum()) + abs(attribution.error_effect), 1e-30))
+        per_snapshot["error_effect_share"].append(
+            abs(attribution.error_effect)
+            / max(float(attribution.feature_effects.abs().sum()) + abs(attribution.error_effect), 1e-30)
+        )
         # Integrated gradients are complete: the effects add up to the metric difference, up to the Riemann sum's error.
         per_snapshot["attribution_gap"].append(abs(total_effect - difference) / max(abs(difference), 1e-6))
-        per_snapshot["ablate_top_relative"].append(relative(curves.ablated[curves.ks.index(ABLATE_K)], clean_metric) if learned and ABLATE_K in curves.ks else float("nan"))
-        per_snapshot["keep_top_relative"].append(relative(curves.kept[curves.ks.index(kept_k)], clean_metric) if learned else float("nan"))
+        per_snapshot["ablate_top_relative"].append(
+            relative(curves.ablated[curves.ks.index(ABLATE_K)], clean_metric)
+            if learned and ABLATE_K in curves.ks
+            else float("nan")
+        )
+        per_snapshot["keep_top_relative"].append(
+            relative(curves.kept[curves.ks.index(kept_k)], clean_metric) if learned else float("nan")
+        )
 
     effects = torch.stack(effects, 1)  # [F, S]
     chosen = relie_indices(per_snapshot["task_accuracy"], relie_snapshots)
@@ -130,18 +163,18 @@ def causal_statistics(
     last = chosen[-1]
     top_last = effects[:, last].argsort(descending=True)[:TOP_FEATURES]
     learned_count = sum(accuracy >= TASK_LEARNED_ACCURACY for accuracy in per_snapshot["task_accuracy"])
-    summary = {
-        "task_learned_snapshots": float(learned_count),
-        "causal_ablate_relative": float(torch.tensor(per_snapshot["ablate_top_relative"]).nanmean()),
-        "causal_keep_relative": float(torch.tensor(per_snapshot["keep_top_relative"]).nanmean()),
-        "causal_keep_k": float(kept_k),
-        "attribution_gap_max": max(per_snapshot["attribution_gap"]),
-        "relie_top_mean": float(relie[top_last, -1].mean()),
-    }
+    summary = CausalSummary(
+        task_learned_snapshots=float(learned_count),
+        causal_ablate_relative=float(torch.tensor(per_snapshot["ablate_top_relative"]).nanmean()),
+        causal_keep_relative=float(torch.tensor(per_snapshot["keep_top_relative"]).nanmean()),
+        causal_keep_k=float(kept_k),
+        attribution_gap_max=max(per_snapshot["attribution_gap"]),
+        relie_top_mean=float(relie[top_last, -1].mean()),
+    )
     features = pd.DataFrame({"feature": range(n_features)})
     for index, step in enumerate(steps):
-        features[f"ie_step{step}"] = effects[:, index].numpy()
+        features[f"{IE_COLUMN}{step}"] = effects[:, index].numpy()
     for column, index in enumerate(chosen):
-        features[f"relie_step{steps[index]}"] = relie[:, column].numpy()
-    by_snapshot = {f"{name}_by_snapshot": values for name, values in per_snapshot.items()}
+        features[f"{RELIE_COLUMN}{steps[index]}"] = relie[:, column].numpy()
+    by_snapshot = CausalCurves(**{f"{name}_by_snapshot": values for name, values in per_snapshot.items()})
     return CausalStatistics(summary, by_snapshot, pd.DataFrame(rows), features)

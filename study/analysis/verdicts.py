@@ -16,46 +16,32 @@ from mlflow.tracking import MlflowClient
 
 from crosscoder.matching import matched_jaccard, stability
 from crosscoder.model import CrossCoder
-from study.causal_statistics import ABLATE_K, KEEP_K, TASK_LEARNED_ACCURACY, TOP_FEATURES
-
-STATISTICS = (
-    "explained_variance",
-    "min_explained_variance_by_snapshot",
-    "l0",
-    "dead_fraction",
-    "delta_ce_max",
-    "transition_step",
-    "initial_share",
-    "median_emergence_step",
-    "norm_proxy_r",
-    "token_specificity_r",
-    "alignment_overlap",
-    "causal_ablate_relative",
-    "causal_keep_relative",
-    "relie_top_mean",
+from study.record import (
+    ABLATE_LEFT_BELOW,
+    BY_AXIS_VALUE_ARTIFACT,
+    COMPARED,
+    CROSSCODER_ARTIFACT,
+    EMERGENCE_SHARE_RANGE,
+    FEATURES_ARTIFACT,
+    IE_COLUMN,
+    KEEP_RECOVERS_ABOVE,
+    MATCH_THRESHOLD,
+    NORM_PROXY_R,
+    QUALITY_MAX_DEAD,
+    QUALITY_MAX_DELTA_CE,
+    QUALITY_MAX_L0,
+    QUALITY_MIN_EV,
+    RELIE_JACCARD,
+    ROBUSTNESS_FOLDER,
+    RULES,
+    SAE_SHARED_LOW,
+    STABILITY_ARTIFACT,
+    STEPS_CURVE,
+    TASK_LEARNED_ACCURACY,
+    TOP_FEATURES,
+    VERDICT_TAG,
+    VERDICTS_ARTIFACT,
 )
-"""Per-trial scalars summarised per axis value."""
-MATCH_THRESHOLD = 0.7
-"""Cosine above which two matched features count as the same feature."""
-SAE_SHARED_LOW = 0.30
-"""Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
-RELIE_JACCARD = 0.5
-"""Mean Jaccard index of the top features by indirect effect, across seeds, for the relie claim to hold."""
-
-RULES = {
-    "transition": "holds if every trial finds a turning point of total feature dimensionality and the turning steps lie within one interval of the coarsest snapshot grid in the sweep; fails otherwise",
-    "emergence": "holds if the share of initialization-dependent features varies by at most 0.10 across trials and the median emergence steps lie within one interval of the coarsest snapshot grid; fails otherwise",
-    "norm_proxy": "holds if the correlation between probe error and decoder norm is below -0.8 in every trial; fails otherwise",
-    "quality": "holds if every trial has explained variance >= 0.85, L0 < 120, ΔCE < 0.5 nats at every snapshot and at most 10 % dead features; fails otherwise",
-    "stability": f"holds if, between trials that differ only in seed, the mean share of features matched one-to-one with cosine > {MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
-    "token_specificity": "holds if in every trial token entropy rises with the snapshot where a feature's decoder norm peaks (Spearman r > 0); fails otherwise",
-    "relie": f"holds if, between trials that differ only in seed, the top {TOP_FEATURES} features by indirect effect at the last snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching (cosine > {MATCH_THRESHOLD}); fails below",
-    "causal": (
-        f"holds if in every trial, averaged over the snapshots whose agreement accuracy is at least {TASK_LEARNED_ACCURACY}, ablating the top {ABLATE_K} features by indirect effect "
-        f"leaves under half of the task metric and keeping only the top {KEEP_K} (at most a quarter of the dictionary), errors kept, recovers over 90 % of it; fails otherwise"
-    ),
-}
-"""The rule behind each verdict, as the report states it. A claim is inconclusive when no trial gives its statistic."""
 
 
 class Verdict(NamedTuple):
@@ -79,11 +65,19 @@ class Trials(NamedTuple):
 
 def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'", max_results=10_000)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        max_results=10_000,
+    )
     rows, steps = [], {}
     for run in runs:
-        rows.append({"run_id": run.info.run_id, **{f"params.{k}": v for k, v in run.data.params.items()}, **run.data.metrics})
-        steps[run.info.run_id] = [int(m.step) for m in sorted(client.get_metric_history(run.info.run_id, "explained_variance_by_snapshot"), key=lambda m: m.step)]
+        rows.append(
+            {"run_id": run.info.run_id, **{f"params.{k}": v for k, v in run.data.params.items()}, **run.data.metrics}
+        )
+        steps[run.info.run_id] = [
+            int(m.step) for m in sorted(client.get_metric_history(run.info.run_id, STEPS_CURVE), key=lambda m: m.step)
+        ]
     frame = pd.DataFrame(rows)
     param_columns = [c for c in frame.columns if c.startswith("params.")]
     swept = sorted(c[len("params.") :] for c in param_columns if frame[c].nunique(dropna=False) > 1)
@@ -100,12 +94,24 @@ def by_axis_value(trials: Trials) -> pd.DataFrame:
     keys = [f"params.{key}" for key in axis_keys(trials.swept)]
     rows = []
     groups = list(trials.frame.groupby(keys, dropna=False)) if keys else [((), trials.frame)]
-    groups.sort(key=lambda item: tuple(numeric_first(value) for value in (item[0] if isinstance(item[0], tuple) else (item[0],))))
+    groups.sort(
+        key=lambda item: tuple(
+            numeric_first(value) for value in (item[0] if isinstance(item[0], tuple) else (item[0],))
+        )
+    )
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
-        for statistic in STATISTICS:
+        for statistic in COMPARED:
             series = group[statistic].dropna() if statistic in group else pd.Series(dtype=float)
-            rows.append({**dict(zip(keys, values)), "statistic": statistic, "mean": series.mean(), "std": series.std(ddof=1) if len(series) > 1 else 0.0, "n": len(series)})
+            rows.append(
+                {
+                    **dict(zip(keys, values)),
+                    "statistic": statistic,
+                    "mean": series.mean(),
+                    "std": series.std(ddof=1) if len(series) > 1 else 0.0,
+                    "n": len(series),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -125,10 +131,13 @@ class LiveDictionary(NamedTuple):
 
 
 def live_dictionary(client: MlflowClient, run_id: str, folder: Path) -> LiveDictionary:
-    model = CrossCoder.load(client.download_artifacts(run_id, "crosscoder.safetensors", str(folder)))
-    features = pd.read_parquet(client.download_artifacts(run_id, "features.parquet", str(folder)))
+    model = CrossCoder.load(client.download_artifacts(run_id, CROSSCODER_ARTIFACT, str(folder)))
+    features = pd.read_parquet(client.download_artifacts(run_id, FEATURES_ARTIFACT, str(folder)))
     alive = torch.tensor(features["alive"].to_numpy())
-    last_effect = max((column for column in features if column.startswith("ie_step")), key=lambda column: int(column[len("ie_step") :]))
+    last_effect = max(
+        (column for column in features if column.startswith(IE_COLUMN)),
+        key=lambda column: int(column[len(IE_COLUMN) :]),
+    )
     live_effects = torch.tensor(features[last_effect].to_numpy())[alive]
     return LiveDictionary(model.decoder_weight.detach()[alive], live_effects.argsort(descending=True)[:TOP_FEATURES])
 
@@ -165,7 +174,14 @@ def feature_stability(client: MlflowClient, trials: Trials) -> pd.DataFrame:
                 a, b = dictionary(run_a), dictionary(run_b)
                 result = stability(a.decoder, b.decoder, MATCH_THRESHOLD)
                 jaccard = matched_jaccard(result.match, a.top_features, b.top_features, MATCH_THRESHOLD)
-                rows.append(dict(zip(columns, (kind, run_a, run_b, result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard))))
+                rows.append(
+                    dict(
+                        zip(
+                            columns,
+                            (kind, run_a, run_b, result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard),
+                        )
+                    )
+                )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -189,14 +205,28 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
             return Verdict(claim, "inconclusive", RULES[claim], f"no trial gives {statistic}")
         passing = int(values.map(passes).sum())
         listed = ", ".join(f"{value:.3g}" for value in values)
-        return Verdict(claim, "holds" if passing == len(values) else "fails", RULES[claim], f"{condition} in {passing} of {len(values)} trials ({statistic}: {listed})")
+        return Verdict(
+            claim,
+            "holds" if passing == len(values) else "fails",
+            RULES[claim],
+            f"{condition} in {passing} of {len(values)} trials ({statistic}: {listed})",
+        )
 
     verdicts = []
     found, turning = column("transition_found"), column("transition_step")
     if found.empty:
-        verdicts.append(Verdict("transition", "inconclusive", RULES["transition"], "no trial gives a dimensionality curve"))
+        verdicts.append(
+            Verdict("transition", "inconclusive", RULES["transition"], "no trial gives a dimensionality curve")
+        )
     elif (found < 1).any():
-        verdicts.append(Verdict("transition", "fails", RULES["transition"], f"{int(found.sum())} of {len(found)} trials find a turning point"))
+        verdicts.append(
+            Verdict(
+                "transition",
+                "fails",
+                RULES["transition"],
+                f"{int(found.sum())} of {len(found)} trials find a turning point",
+            )
+        )
     else:
         spread = grid_interval_spread(turning.tolist(), coarsest)
         evidence = f"turning steps {sorted({int(step) for step in turning})}, {spread} interval(s) apart on the grid {coarsest}"
@@ -204,57 +234,121 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
 
     shares, medians = column("initial_share"), column("median_emergence_step")
     if len(shares) < 2:
-        verdicts.append(Verdict("emergence", "inconclusive", RULES["emergence"], f"{len(shares)} trial(s): nothing to compare"))
+        verdicts.append(
+            Verdict("emergence", "inconclusive", RULES["emergence"], f"{len(shares)} trial(s): nothing to compare")
+        )
     else:
         share_range = float(shares.max() - shares.min())
         median_spread = grid_interval_spread(medians.tolist(), coarsest) if len(medians) else 0
-        evidence = f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f}; median emergence steps {sorted({int(m) for m in medians})}"
-        verdicts.append(Verdict("emergence", "holds" if share_range <= 0.10 and median_spread <= 1 else "fails", RULES["emergence"], evidence))
+        evidence = (
+            f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f}; "
+            f"median emergence steps {sorted({int(m) for m in medians})}"
+        )
+        verdicts.append(
+            Verdict(
+                "emergence",
+                "holds" if share_range <= EMERGENCE_SHARE_RANGE and median_spread <= 1 else "fails",
+                RULES["emergence"],
+                evidence,
+            )
+        )
 
-    verdicts.append(in_every_trial("norm_proxy", "norm_proxy_r", lambda r: r < -0.8, "r < -0.8"))
+    verdicts.append(in_every_trial("norm_proxy", "norm_proxy_r", lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"))
 
     if frame.empty:
         verdicts.append(Verdict("quality", "inconclusive", RULES["quality"], "no finished trial"))
     else:
-        meets = (frame["explained_variance"] >= 0.85) & (frame["l0"] < 120) & (frame["delta_ce_max"] < 0.5) & (frame["dead_fraction"] <= 0.10)
-        listed = "; ".join(f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}" for row in frame.itertuples())
-        verdicts.append(Verdict("quality", "holds" if meets.all() else "fails", RULES["quality"], f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})"))
+        meets = (
+            (frame["explained_variance"] >= QUALITY_MIN_EV)
+            & (frame["l0"] < QUALITY_MAX_L0)
+            & (frame["delta_ce_max"] < QUALITY_MAX_DELTA_CE)
+            & (frame["dead_fraction"] <= QUALITY_MAX_DEAD)
+        )
+        listed = "; ".join(
+            f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}"
+            for row in frame.itertuples()
+        )
+        verdicts.append(
+            Verdict(
+                "quality",
+                "holds" if meets.all() else "fails",
+                RULES["quality"],
+                f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})",
+            )
+        )
 
     seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
     across_ratios = (
-        f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features have a partner in the larger ({len(ratios)} pair(s))"
+        f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features "
+        f"have a partner in the larger ({len(ratios)} pair(s))"
         if len(ratios)
         else ""
     )
     if seeds.empty:
-        verdicts.append(Verdict("stability", "inconclusive", RULES["stability"], "no two trials differ only in seed" + across_ratios))
+        verdicts.append(
+            Verdict(
+                "stability", "inconclusive", RULES["stability"], "no two trials differ only in seed" + across_ratios
+            )
+        )
     else:
         mean_share = float(seeds["shared_share"].mean())
         evidence = (
-            f"shared share {mean_share:.2f} (range {seeds['shared_share'].min():.2f} to {seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
+            f"shared share {mean_share:.2f} (range {seeds['shared_share'].min():.2f} to "
+            f"{seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
             f"mean max cosine {seeds['mean_max_cosine'].mean():.2f}{across_ratios}"
         )
-        verdicts.append(Verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", RULES["stability"], evidence))
+        verdicts.append(
+            Verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", RULES["stability"], evidence)
+        )
 
     verdicts.append(in_every_trial("token_specificity", "token_specificity_r", lambda r: r > 0, "r > 0"))
 
-    relie_context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (", ".join(f"{value:.2f}" for value in column("relie_top_mean")) or "none")
+    relie_context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (
+        ", ".join(f"{value:.2f}" for value in column("relie_top_mean")) or "none"
+    )
     if len(ratios):
-        relie_context += f"; across expansion ratios the top features' Jaccard index is {ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
+        relie_context += (
+            f"; across expansion ratios the top features' Jaccard index is "
+            f"{ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
+        )
     if seeds.empty:
-        verdicts.append(Verdict("relie", "inconclusive", RULES["relie"], "no two trials differ only in seed; " + relie_context))
+        verdicts.append(
+            Verdict("relie", "inconclusive", RULES["relie"], "no two trials differ only in seed; " + relie_context)
+        )
     else:
         jaccard = float(seeds["top_feature_jaccard"].mean())
-        evidence = f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to {seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {relie_context}"
+        evidence = (
+            f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to "
+            f"{seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {relie_context}"
+        )
         verdicts.append(Verdict("relie", "holds" if jaccard >= RELIE_JACCARD else "fails", RULES["relie"], evidence))
 
     ablated, kept = column("causal_ablate_relative"), column("causal_keep_relative")
     if ablated.empty or kept.empty:
-        verdicts.append(Verdict("causal", "inconclusive", RULES["causal"], f"no trial has a snapshot with agreement accuracy >= {TASK_LEARNED_ACCURACY}"))
+        verdicts.append(
+            Verdict(
+                "causal",
+                "inconclusive",
+                RULES["causal"],
+                f"no trial has a snapshot with agreement accuracy >= {TASK_LEARNED_ACCURACY}",
+            )
+        )
     else:
-        meets = (frame["causal_ablate_relative"] < 0.5) & (frame["causal_keep_relative"] > 0.9)
-        listed = "; ".join(f"ablated {a:.2f}, kept {k:.2f}" for a, k in zip(frame["causal_ablate_relative"], frame["causal_keep_relative"]))
-        verdicts.append(Verdict("causal", "holds" if meets.all() else "fails", RULES["causal"], f"{int(meets.sum())} of {len(frame)} trials meet both thresholds (metric relative to clean: {listed})"))
+        meets = (frame["causal_ablate_relative"] < ABLATE_LEFT_BELOW) & (
+            frame["causal_keep_relative"] > KEEP_RECOVERS_ABOVE
+        )
+        listed = "; ".join(
+            f"ablated {a:.2f}, kept {k:.2f}"
+            for a, k in zip(frame["causal_ablate_relative"], frame["causal_keep_relative"])
+        )
+        verdicts.append(
+            Verdict(
+                "causal",
+                "holds" if meets.all() else "fails",
+                RULES["causal"],
+                f"{int(meets.sum())} of {len(frame)} trials meet both thresholds (metric relative to clean: {listed})",
+            )
+        )
     return verdicts
 
 
@@ -266,20 +360,23 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
     trials = finished_trials(client, parent_run_id)
     if trials.frame.empty:
         verdicts = [Verdict(claim, "inconclusive", rule, "no finished trial") for claim, rule in RULES.items()]
-        summary, stabilities = pd.DataFrame(), pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
+        summary, stabilities = (
+            pd.DataFrame(),
+            pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"]),
+        )
     else:
         summary = by_axis_value(trials)
         stabilities = feature_stability(client, trials)
         verdicts = judge(trials, stabilities)
     with tempfile.TemporaryDirectory() as folder:
-        summary.to_csv(Path(folder) / "by_axis_value.csv", index=False)
-        stabilities.to_csv(Path(folder) / "stability.csv", index=False)
+        summary.to_csv(Path(folder) / BY_AXIS_VALUE_ARTIFACT, index=False)
+        stabilities.to_csv(Path(folder) / STABILITY_ARTIFACT, index=False)
         payload = {"axis_keys": axis_keys(trials.swept), "verdicts": [verdict._asdict() for verdict in verdicts]}
-        (Path(folder) / "verdicts.json").write_text(json.dumps(payload, indent=1))
-        for name in ("by_axis_value.csv", "stability.csv", "verdicts.json"):
-            client.log_artifact(parent_run_id, str(Path(folder) / name), "robustness")
+        (Path(folder) / VERDICTS_ARTIFACT).write_text(json.dumps(payload, indent=1))
+        for name in (BY_AXIS_VALUE_ARTIFACT, STABILITY_ARTIFACT, VERDICTS_ARTIFACT):
+            client.log_artifact(parent_run_id, str(Path(folder) / name), ROBUSTNESS_FOLDER)
     for verdict in verdicts:
-        client.set_tag(parent_run_id, f"verdict.{verdict.claim}", verdict.verdict)
+        client.set_tag(parent_run_id, f"{VERDICT_TAG}{verdict.claim}", verdict.verdict)
     for kind, group in stabilities.groupby("kind"):
         client.log_metric(parent_run_id, f"stability_{kind}_shared_share", float(group["shared_share"].mean()))
         client.log_metric(parent_run_id, f"stability_{kind}_mean_max_cosine", float(group["mean_max_cosine"].mean()))

@@ -59,14 +59,27 @@ class PretrainConfig:
     """Agreement prompts per condition (subject number x attractor) scored at each checkpoint."""
 
     def __post_init__(self) -> None:
-        positive = ("n_documents", "context_length", "hidden_size", "n_layers", "n_heads", "batch_size", "total_steps", "checkpoint_interval")
+        positive = (
+            "n_documents",
+            "context_length",
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "batch_size",
+            "total_steps",
+            "checkpoint_interval",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise StudyInputError(f"pre-training {name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.n_heads:
-            raise StudyInputError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}; pick a divisor")
+            raise StudyInputError(
+                f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}; pick a divisor"
+            )
         if self.vocab_size < 257:
-            raise StudyInputError(f"vocab_size {self.vocab_size} is below the 256 bytes plus end-of-text; use at least 257")
+            raise StudyInputError(
+                f"vocab_size {self.vocab_size} is below the 256 bytes plus end-of-text; use at least 257"
+            )
 
     def cache_key(self) -> str:
         """Digest of every field: a changed field gives a new trajectory folder."""
@@ -87,6 +100,8 @@ class PretrainConfig:
 
 # Bump when the grammar or the build recipe changes, so that old caches are not reused.
 CORPUS_VERSION = "grammar-v1"
+MANIFEST = "manifest.json"
+"""The trajectory folder's record of its configuration and checkpoints, written last by a build."""
 
 # A trajectory that builds in seconds, for tests and quick looks.
 TINY = PretrainConfig(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -22,17 +22,23 @@ def decoder_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
         blocks = getattr(base, name, None)
         if isinstance(blocks, torch.nn.ModuleList):
             return blocks
-    raise StudyInputError(f"cannot find the transformer blocks of {type(model).__name__}; expected base_model.layers or .h")
+    raise StudyInputError(
+        f"cannot find the transformer blocks of {type(model).__name__}; expected base_model.layers or .h"
+    )
 
 
 def check_layers(layers: list[int] | tuple[int, ...], n_layers: int, model_name: str) -> None:
     bad = [layer for layer in layers if not 0 <= layer <= n_layers]
     if bad or not layers:
-        raise StudyInputError(f"layer {bad or layers} is outside 0..{n_layers} for {model_name}; choose layers in that range")
+        raise StudyInputError(
+            f"layer {bad or layers} is outside 0..{n_layers} for {model_name}; choose layers in that range"
+        )
 
 
 @torch.no_grad()
-def residual_stream(model: PreTrainedModel, input_ids: torch.Tensor, layers: list[int] | tuple[int, ...]) -> dict[int, torch.Tensor]:
+def residual_stream(
+    model: PreTrainedModel, input_ids: torch.Tensor, layers: list[int] | tuple[int, ...]
+) -> dict[int, torch.Tensor]:
     """{layer: [batch, length, d_model]}: layer 0 is the embedding output, layer l the residual after block l.
 
     For l below the number of blocks this equals ``output_hidden_states[l]``; for the last block it
@@ -50,9 +56,17 @@ def residual_stream(model: PreTrainedModel, input_ids: torch.Tensor, layers: lis
             raise _EnoughLayers
 
     if 0 in layers:
-        handles.append(blocks[0].register_forward_pre_hook(lambda _, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+        handles.append(
+            blocks[0].register_forward_pre_hook(
+                lambda _, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+            )
+        )
     for layer in set(layers) - {0}:
-        handles.append(blocks[layer - 1].register_forward_hook(lambda _, __, output, layer=layer: keep(layer, output[0] if isinstance(output, tuple) else output)))
+        handles.append(
+            blocks[layer - 1].register_forward_hook(
+                lambda _, __, output, layer=layer: keep(layer, output[0] if isinstance(output, tuple) else output)
+            )
+        )
     try:
         model.base_model(input_ids=input_ids)
     except _EnoughLayers:
@@ -64,7 +78,9 @@ def residual_stream(model: PreTrainedModel, input_ids: torch.Tensor, layers: lis
 
 
 @contextmanager
-def residual_replaced(model: PreTrainedModel, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def residual_replaced(
+    model: PreTrainedModel, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
     """Inside the block, every forward pass sends the residual stream at ``layer`` ([batch, length, d])
     through ``replace`` and continues with what it returns (the same stream to only look at it)."""
     blocks = decoder_blocks(model)

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import disable_progress_bar
 
-from study.config import PretrainConfig
 from study.errors import StudyInputError
+from study.lm.pretrain_config import PretrainConfig
 
 STEP_NAME = re.compile(r"^step(\d+)$")
 
@@ -58,12 +58,14 @@ class Trajectory:
                 return snapshot
         raise StudyInputError(f"trajectory {self.name} has no step {step}; its steps are {self.steps}")
 
-    def select(self, count: int, placement: str) -> "Trajectory":
+    def select(self, count: int, placement: str) -> Trajectory:
         """``count`` snapshots, always the first and the last: ``log`` spaced evenly in log(step + 1)
         (dense early, like Pythia's schedule) or ``uniform`` evenly in steps; each target takes the
         nearest snapshot not yet taken."""
         if count > len(self.snapshots):
-            raise StudyInputError(f"n_snapshots {count} exceeds the {len(self.snapshots)} snapshots of {self.name}; choose at most that")
+            raise StudyInputError(
+                f"n_snapshots {count} exceeds the {len(self.snapshots)} snapshots of {self.name}; choose at most that"
+            )
         position = (lambda step: math.log1p(step)) if placement == "log" else float
         first, last = position(self.steps[0]), position(self.steps[-1])
         remaining = list(range(len(self.snapshots)))
@@ -98,7 +100,9 @@ def step_of(name: str) -> int:
 def hub_trajectory(model_id: str, revisions: list[str] | None = None) -> Trajectory:
     """Snapshots ``model_id@revision``; revisions default to Pythia's ``step0 ... step143000``."""
     revisions = revisions or pythia_revisions()
-    snapshots = sorted((Snapshot(step_of(revision), model_id, revision) for revision in revisions), key=lambda s: s.step)
+    snapshots = sorted(
+        (Snapshot(step_of(revision), model_id, revision) for revision in revisions), key=lambda s: s.step
+    )
     return Trajectory(model_id, tuple(snapshots))
 
 
@@ -121,14 +125,16 @@ def directory_trajectory(path: str | Path, name: str | None = None) -> Trajector
 
 def embedded_trajectory(config: PretrainConfig | None = None, cache_dir: str | Path | None = None) -> Trajectory:
     """The project's own pre-trained GPT-NeoX, built into the cache on first use."""
-    from study.pretrain import build_embedded_trajectory  # pretraining is only imported when needed
+    from study.lm.pretrain import build_embedded_trajectory  # pretraining is only imported when needed
 
     config = config or PretrainConfig()
     folder = build_embedded_trajectory(config, cache_dir)
     return directory_trajectory(folder, name=f"embedded-{config.cache_key()}")
 
 
-def resolve_trajectory(spec: str, revisions: list[str] | None = None, cache_dir: str | Path | None = None) -> Trajectory:
+def resolve_trajectory(
+    spec: str, revisions: list[str] | None = None, cache_dir: str | Path | None = None
+) -> Trajectory:
     """``embedded``, a local folder of ``step<N>/`` checkpoints, or a hub model id (with revisions)."""
     if spec == "embedded":
         return embedded_trajectory(cache_dir=cache_dir)
@@ -150,7 +156,9 @@ def explained_load_errors(snapshot: Snapshot) -> Iterator[None]:
         ) from None
 
 
-def load_model(snapshot: Snapshot, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
+def load_model(
+    snapshot: Snapshot, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
     """The snapshot's causal LM in eval mode, on ``device``."""
     disable_progress_bar()  # one bar per snapshot load would bury the sweep's own lines
     with explained_load_errors(snapshot):

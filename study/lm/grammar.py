@@ -29,9 +29,16 @@ OBJECTS = (
 ).split()
 PLACES = "park city forest village school market station castle harbor library kitchen valley".split()
 IRREGULAR_PLURALS = {
-    "child": "children", "man": "men", "woman": "women", "mouse": "mice",
-    "sheep": "sheep", "goose": "geese", "knife": "knives", "wolf": "wolves",
-    "thief": "thieves", "shelf": "shelves",
+    "child": "children",
+    "man": "men",
+    "woman": "women",
+    "mouse": "mice",
+    "sheep": "sheep",
+    "goose": "geese",
+    "knife": "knives",
+    "wolf": "wolves",
+    "thief": "thieves",
+    "shelf": "shelves",
 }
 # Verbs whose two forms must differ (sheep-like nouns are kept out of agreement prompts).
 INTRANSITIVE_VERBS = (

@@ -1,4 +1,4 @@
-"""The pre-training loop of the embedded trajectory (see ``study.pretrain`` for the cached entry point)."""
+"""The pre-training loop of the embedded trajectory (see ``study.lm.pretrain`` for the cached entry point)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from study.agreement import agreement_items, encode_items, logit_differences
-from study.config import PretrainConfig
-from study.corpus import generate_documents, pack_contexts
-from study.pretrain import MANIFEST
-from study.tokenizer import train_tokenizer
+from study.lm.agreement import agreement_items, encode_items, logit_differences
+from study.lm.corpus import generate_documents, pack_contexts
+from study.lm.pretrain_config import MANIFEST, PretrainConfig
+from study.lm.tokenizer import train_tokenizer
 
 HELD_OUT_SHARE = 0.02
 
@@ -108,7 +107,9 @@ def pretrain(config: PretrainConfig, out: Path, progress: bool = True) -> None:
         interval_losses.append(loss.item())
         if step in checkpoint_steps:
             save_checkpoint(step)
-            bar.set_postfix(loss=f"{records[-1]['eval_loss']:.3f}", agreement=f"{records[-1]['agreement_accuracy']:.2f}")
+            bar.set_postfix(
+                loss=f"{records[-1]['eval_loss']:.3f}", agreement=f"{records[-1]['agreement_accuracy']:.2f}"
+            )
 
     transformers_logging.enable_progress_bar()
     manifest = {

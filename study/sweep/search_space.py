@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from ray import tune
 
-from crosscoder.config import SPARSITY_METHODS
-from study.attribution import BASELINES
 from study.errors import StudyInputError
+from study.sweep.trial_config import STUDY_CHECKS, check_key
 
-SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+SEARCH_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 DEFAULTS = "defaults"
-ACTIVATION_KEYS = ("trajectory", "revisions", "n_snapshots", "snapshot_placement", "layer", "corpus", "n_tokens", "context_length", "data_seed")
+ACTIVATION_KEYS = (
+    "trajectory",
+    "revisions",
+    "n_snapshots",
+    "snapshot_placement",
+    "layer",
+    "corpus",
+    "n_tokens",
+    "context_length",
+    "data_seed",
+)
+"""Keys that change the activations: fixed, grid_search or choice only, so each set is extracted once."""
 SAMPLERS: dict[str, Callable[..., Any]] = {
     "choice": tune.choice,
     "uniform": lambda bounds: tune.uniform(*bounds),
@@ -24,40 +35,6 @@ SAMPLERS: dict[str, Callable[..., Any]] = {
     "randint": lambda bounds: tune.randint(*bounds),
 }
 GRAMMAR = ("grid_search", *SAMPLERS)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "trajectory": (lambda v: isinstance(v, str) and bool(v), "embedded, a folder or a hub model id"),
-    "revisions": (lambda v: v is None or (isinstance(v, list) and all(isinstance(r, str) for r in v)), "null or a list of revision names"),
-    "n_snapshots": (lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
-    "snapshot_placement": (lambda v: v in ("log", "uniform"), "log or uniform"),
-    "layer": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "corpus": (lambda v: isinstance(v, str) and bool(v), "embedded or a file path"),
-    "n_tokens": (_positive_int, "a positive integer"),
-    "context_length": (lambda v: _positive_int(v) and v >= 2, "an integer >= 2"),
-    "data_seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "expansion_ratio": (_positive_number, "a number > 0"),
-    "sparsity": (lambda v: v in SPARSITY_METHODS, " / ".join(SPARSITY_METHODS)),
-    "sparsity_coefficient": (lambda v: v is None or (isinstance(v, (int, float)) and v >= 0), "null or a number >= 0"),
-    "k": (_positive_int, "a positive integer"),
-    "n_steps": (_positive_int, "a positive integer"),
-    "batch_size": (_positive_int, "a positive integer"),
-    "learning_rate": (_positive_number, "a number > 0"),
-    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    "held_out_shards": (_positive_int, "a positive integer"),
-    "task_items": (_positive_int, "a positive integer"),
-    "attribution_baseline": (lambda v: v in BASELINES, " or ".join(BASELINES)),
-    "attribution_steps": (_positive_int, "a positive integer"),
-    "relie_snapshots": (lambda v: v in (2, 3), "2 or 3"),
-}
 
 
 def available_axes() -> list[str]:
@@ -78,26 +55,30 @@ def read_yaml(path: Path) -> dict:
 
 def check_value(source: str, key: str, value: Any) -> None:
     """Raise naming ``source`` and ``key`` unless ``value`` (or every value of a grid / choice) is valid."""
-    if key not in CHECKS:
-        raise StudyInputError(f"{source}: unknown key '{key}'; valid keys: {', '.join(CHECKS)}")
-    check, expected = CHECKS[key]
     if isinstance(value, dict):
         if len(value) != 1 or next(iter(value)) not in GRAMMAR:
-            raise StudyInputError(f"{source}: {key} must be a value or one of {{{', '.join(GRAMMAR)}: ...}}, got {value}")
-        (kind, argument), = value.items()
+            raise StudyInputError(
+                f"{source}: {key} must be a value or one of {{{', '.join(GRAMMAR)}: ...}}, got {value}"
+            )
+        ((kind, argument),) = value.items()
         if key in ACTIVATION_KEYS and kind not in ("grid_search", "choice"):
-            raise StudyInputError(f"{source}: {key} changes the activations, so it takes a value, grid_search or choice, not {kind}")
+            raise StudyInputError(
+                f"{source}: {key} changes the activations, so it takes a value, grid_search or choice, not {kind}"
+            )
         if kind in ("grid_search", "choice"):
             if not isinstance(argument, list) or not argument:
                 raise StudyInputError(f"{source}: {key}.{kind} needs a non-empty list")
             for item in argument:
-                if not check(item):
-                    raise StudyInputError(f"{source}: {key} = {item!r} is invalid; expected {expected}")
-        elif not (isinstance(argument, list) and len(argument) == 2 and all(isinstance(x, (int, float)) for x in argument)):
+                check_key(source, key, item)
+        elif not (
+            isinstance(argument, list) and len(argument) == 2 and all(isinstance(x, (int, float)) for x in argument)
+        ):
             raise StudyInputError(f"{source}: {key}.{kind} needs [low, high]")
+        else:
+            for bound in argument:
+                check_key(source, key, bound)
         return
-    if not check(value):
-        raise StudyInputError(f"{source}: {key} = {value!r} is invalid; expected {expected}")
+    check_key(source, key, value)
 
 
 def load_space(axis: str, overrides: list[str]) -> dict:
@@ -120,7 +101,7 @@ def load_space(axis: str, overrides: list[str]) -> dict:
             raise StudyInputError(f"--set {key}: {text!r} is not a YAML value") from None
         check_value("--set", key.strip(), value)
         space[key.strip()] = value
-    missing = [key for key in CHECKS if key not in space]
+    missing = [key for key in STUDY_CHECKS if key not in space]
     if missing:
         raise StudyInputError(f"{DEFAULTS}.yaml lacks {', '.join(missing)}; restore them")
     return space
@@ -131,7 +112,7 @@ def to_tune(space: dict) -> dict:
     converted = {}
     for key, value in space.items():
         if isinstance(value, dict) and next(iter(value)) in SAMPLERS:
-            (kind, argument), = value.items()
+            ((kind, argument),) = value.items()
             converted[key] = SAMPLERS[kind](argument)
         else:
             converted[key] = value

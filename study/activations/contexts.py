@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from study.config import CORPUS_VERSION
-from study.corpus import pack_contexts, read_documents
 from study.errors import StudyInputError
-from study.grammar import Grammar
+from study.lm.corpus import pack_contexts, read_documents
+from study.lm.grammar import Grammar
+from study.lm.pretrain_config import CORPUS_VERSION
 
 DOCUMENTS_PER_CHUNK = 256
 
@@ -36,7 +36,9 @@ def corpus_fingerprint(corpus: str) -> str:
         return f"embedded-{CORPUS_VERSION}"
     path = Path(corpus)
     if not path.is_file():
-        raise StudyInputError(f"corpus file {path} does not exist; pass an existing .txt, .jsonl or .parquet file or 'embedded'")
+        raise StudyInputError(
+            f"corpus file {path} does not exist; pass an existing .txt, .jsonl or .parquet file or 'embedded'"
+        )
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -44,14 +46,18 @@ def corpus_fingerprint(corpus: str) -> str:
     return f"{path.name}-{digest.hexdigest()[:16]}"
 
 
-def sample_contexts(tokenizer: PreTrainedTokenizerBase, corpus: str, context_length: int, n_tokens: int, seed: int) -> torch.Tensor:
+def sample_contexts(
+    tokenizer: PreTrainedTokenizerBase, corpus: str, context_length: int, n_tokens: int, seed: int
+) -> torch.Tensor:
     """[n, context_length] contexts packed from the seeded document stream, enough for ``n_tokens`` rows.
 
     Each context contributes context_length - 1 rows: its first position is left out of the
     activations. Packing leaves no padding. Only as many documents as needed are tokenised.
     """
     if context_length < 2:
-        raise StudyInputError(f"context_length must be at least 2 (the first position is dropped), got {context_length}")
+        raise StudyInputError(
+            f"context_length must be at least 2 (the first position is dropped), got {context_length}"
+        )
     needed = -(-n_tokens // (context_length - 1))
     stream, chunks, have = document_stream(corpus, seed), [], 0
     while have < needed:

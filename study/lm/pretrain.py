@@ -1,6 +1,6 @@
 """Pre-train the embedded trajectory: a small GPT-NeoX on the built-in grammar, saved on Pythia's schedule.
 
-    python -m study.pretrain [--preset default|tiny] [--seed N] [--cache-dir DIR]
+    python -m study.lm.pretrain [--preset default|tiny] [--seed N] [--cache-dir DIR]
 
 The result is a folder of ``step<N>/`` ``save_pretrained`` checkpoints (model and tokenizer), the
 corpus as ``corpus.txt`` and a ``manifest.json`` with each checkpoint's losses and agreement score.
@@ -20,11 +20,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from study.config import PRESETS, PretrainConfig
 from study.errors import StudyInputError, run_cli
+from study.lm.pretrain_config import MANIFEST, PRESETS, PretrainConfig
 from study.paths import cache_root
-
-MANIFEST = "manifest.json"
 
 
 def trajectory_folder(config: PretrainConfig, cache_dir: str | Path | None = None) -> Path:
@@ -35,7 +33,9 @@ def read_manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
 
 
-def build_embedded_trajectory(config: PretrainConfig, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+def build_embedded_trajectory(
+    config: PretrainConfig, cache_dir: str | Path | None = None, progress: bool = True
+) -> Path:
     """Return the trajectory's folder, building it first unless a complete one is cached.
 
     The build writes into a private folder and renames it into place, so a crash or a concurrent
@@ -50,7 +50,7 @@ def build_embedded_trajectory(config: PretrainConfig, cache_dir: str | Path | No
         if (folder / MANIFEST).is_file():
             return folder
         # Imported here so that reusing a cached trajectory does not pay for importing torch and transformers.
-        from study.lm_training import pretrain
+        from study.lm.training import pretrain
 
         partial = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
@@ -82,10 +82,12 @@ def summary_table(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m study.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m study.lm.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model and schedule size")
     parser.add_argument("--seed", type=int, help="override the preset's seed")
-    parser.add_argument("--cache-dir", help="cache folder (default: $CROSSCODER_STUDY_CACHE or ~/.cache/crosscoder-study)")
+    parser.add_argument(
+        "--cache-dir", help="cache folder (default: $CROSSCODER_STUDY_CACHE or ~/.cache/crosscoder-study)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     config = PRESETS[args.preset]

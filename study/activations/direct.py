@@ -1,22 +1,26 @@
 """Residual-stream activations of the same tokens at every snapshot, computed directly in this process.
 
-A notebook-sized helper with no Ray and no cache (``study.extraction`` is the scalable path).
-``layer`` 0 is the embedding output, ``l`` the residual stream after block ``l`` (see ``study.residual``).
+A notebook-sized helper with no Ray and no cache (``study.activations.extraction`` is the scalable path).
+``layer`` 0 is the embedding output, ``l`` the residual stream after block ``l`` (see ``study.activations.residual``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from typing import Sequence
-
-from study.residual import residual_stream
-from study.trajectory import Snapshot, Trajectory, load_model
+from study.activations.residual import residual_stream
+from study.lm.trajectory import Snapshot, Trajectory, load_model
 
 
 @torch.no_grad()
 def direct_activations(
-    trajectory: Trajectory | Sequence[Snapshot], contexts: torch.Tensor, layer: int, batch_size: int = 64, device: str | torch.device = "cpu"
+    trajectory: Trajectory | Sequence[Snapshot],
+    contexts: torch.Tensor,
+    layer: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """[tokens, S, d_model] float32 on the CPU for ``contexts`` [n, length]; each context's first
     position is left out (it attends to nothing but itself and carries outsized norms), so

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from study.agreement import agreement_items, encode_items, logit_differences
+from study.activations.contexts import corpus_fingerprint, sample_contexts
 from study.errors import StudyInputError
+from study.lm.agreement import agreement_items, encode_items, logit_differences
+from study.lm.trajectory import Trajectory, load_model, load_tokenizer
 from study.paths import cache_root
-from study.tokens import corpus_fingerprint, sample_contexts
-from study.trajectory import Trajectory, load_model, load_tokenizer
 
 CURVES_VERSION = 2
 """Part of the cache key: raise it when the computation changes."""
@@ -30,8 +30,6 @@ NGRAM_SEED, EVALUATION_SEED = 7_001, 7_002
 """Token samples apart from the activation caches' (which use the sweep's data_seed, 0 by default)."""
 AGREEMENT_ITEMS = 32
 """Prompts per agreement condition."""
-MODEL_CURVES = ("lm_loss", "unigram_kl", "bigram_kl", "agreement_accuracy", "agreement_logit_difference", "unigram_entropy", "bigram_entropy")
-"""The columns of a model-curves table besides ``step``."""
 
 
 class NgramStatistics:
@@ -75,7 +73,11 @@ class NgramStatistics:
 
 
 def curves_key(trajectory: Trajectory, corpus: str) -> str:
-    fields = {"snapshots": [str(s) for s in trajectory.snapshots], "corpus": corpus_fingerprint(corpus), "version": CURVES_VERSION}
+    fields = {
+        "snapshots": [str(s) for s in trajectory.snapshots],
+        "corpus": corpus_fingerprint(corpus),
+        "version": CURVES_VERSION,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,7 +114,9 @@ def compute_model_curves(trajectory: Trajectory, corpus: str, device: str | torc
                 "lm_loss": lm_loss,
                 "unigram_kl": unigram_kl,
                 "bigram_kl": bigram_kl,
-                "agreement_accuracy": float((differences > 0).float().mean()) if agreement is not None else float("nan"),
+                "agreement_accuracy": float((differences > 0).float().mean())
+                if agreement is not None
+                else float("nan"),
                 "agreement_logit_difference": float(differences.mean()),
                 "unigram_entropy": statistics.unigram_entropy(),
                 "bigram_entropy": bigram_entropy,
@@ -121,7 +125,9 @@ def compute_model_curves(trajectory: Trajectory, corpus: str, device: str | torc
     return pd.DataFrame(rows)
 
 
-def model_curves(trajectory: Trajectory, corpus: str, cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> pd.DataFrame:
+def model_curves(
+    trajectory: Trajectory, corpus: str, cache_dir: str | Path | None = None, device: str | torch.device = "cpu"
+) -> pd.DataFrame:
     """``compute_model_curves``, cached under ``<cache>/model_curves/`` by trajectory and corpus."""
     folder = cache_root(cache_dir) / "model_curves"
     path = folder / f"{curves_key(trajectory, corpus)}.parquet"

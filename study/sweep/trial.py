@@ -6,43 +6,65 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 
 from crosscoder import CrossCoderConfig, TrainResult, fit  # noqa: E402
-from study.activation_cache import ActivationCache  # noqa: E402
-from study.agreement import agreement_items  # noqa: E402
-from study.attribution import agreement_task  # noqa: E402
-from study.causal_statistics import causal_statistics  # noqa: E402
-from study.claim_statistics import ClaimStatistics, claim_statistics  # noqa: E402
-from study.search_space import activation_set  # noqa: E402
-from study.splicing import spliced_loss  # noqa: E402
-from study.tokens import sample_contexts  # noqa: E402
+from study.activations.cache import ActivationCache  # noqa: E402
+from study.activations.contexts import sample_contexts  # noqa: E402
+from study.analysis.attribution import agreement_task  # noqa: E402
+from study.analysis.causal_statistics import causal_statistics  # noqa: E402
+from study.analysis.claim_statistics import ClaimStatistics, claim_statistics  # noqa: E402
+from study.analysis.splicing import spliced_loss  # noqa: E402
+from study.lm.agreement import agreement_items  # noqa: E402
+from study.lm.trajectory import Snapshot, load_tokenizer  # noqa: E402
+from study.record import (  # noqa: E402
+    ABLATION_CURVES_ARTIFACT,
+    CROSSCODER_ARTIFACT,
+    DECODER_NORMS_ARTIFACT,
+    DECODER_NORMS_FIGURE,
+    FEATURES_ARTIFACT,
+    TRAINING_PREFIX,
+)
+from study.sweep.search_space import activation_set  # noqa: E402
+from study.sweep.trial_config import TrialConfig  # noqa: E402
 from study.tracking import child_run  # noqa: E402
-from study.trajectory import Snapshot, load_tokenizer  # noqa: E402
 
-CROSSCODER_KEYS = {field.name for field in fields(CrossCoderConfig)}
-SWEEP = "_sweep"
 SPLICED_CONTEXTS = 32
 """Held-out contexts on which ΔCE is measured."""
 
 
-def crosscoder_config(config: dict, checkpoint_dir: Path) -> CrossCoderConfig:
-    values = {key: value for key, value in config.items() if key in CROSSCODER_KEYS}
-    checkpoint_every = max(10, config["n_steps"] // 5)
-    return CrossCoderConfig(**values, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir), device="auto")
+class SweepContext(NamedTuple):
+    """What the sweep hands every trial besides its configuration (through ``tune.with_parameters``)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    caches: dict[str, str]
+    """Activation set (``search_space.activation_set``) -> its cache folder or URI."""
+    snapshots: dict[str, list[Snapshot]]
+    """Activation set -> the snapshots its crosscoder spans."""
+
+
+def crosscoder_config(trial: TrialConfig, checkpoint_dir: Path) -> CrossCoderConfig:
+    """The trial's crosscoder with what the trial decides itself: checkpoints five times a run, the device."""
+    checkpoint_every = max(10, trial.crosscoder.n_steps // 5)
+    return replace(
+        trial.crosscoder, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir), device="auto"
+    )
 
 
 def decoder_norm_figure(decoder_norms: torch.Tensor, steps: list[int]):
@@ -61,17 +83,19 @@ def held_out_contexts(cache: ActivationCache, first_shard: int, tokenizer, count
     """The first ``count`` contexts of the held-out shards, re-drawn exactly as extraction drew them."""
     manifest = cache.manifest
     rows_per_context = manifest["context_length"] - 1
-    contexts = sample_contexts(tokenizer, manifest["corpus"], manifest["context_length"], manifest["n_tokens"], manifest["seed"])
+    contexts = sample_contexts(
+        tokenizer, manifest["corpus"], manifest["context_length"], manifest["n_tokens"], manifest["seed"]
+    )
     first = sum(manifest["rows_per_shard"][:first_shard]) // rows_per_context
     return contexts[first : first + count]
 
 
 def log_statistics(statistics: ClaimStatistics, steps: list[int]) -> None:
-    mlflow.log_metrics(statistics.summary)
+    mlflow.log_metrics(statistics.summary._asdict())
     # Curves over snapshots use the snapshot's training step as MLflow's step; adjacent-pair curves
     # sit at the later snapshot of each pair. One call per snapshot: each call is a store write.
     by_step: dict[int, dict[str, float]] = {step: {} for step in steps}
-    for name, values in statistics.by_snapshot.items():
+    for name, values in statistics.by_snapshot._asdict().items():
         for snapshot_step, value in zip(steps[len(steps) - len(values) :], values):
             by_step[snapshot_step][name] = value
     for snapshot_step, values in by_step.items():
@@ -94,28 +118,46 @@ class TrialOutcome(NamedTuple):
 
 
 def train_and_measure(
-    params: dict, cache_folder: str, snapshots: list[Snapshot], checkpoint_dir: Path, on_checkpoint: Callable[[Path], None] | None = None
+    trial: TrialConfig,
+    cache_folder: str,
+    snapshots: list[Snapshot],
+    checkpoint_dir: Path,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
     statistic on the held-out ones. Knows nothing of Tune or MLflow (``bench/`` times it bare)."""
     cache = ActivationCache(cache_folder)
-    layer, held_out_count = params["layer"], params["held_out_shards"]
+    layer, held_out_count = trial.layer, trial.held_out_shards
     if held_out_count >= cache.n_shards:
-        raise ValueError(f"held_out_shards {held_out_count} leaves no training data in {cache.n_shards} shards; raise n_tokens")
+        raise ValueError(
+            f"held_out_shards {held_out_count} leaves no training data in {cache.n_shards} shards; raise n_tokens"
+        )
     first_held_out = cache.n_shards - held_out_count
     held_out = torch.cat([cache.shard(layer, index) for index in range(first_held_out, cache.n_shards)]).float()
-    batches = cache.batches(layer, params["batch_size"], params["seed"], shards=list(range(first_held_out)))
-    result = fit(batches, crosscoder_config(params, checkpoint_dir), eval_activations=held_out, on_checkpoint=on_checkpoint)
+    batches = cache.batches(
+        layer, trial.crosscoder.batch_size, trial.crosscoder.seed, shards=list(range(first_held_out))
+    )
+    result = fit(
+        batches, crosscoder_config(trial, checkpoint_dir), eval_activations=held_out, on_checkpoint=on_checkpoint
+    )
 
     model = result.model.eval()
     device = model.decoder_weight.device
     tokenizer = load_tokenizer(snapshots[-1])
     contexts = held_out_contexts(cache, first_held_out, tokenizer, SPLICED_CONTEXTS)
-    spliced = spliced_loss(snapshots, contexts, layer, lambda activations: model.reconstruct(activations.to(device)).cpu(), device)
-    task = agreement_task(agreement_items(params["task_items"]), tokenizer)
-    causal = causal_statistics(model, snapshots, layer, task, params["attribution_baseline"], params["attribution_steps"], params["relie_snapshots"])
-    held_out_tokens = torch.from_numpy(cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64"))
-    statistics = claim_statistics(model, held_out, held_out_tokens, cache.steps, result.metrics, spliced, causal, params["seed"])
+    spliced = spliced_loss(
+        snapshots, contexts, layer, lambda activations: model.reconstruct(activations.to(device)).cpu(), device
+    )
+    task = agreement_task(agreement_items(trial.task_items), tokenizer)
+    causal = causal_statistics(
+        model, snapshots, layer, task, trial.attribution_baseline, trial.attribution_steps, trial.relie_snapshots
+    )
+    held_out_tokens = torch.from_numpy(
+        cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64")
+    )
+    statistics = claim_statistics(
+        model, held_out, held_out_tokens, cache.steps, result.metrics, spliced, causal, trial.crosscoder.seed
+    )
     return TrialOutcome(result, statistics, cache.steps)
 
 
@@ -123,23 +165,31 @@ def log_outcome(outcome: TrialOutcome) -> None:
     """Everything a trial produced, into the active MLflow run."""
     result, statistics, steps = outcome
     for entry in result.history:
-        mlflow.log_metrics({f"train/{key}": value for key, value in entry.items() if key != "step"}, step=entry["step"])
+        mlflow.log_metrics(
+            {f"{TRAINING_PREFIX}{key}": value for key, value in entry.items() if key != "step"}, step=entry["step"]
+        )
     log_statistics(statistics, steps)
-    log_table(statistics.features, "features.parquet")
-    log_table(statistics.ablation_curves, "ablation_curves.parquet")
-    log_table(pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps]), "decoder_norms.parquet")
+    log_table(statistics.features, FEATURES_ARTIFACT)
+    log_table(statistics.ablation_curves, ABLATION_CURVES_ARTIFACT)
+    log_table(
+        pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps]),
+        DECODER_NORMS_ARTIFACT,
+    )
     with tempfile.TemporaryDirectory() as folder:
-        result.model.save(Path(folder) / "crosscoder.safetensors")  # the sweep's stability analysis matches these decoders
-        mlflow.log_artifact(str(Path(folder) / "crosscoder.safetensors"))
+        result.model.save(Path(folder) / CROSSCODER_ARTIFACT)  # the sweep's stability analysis matches these decoders
+        mlflow.log_artifact(str(Path(folder) / CROSSCODER_ARTIFACT))
     figure = decoder_norm_figure(result.metrics.decoder_norms, steps)
-    mlflow.log_figure(figure, "decoder_norms.png")
+    mlflow.log_figure(figure, DECODER_NORMS_FIGURE)
     plt.close(figure)
 
 
 def report_checkpoint(path: Path) -> None:
     """Hand the crosscoder checkpoint to Tune, which copies it to the sweep's storage: a trial
     restarted on another node (its own lost) or by a resumed sweep continues from there."""
-    tune.report({"training_step": int(path.stem.removeprefix("step"))}, checkpoint=tune.Checkpoint.from_directory(str(path.parent)))
+    tune.report(
+        {"training_step": int(path.stem.removeprefix("step"))},
+        checkpoint=tune.Checkpoint.from_directory(str(path.parent)),
+    )
 
 
 def restore_checkpoint(folder: Path) -> int | None:
@@ -152,15 +202,14 @@ def restore_checkpoint(folder: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def run_trial(config: dict) -> None:
-    """Tune trainable. ``config[_sweep]`` holds the sweep's MLflow ids and the activation cache and
-    snapshots of each activation set. Crosscoder checkpoints are written on the node's own disk
-    and reported to Tune, which keeps them in the sweep's storage."""
-    sweep = config[SWEEP]
-    params = {key: value for key, value in config.items() if key != SWEEP}
+def run_trial(config: dict, sweep: SweepContext) -> None:
+    """Tune trainable (bound to the sweep's context by ``tune.with_parameters``); ``config`` is the
+    trial's flat key -> value mapping. Crosscoder checkpoints are written on the node's own disk and
+    reported to Tune, which keeps them in the sweep's storage."""
+    trial = TrialConfig.from_flat(config)
     context = tune.get_context()
-    mlflow.set_tracking_uri(sweep["tracking_uri"])
-    run_id = child_run(sweep["experiment_id"], sweep["parent_run_id"], context.get_trial_id(), context.get_trial_name())
+    mlflow.set_tracking_uri(sweep.tracking_uri)
+    run_id = child_run(sweep.experiment_id, sweep.parent_run_id, context.get_trial_id(), context.get_trial_name())
     existing = MlflowClient().get_run(run_id)
     if existing.info.status == "FINISHED":
         # Tune saves its state every few seconds, so a killed sweep can forget a trial it finished;
@@ -173,14 +222,15 @@ def run_trial(config: dict) -> None:
     checkpoints.mkdir(parents=True)
     with mlflow.start_run(run_id=run_id) as run:
         try:
-            mlflow.log_params({key: str(value) for key, value in params.items()})
+            mlflow.log_params({key: str(value) for key, value in config.items()})
             mlflow.set_tag("ray_node_id", ray.get_runtime_context().get_node_id())
             resumed_from = restore_checkpoint(checkpoints)
             if resumed_from is not None:
                 mlflow.set_tag("resumed_from_step", str(resumed_from))
-            key = activation_set(params)
-            snapshots = [Snapshot(step, source, revision) for step, source, revision in sweep["snapshots"][key]]
-            outcome = train_and_measure(params, sweep["caches"][key], snapshots, checkpoints, on_checkpoint=report_checkpoint)
+            key = activation_set(config)
+            outcome = train_and_measure(
+                trial, sweep.caches[key], sweep.snapshots[key], checkpoints, on_checkpoint=report_checkpoint
+            )
             log_outcome(outcome)
         except Exception as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
@@ -189,4 +239,10 @@ def run_trial(config: dict) -> None:
             raise
         finally:
             shutil.rmtree(checkpoints, ignore_errors=True)
-    tune.report({**outcome.statistics.summary, "seconds": time.perf_counter() - started, "mlflow_run_id": run.info.run_id})
+    tune.report(
+        {
+            **outcome.statistics.summary._asdict(),
+            "seconds": time.perf_counter() - started,
+            "mlflow_run_id": run.info.run_id,
+        }
+    )

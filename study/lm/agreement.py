@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from study.errors import StudyInputError
-from study.grammar import PLURAL, SINGULAR, AgreementItem, Grammar
+from study.lm.grammar import PLURAL, SINGULAR, AgreementItem, Grammar
 
 CONDITIONS = tuple((number, attractor) for number in (SINGULAR, PLURAL) for attractor in (False, True))
 
@@ -60,7 +60,9 @@ def single_token(tokenizer: PreTrainedTokenizerBase, word: str) -> int:
 
 def encode_items(items: list[AgreementItem], tokenizer: PreTrainedTokenizerBase) -> AgreementBatch:
     """Each prompt starts with end-of-text, as a document does in training."""
-    prompts = [[tokenizer.eos_token_id] + tokenizer(item.prompt, add_special_tokens=False)["input_ids"] for item in items]
+    prompts = [
+        [tokenizer.eos_token_id] + tokenizer(item.prompt, add_special_tokens=False)["input_ids"] for item in items
+    ]
     length = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), length), tokenizer.eos_token_id, dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -86,7 +88,9 @@ def logit_differences(model: PreTrainedModel, batch: AgreementBatch) -> torch.Te
     return final[rows, batch.correct_token] - final[rows, batch.wrong_token]
 
 
-def score_agreement(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[AgreementItem]) -> AgreementScore:
+def score_agreement(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[AgreementItem]
+) -> AgreementScore:
     differences = logit_differences(model, encode_items(items, tokenizer))
     by_condition = {}
     for number, attractor in CONDITIONS:

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from study.errors import StudyInputError
-from study.grammar import Grammar
+from study.lm.grammar import Grammar
 
 
 def generate_documents(n_documents: int, seed: int) -> list[str]:
@@ -25,11 +25,15 @@ def read_documents(path: str | Path) -> list[str]:
     or a ``.parquet`` file (a ``text`` column)."""
     path = Path(path)
     if not path.is_file():
-        raise StudyInputError(f"corpus file {path} does not exist; pass an existing .txt, .jsonl or .parquet file or 'embedded'")
+        raise StudyInputError(
+            f"corpus file {path} does not exist; pass an existing .txt, .jsonl or .parquet file or 'embedded'"
+        )
     if path.suffix == ".parquet":
         table = pq.read_table(path)
         if "text" not in table.column_names:
-            raise StudyInputError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)}); name the text column 'text'")
+            raise StudyInputError(
+                f"{path} has no 'text' column (columns: {', '.join(table.column_names)}); name the text column 'text'"
+            )
         documents = [str(text) for text in table.column("text").to_pylist() if text is not None]
     elif path.suffix == ".jsonl":
         documents = []
@@ -45,7 +49,9 @@ def read_documents(path: str | Path) -> list[str]:
     elif path.suffix == ".txt":
         documents = path.read_text().splitlines()
     else:
-        raise StudyInputError(f"corpus file {path} has suffix '{path.suffix}'; use .txt (one document per line), .jsonl or .parquet")
+        raise StudyInputError(
+            f"corpus file {path} has suffix '{path.suffix}'; use .txt (one document per line), .jsonl or .parquet"
+        )
     documents = [document for document in documents if document.strip()]
     if not documents:
         raise StudyInputError(f"corpus {path} holds no text; point to a file with at least one non-empty document")

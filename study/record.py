@@ -1,0 +1,303 @@
+"""The record: every name a trial or a sweep logs to MLflow, its label in plots, and each claim's
+thresholds and rule. Trials write through these names, the verdicts and the report read through
+them; nothing else spells them, so adding a statistic is one field here and one value where it is
+computed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# --- per-trial scalars (MLflow metrics without a step)
+
+
+class CausalSummary(NamedTuple):
+    """The causal analyses' scalars (``study.analysis.causal_statistics``)."""
+
+    task_learned_snapshots: float
+    """Snapshots whose clean agreement accuracy reaches TASK_LEARNED_ACCURACY."""
+    causal_ablate_relative: float
+    """Task metric left with the top ABLATE_K features ablated, relative to clean, mean over learned snapshots."""
+    causal_keep_relative: float
+    """Task metric with only the top causal_keep_k features kept (errors kept), relative to clean, same mean."""
+    causal_keep_k: float
+    """Features kept for causal_keep_relative: KEEP_K, at most a quarter of the dictionary."""
+    attribution_gap_max: float
+    """Largest relative shortfall of integrated gradients' completeness over snapshots."""
+    relie_top_mean: float
+    """Mean RelIE at the last RelIE snapshot of its TOP_FEATURES features by indirect effect."""
+
+
+class TrialSummary(NamedTuple):
+    """One trial's scalars: quality, the claim statistics (nan where one does not exist), the causal part."""
+
+    explained_variance: float
+    """Explained variance of the held-out activations, over all snapshots."""
+    min_explained_variance_by_snapshot: float
+    """The lowest per-snapshot explained variance."""
+    l0: float
+    """Mean active features per token."""
+    dead_fraction: float
+    """Share of features that never fire on held-out tokens."""
+    mse: float
+    """Reconstruction loss in the trainer's units."""
+    transition_step: float
+    """Snapshot step where total feature dimensionality turns (nan without a turning point)."""
+    transition_found: float
+    """1 where the dimensionality curve has an inner minimum, else 0."""
+    initial_share: float
+    """Share of live features present (decoder norm at half its maximum) at the first snapshot."""
+    emergent_share: float
+    """Share of live features that reach half their maximum decoder norm later."""
+    median_emergence_step: float
+    """Median emergence step of the emergent features."""
+    norm_proxy_r: float
+    """Pearson r between probe error and relative decoder norm over sampled features and snapshots."""
+    delta_ce_mean: float
+    """Mean over snapshots of the next-token loss increase with the reconstruction spliced in (nats)."""
+    delta_ce_max: float
+    """Largest such increase over snapshots (nats)."""
+    token_specificity_r: float
+    """Spearman r between a feature's peak snapshot and the entropy of its token ids."""
+    alignment_overlap: float
+    """Share of top-activating tokens shared by adjacent snapshots where the feature is present."""
+    sampled_features: float
+    """Features sampled for the probe and alignment analyses."""
+    task_learned_snapshots: float
+    causal_ablate_relative: float
+    causal_keep_relative: float
+    causal_keep_k: float
+    attribution_gap_max: float
+    relie_top_mean: float
+
+
+# --- per-trial curves over snapshots (MLflow metrics, step = the snapshot's training step)
+
+
+class CausalCurves(NamedTuple):
+    """The causal analyses' curves over snapshots."""
+
+    task_logit_difference_by_snapshot: list[float]
+    task_accuracy_by_snapshot: list[float]
+    error_effect_share_by_snapshot: list[float]
+    attribution_gap_by_snapshot: list[float]
+    ablate_top_relative_by_snapshot: list[float]
+    keep_top_relative_by_snapshot: list[float]
+
+
+class TrialCurves(NamedTuple):
+    """One trial's curves over its snapshots, in snapshot order (alignment: S - 1 values, at the later snapshot)."""
+
+    explained_variance_by_snapshot: list[float]
+    l0_by_snapshot: list[float]
+    mean_decoder_norm_by_snapshot: list[float]
+    feature_dimensionality_by_snapshot: list[float]
+    clean_loss_by_snapshot: list[float]
+    delta_ce_by_snapshot: list[float]
+    probe_error_by_snapshot: list[float]
+    token_entropy_by_peak_snapshot: list[float]
+    alignment_overlap_by_snapshot: list[float]
+    task_logit_difference_by_snapshot: list[float]
+    task_accuracy_by_snapshot: list[float]
+    error_effect_share_by_snapshot: list[float]
+    attribution_gap_by_snapshot: list[float]
+    ablate_top_relative_by_snapshot: list[float]
+    keep_top_relative_by_snapshot: list[float]
+
+
+STEPS_CURVE = "explained_variance_by_snapshot"
+"""The curve whose MLflow steps tell which snapshots a trial's crosscoder spans."""
+TRAINING_PREFIX = "train/"
+"""Training-curve metrics (step = optimizer step)."""
+MODEL_PREFIX = "model/"
+"""The parent run's model-level curves (step = snapshot step)."""
+MODEL_CURVES = (
+    "lm_loss",
+    "unigram_kl",
+    "bigram_kl",
+    "agreement_accuracy",
+    "agreement_logit_difference",
+    "unigram_entropy",
+    "bigram_entropy",
+)
+"""The model-level curves, logged as MODEL_PREFIX + name."""
+
+# --- what the report and the sweep analysis compare, and how they label it
+
+COMPARED = (
+    "explained_variance",
+    "min_explained_variance_by_snapshot",
+    "l0",
+    "dead_fraction",
+    "delta_ce_max",
+    "transition_step",
+    "initial_share",
+    "median_emergence_step",
+    "norm_proxy_r",
+    "token_specificity_r",
+    "alignment_overlap",
+    "causal_ablate_relative",
+    "causal_keep_relative",
+    "relie_top_mean",
+)
+"""Trial scalars summarised per axis value (mean and spread over seeds) and listed per trial in the report."""
+PLOTTED_CURVES = (
+    "feature_dimensionality_by_snapshot",
+    "explained_variance_by_snapshot",
+    "delta_ce_by_snapshot",
+    "probe_error_by_snapshot",
+    "token_entropy_by_peak_snapshot",
+    "alignment_overlap_by_snapshot",
+    "ablate_top_relative_by_snapshot",
+    "keep_top_relative_by_snapshot",
+)
+"""Trial curves the report reads and plots."""
+
+
+ABLATE_K = 15
+"""Paper 1: ablating the top 15 features lowers the task metric by more than half..."""
+KEEP_K = 500
+"""...and keeping only the top 500 recovers more than 90 % of it (capped at a quarter of the dictionary)."""
+
+LABELS = {
+    "explained_variance": "explained variance",
+    "min_explained_variance_by_snapshot": "lowest EV over snapshots",
+    "l0": "L0",
+    "dead_fraction": "dead share",
+    "delta_ce_max": "largest ΔCE (nats)",
+    "transition_step": "turning step",
+    "initial_share": "init.-dependent share",
+    "median_emergence_step": "median emergence step",
+    "norm_proxy_r": "r(probe error, norm)",
+    "token_specificity_r": "r(peak snapshot, entropy)",
+    "alignment_overlap": "top-10 overlap",
+    "causal_ablate_relative": f"metric left, top {ABLATE_K} ablated",
+    "causal_keep_relative": "metric kept, top features only",
+    "relie_top_mean": "RelIE of top features, last snapshot",
+    "feature_dimensionality_by_snapshot": "total feature dimensionality",
+    "explained_variance_by_snapshot": "explained variance",
+    "delta_ce_by_snapshot": "ΔCE (nats)",
+    "probe_error_by_snapshot": "probe balanced error",
+    "token_entropy_by_peak_snapshot": "token entropy (nats), by peak snapshot",
+    "alignment_overlap_by_snapshot": "top-10 overlap with previous snapshot",
+    "ablate_top_relative_by_snapshot": f"top {ABLATE_K} ablated",
+    "keep_top_relative_by_snapshot": "top features kept",
+}
+"""Plot and table labels of the compared statistics and plotted curves."""
+
+# --- artifacts
+
+CROSSCODER_ARTIFACT = "crosscoder.safetensors"
+"""The trained crosscoder; the stability analysis matches these decoders across trials."""
+FEATURES_ARTIFACT = "features.parquet"
+"""One row per feature: frequency, alive, emergence and peak step, token entropy, ie_step<N>, relie_step<N>."""
+ABLATION_CURVES_ARTIFACT = "ablation_curves.parquet"
+"""The task metric with the top-k features ablated or kept, per snapshot step and k."""
+DECODER_NORMS_ARTIFACT = "decoder_norms.parquet"
+"""[features, snapshots] decoder norms, columns step<N>."""
+DECODER_NORMS_FIGURE = "decoder_norms.png"
+"""The trial's decoder-norm heatmap."""
+IE_COLUMN = "ie_step"
+"""Prefix of the features table's indirect-effect columns (then the snapshot step)."""
+RELIE_COLUMN = "relie_step"
+"""Prefix of the features table's RelIE columns (then the snapshot step)."""
+MODEL_CURVES_ARTIFACT = "model_curves.parquet"
+"""The parent run's model-level curves."""
+TRIALS_ARTIFACT = "trials.csv"
+"""The parent run's table of trials and their status."""
+ROBUSTNESS_FOLDER = "robustness"
+"""The parent run's artifact folder of the sweep analysis."""
+BY_AXIS_VALUE_ARTIFACT = "by_axis_value.csv"
+STABILITY_ARTIFACT = "stability.csv"
+VERDICTS_ARTIFACT = "verdicts.json"
+REPORT_FOLDER = "report"
+"""The parent run's artifact folder of the report."""
+VERDICT_TAG = "verdict."
+"""Prefix of the parent run's tag per claim."""
+
+# --- claims: thresholds and rules
+
+TASK_LEARNED_ACCURACY = 0.9
+"""A snapshot counts for the causal claim when its clean agreement accuracy reaches this: before the
+task is learned, a share of a near-zero metric means nothing."""
+TOP_FEATURES = 10
+"""Features per snapshot whose RelIE is summarised (and, in the sweep, compared across seeds)."""
+MATCH_THRESHOLD = 0.7
+"""Cosine above which two matched features count as the same feature."""
+SAE_SHARED_LOW = 0.30
+"""Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
+RELIE_JACCARD = 0.5
+"""Mean Jaccard index of the top features by indirect effect, across seeds, for the relie claim to hold."""
+EMERGENCE_SHARE_RANGE = 0.10
+"""Largest spread across trials of the initialization-dependent share for emergence to hold."""
+NORM_PROXY_R = -0.8
+"""Correlation between probe error and decoder norm below which the norm is a proxy."""
+QUALITY_MIN_EV, QUALITY_MAX_L0, QUALITY_MAX_DELTA_CE, QUALITY_MAX_DEAD = 0.85, 120, 0.5, 0.10
+"""Explained variance, L0, ΔCE (nats, every snapshot) and dead share a trial must meet for quality."""
+ABLATE_LEFT_BELOW, KEEP_RECOVERS_ABOVE = 0.5, 0.9
+"""Paper 1's causal figures: ablating the top features leaves under half, keeping them recovers over 90 %."""
+
+
+class Claim(NamedTuple):
+    claim: str
+    """The claim's id."""
+    statistic: str
+    """What it is judged on."""
+    rule: str
+    """When it holds, as the report states it."""
+
+
+CLAIMS = (
+    Claim(
+        "transition",
+        "transition_step",
+        "holds if every trial finds a turning point of total feature dimensionality and the turning steps lie within one "
+        "interval of the coarsest snapshot grid in the sweep; fails otherwise",
+    ),
+    Claim(
+        "emergence",
+        "initial_share, median_emergence_step",
+        f"holds if the share of initialization-dependent features varies by at most {EMERGENCE_SHARE_RANGE:.2f} across trials and "
+        "the median emergence steps lie within one interval of the coarsest snapshot grid; fails otherwise",
+    ),
+    Claim(
+        "norm_proxy",
+        "norm_proxy_r",
+        f"holds if the correlation between probe error and decoder norm is below {NORM_PROXY_R} in every trial; fails otherwise",
+    ),
+    Claim(
+        "quality",
+        "explained_variance, l0, delta_ce_max, dead_fraction",
+        f"holds if every trial has explained variance >= {QUALITY_MIN_EV}, L0 < {QUALITY_MAX_L0}, ΔCE < {QUALITY_MAX_DELTA_CE} nats "
+        f"at every snapshot and at most {QUALITY_MAX_DEAD:.0%} dead features; fails otherwise",
+    ),
+    Claim(
+        "stability",
+        "shared_share (seed pairs)",
+        f"holds if, between trials that differ only in seed, the mean share of features matched one-to-one with cosine > "
+        f"{MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
+    ),
+    Claim(
+        "token_specificity",
+        "token_specificity_r",
+        "holds if in every trial token entropy rises with the snapshot where a feature's decoder norm peaks (Spearman r > 0); "
+        "fails otherwise",
+    ),
+    Claim(
+        "relie",
+        "top_feature_jaccard (seed pairs)",
+        f"holds if, between trials that differ only in seed, the top {TOP_FEATURES} features by indirect effect at the last "
+        f"snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching (cosine > {MATCH_THRESHOLD}); "
+        "fails below",
+    ),
+    Claim(
+        "causal",
+        "causal_ablate_relative, causal_keep_relative",
+        f"holds if in every trial, averaged over the snapshots whose agreement accuracy is at least {TASK_LEARNED_ACCURACY}, "
+        f"ablating the top {ABLATE_K} features by indirect effect leaves under half of the task metric and keeping only the top "
+        f"{KEEP_K} (at most a quarter of the dictionary), errors kept, recovers over 90 % of it; fails otherwise",
+    ),
+)
+"""Each claim of the two papers this harness tests, in the report's order."""
+RULES = {claim.claim: claim.rule for claim in CLAIMS}
+"""claim id -> its rule."""

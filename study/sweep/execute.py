@@ -1,0 +1,157 @@
+"""Run a prepared sweep's trials with Ray Tune: one trainable per trial, the sweep's context bound
+to it, restarts from checkpoints, one line per trial as it starts and ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple
+
+import pandas as pd
+from ray import tune
+
+from study.errors import StudyInputError
+from study.storage import Location
+from study.sweep.search_space import to_tune
+from study.sweep.trial import SweepContext, run_trial
+
+MAX_FAILURES = 2
+"""Restarts of a trial (node lost, worker killed) before it counts as failed."""
+COST_KEYS = ("expansion_ratio", "n_snapshots", "n_steps", "batch_size", "n_tokens")
+"""Keys whose larger values make a trial slower."""
+TABLE_METRICS = ("explained_variance", "l0", "dead_fraction")
+"""The metrics of the closing table and the per-trial lines."""
+
+
+class TrialLines(tune.Callback):
+    """One line per trial as it starts and ends, instead of Tune's own table."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+
+    def describe(self, trial) -> str:
+        return " ".join(f"{key}={trial.config[key]}" for key in self.keys) or trial.trial_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[start]  {trial.trial_id}  {self.describe(trial)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result
+        ev, l0, dead = (result.get(name, float("nan")) for name in TABLE_METRICS)
+        print(
+            f"[done]   {trial.trial_id}  {self.describe(trial)}  EV={ev:.3f} L0={l0:.1f} dead={dead:.2f} ({result.get('seconds', 0):.0f} s)",
+            flush=True,
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(
+            f"[FAILED] {trial.trial_id}  {self.describe(trial)}  (see the trial's MLflow run, tag 'error')", flush=True
+        )
+
+
+def costliest_first(param_space: dict) -> dict:
+    """Grid values of the cost keys, largest first: Tune starts trials in grid order, and on a few
+    CPUs the longest trial should not start last and run alone while the others sit idle."""
+    ordered = dict(param_space)
+    for key in COST_KEYS:
+        value = ordered.get(key)
+        if (
+            isinstance(value, dict)
+            and "grid_search" in value
+            and all(isinstance(v, (int, float)) for v in value["grid_search"])
+        ):
+            ordered[key] = {"grid_search": sorted(value["grid_search"], reverse=True)}
+    return ordered
+
+
+class RunOptions(NamedTuple):
+    """How the trials run (the command line's Tune options)."""
+
+    search: str
+    """grid, or optuna over the sampled keys."""
+    num_samples: int
+    """Repeats of the grid, or Optuna trials."""
+    gpus_per_trial: float
+    """Share of a GPU per trial (0 on CPU)."""
+    max_concurrent: int
+    """Trials at once; 0 lets the cluster's resources decide."""
+    storage: str
+    """Tune's experiment state: a folder every node sees or a URI."""
+    resume: bool
+    """Require an earlier run of this sweep to continue."""
+
+
+def experiment_path(options: RunOptions, sweep_name: str) -> Location:
+    return Location.of(options.storage) / sweep_name
+
+
+def check_resumable(options: RunOptions, sweep_name: str) -> None:
+    """``--resume`` needs Tune's state of an earlier run of this sweep."""
+    if options.resume and not tune.Tuner.can_restore(experiment_path(options, sweep_name).uri):
+        raise StudyInputError(
+            f"--resume: no earlier run of {sweep_name} in {options.storage}; drop --resume to start it"
+        )
+
+
+def build_tuner(
+    space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: RunOptions
+) -> tune.Tuner:
+    """A new Tuner over the search space, or the sweep's earlier one restored from the storage."""
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=context), {"cpu": 1, "gpu": options.gpus_per_trial}
+    )
+    path = experiment_path(options, sweep_name)
+    if tune.Tuner.can_restore(path.uri):
+        print(f"continuing {sweep_name} from {path}")
+        return tune.Tuner.restore(path.uri, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    param_space = costliest_first(to_tune(space))
+    search_alg = None
+    if options.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        param_space = {
+            key: tune.choice(value["grid_search"]) if isinstance(value, dict) and "grid_search" in value else value
+            for key, value in param_space.items()
+        }
+        search_alg = OptunaSearch(metric="explained_variance", mode="max", seed=0)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=options.num_samples, max_concurrent_trials=options.max_concurrent or None, search_alg=search_alg
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_name,
+            storage_path=Location.of(options.storage).uri,
+            verbose=0,
+            # A trial whose node is lost restarts elsewhere from its last checkpoint (a failing
+            # trial also gets these retries before it is marked FAILED).
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            callbacks=[TrialLines(swept)],
+        ),
+    )
+
+
+def run_trials(
+    space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: RunOptions
+) -> pd.DataFrame:
+    """Run every trial; one row per trial: its swept values, done or FAILED, TABLE_METRICS."""
+    tuner = build_tuner(space, swept, sweep_name, context, options)
+    # Progress is TrialLines' one line per trial; Ray's newer console output ignores verbose=0,
+    # and MLflow would draw a bar per artifact the analysis downloads.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Failures are reported by TrialLines and recorded in MLflow; Tune's tracebacks would bury them.
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    rows = []
+    for result in tuner.fit():
+        row = {key: result.config.get(key) for key in swept}
+        row.update(
+            {
+                "status": "FAILED" if result.error else "done",
+                **{name: (result.metrics or {}).get(name) for name in TABLE_METRICS},
+            }
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,132 @@
+"""Plan a sweep: validate everything, resolve the trajectories, list the trials and the activation
+sets they need. Nothing here writes anything or starts Ray, so every user error surfaces here."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from transformers import AutoConfig
+
+from study.activations.extraction import ActivationRequest
+from study.errors import StudyInputError
+from study.lm.trajectory import Trajectory, explained_load_errors, resolve_trajectory
+from study.sweep.search_space import ACTIVATION_KEYS, SAMPLERS, activation_set, grid_points, load_space, swept_keys
+from study.sweep.trial_config import TrialConfig
+
+
+class ActivationSet(NamedTuple):
+    """One set of activations the sweep's trials share, extracted once."""
+
+    point: dict
+    """Its values of the activation keys."""
+    trajectory: Trajectory
+    """The whole trajectory it is cut from (the model-level curves span it)."""
+    request: ActivationRequest
+    """The extraction it needs."""
+
+
+class SweepPlan(NamedTuple):
+    """What a sweep will do, before it does any of it."""
+
+    axis: str
+    space: dict
+    """The merged search space: defaults, the axis file, the overrides."""
+    experiment: str
+    """The MLflow experiment."""
+    sweep_name: str
+    """The sweep's name: its parent run, its folder under the storage."""
+    swept: list[str]
+    """Keys that take several values."""
+    trials: list[dict]
+    """The grid's points (sampled keys not yet drawn)."""
+    activation_sets: dict[str, ActivationSet]
+    """``activation_set(point)`` -> the activations of the trials at that point."""
+
+
+def sweep_name_of(experiment: str, axis: str) -> str:
+    """The experiment, with the axis appended unless the name already holds it."""
+    name = experiment if axis in experiment else f"{experiment}-{axis}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest:
+    """The extraction that a point of the search space (its activation keys) needs."""
+    n_contexts = -(-point["n_tokens"] // (point["context_length"] - 1))
+    # At least 8 shards of at most 128 contexts, of nearly equal size: the last shards are held out
+    # for evaluation, and a remainder shard of a few contexts would leave almost nothing to measure.
+    n_shards = max(8, -(-n_contexts // 128))
+    return ActivationRequest(
+        trajectory.select(point["n_snapshots"], point["snapshot_placement"]),
+        layers=(point["layer"],),
+        corpus=point["corpus"],
+        n_tokens=point["n_tokens"],
+        context_length=point["context_length"],
+        seed=point["data_seed"],
+        contexts_per_shard=max(1, -(-n_contexts // n_shards)),
+    )
+
+
+def at_bounds(point: dict, space: dict) -> list[dict]:
+    """The grid point with each sampled key at its low and at its high bound (choices are already in the grid)."""
+    sampled = {
+        key: value[next(iter(value))]
+        for key, value in space.items()
+        if isinstance(value, dict) and next(iter(value)) in SAMPLERS and next(iter(value)) != "choice"
+    }
+    if not sampled:
+        return [point]
+    return [{**point, **{key: bounds[side] for key, bounds in sampled.items()}} for side in (0, -1)]
+
+
+def resolve(point: dict, cache_dir: str | None, resolved: dict) -> Trajectory:
+    """The point's trajectory, resolved once per (spec, revisions), its layer and snapshot count checked."""
+    spec = (point["trajectory"], tuple(point["revisions"] or ()))
+    if spec not in resolved:
+        trajectory = resolve_trajectory(point["trajectory"], point["revisions"], cache_dir)
+        last = trajectory.snapshots[-1]
+        with explained_load_errors(last):
+            n_layers = AutoConfig.from_pretrained(last.source, revision=last.revision).num_hidden_layers
+        resolved[spec] = (trajectory, n_layers)
+    trajectory, n_layers = resolved[spec]
+    if point["layer"] > n_layers:
+        raise StudyInputError(
+            f"layer {point['layer']} is beyond {trajectory.name}, which has layers 0..{n_layers}; choose one of those"
+        )
+    trajectory.select(point["n_snapshots"], point["snapshot_placement"])  # raises if there are too few snapshots
+    return trajectory
+
+
+def plan_sweep(axis: str, overrides: list[str], experiment: str | None, cache_dir: str | None) -> SweepPlan:
+    """Everything that can be wrong is checked here, before anything is written to the MLflow store."""
+    space = load_space(axis, overrides)
+    trials = grid_points(space)
+    for point in trials:
+        for bound in at_bounds(point, space):
+            TrialConfig.from_flat(bound)
+    resolved: dict = {}
+    activation_sets = {}
+    for point in grid_points(space, ACTIVATION_KEYS):
+        trajectory = resolve(point, cache_dir, resolved)
+        activation_sets[activation_set(point)] = ActivationSet(point, trajectory, activation_request(point, trajectory))
+    experiment = experiment or f"crosscoder-{axis}"
+    return SweepPlan(
+        axis, space, experiment, sweep_name_of(experiment, axis), swept_keys(space), trials, activation_sets
+    )
+
+
+def describe(plan: SweepPlan, num_samples: int) -> str:
+    """The plan as ``--dry-run`` prints it: the trials and the activation sets."""
+    sampled = [key for key in plan.swept if next(iter(plan.space[key])) not in ("grid_search", "choice")]
+    lines = [
+        f"sweep {plan.sweep_name}: axis {plan.axis}, {len(plan.trials) * num_samples} trial(s)"
+        + (f" (plus sampled {', '.join(sampled)})" if sampled else "")
+    ]
+    lines += [
+        f"  trial {index}: " + " ".join(f"{key}={trial[key]}" for key in plan.swept)
+        for index, trial in enumerate(plan.trials)
+    ]
+    lines.append(f"{len(plan.activation_sets)} activation set(s), each extracted once:")
+    for chosen in plan.activation_sets.values():
+        lines.append("  " + " ".join(f"{name}={chosen.point[name]}" for name in ACTIVATION_KEYS))
+    return "\n".join(lines)
