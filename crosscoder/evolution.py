@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from crosscoder.feature_statistics import spearman
+
 EMERGENCE_FRACTION = 0.5
 """A feature has emerged at the first snapshot where its decoder norm reaches this share of its maximum."""
 
@@ -92,3 +94,42 @@ def emergence(decoder_norms: torch.Tensor, steps: list[int], include: torch.Tens
     later_steps = torch.tensor([steps[index] for index in counted[counted > 0].tolist()], dtype=torch.float64)
     median = float(later_steps.median()) if len(later_steps) else float("nan")
     return Emergence(emergence_index, peak_index, initial, 1 - initial, median)
+
+
+UNRESOLVED_CHANGE = 0.1
+"""A feature whose decoder moved by less than this share of its initial norm at every snapshot is unresolved."""
+
+
+def unresolved(decoder: torch.Tensor, initial_decoder: torch.Tensor) -> torch.Tensor:
+    """[F] bool: features whose decoder [F, S, d] never left its initial value measurably at any snapshot.
+
+    Every decoder starts equal at all snapshots, so an unmoved feature looks "present from the start"
+    to the emergence statistic; such a feature tells nothing about when it arose, and is counted apart.
+    """
+    change = (decoder.detach().float() - initial_decoder.detach().float()).norm(dim=-1)
+    scale = initial_decoder.detach().float().norm(dim=-1).clamp_min(1e-12)
+    return (change / scale < UNRESOLVED_CHANGE).all(1).cpu()
+
+
+def order_coherence(activations: torch.Tensor) -> float:
+    """How well the snapshots' order explains how far their activations lie apart, in [-1, 1].
+
+    ``activations`` [N, S, d] hold the same tokens at every snapshot. For each snapshot, the Spearman
+    correlation over the others between distance in the order and mean squared distance of the
+    (norm-scaled) activations, averaged over snapshots: near 1 for a training run, where a model
+    drifts away from where it was; near 0 for snapshots in shuffled order; nan when the snapshots
+    are all the same (nothing evolves). The evolution claims need it high.
+    """
+    activations = activations.detach().double()
+    scaled = activations / activations.norm(dim=-1).mean(0).clamp_min(1e-12)[None, :, None]
+    n_snapshots = scaled.shape[1]
+    distances = torch.stack([(scaled - scaled[:, [s]]).square().sum(-1).mean(0) for s in range(n_snapshots)])  # [S, S]
+    if float(distances.max()) <= 1e-12:
+        return float("nan")
+    order = torch.arange(n_snapshots, dtype=torch.float64)
+    correlations = []
+    for anchor in range(n_snapshots):
+        others = order != anchor
+        correlations.append(spearman((order - anchor).abs()[others], distances[anchor][others]))
+    values = torch.tensor(correlations, dtype=torch.float64)
+    return float(values.nanmean()) if not values.isnan().all() else float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -32,6 +33,8 @@ class TrainResult(NamedTuple):
     """Measured on the evaluation activations when given, else on a training sample."""
     history: list[dict[str, float]]
     """Every ``log_every`` steps: step, loss, mse, sparsity penalty, l0, learning rate, coefficient, dead share."""
+    initial_model: CrossCoder
+    """The same crosscoder as initialised, before any step: the untrained control of every statistic."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -194,6 +197,7 @@ def train(
 
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(sample, torch.Generator().manual_seed(config.seed))
+    initial_model = copy.deepcopy(model).eval()
     model.to(device)
     optimizer = make_optimizer(model)
 
@@ -253,4 +257,4 @@ def train(
 
     model.eval()
     metrics = evaluate(model, eval_activations if eval_activations is not None else sample)
-    return TrainResult(model, metrics, history)
+    return TrainResult(model, metrics, history, initial_model.to(device))

@@ -29,7 +29,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
-from study.record import COMPARED, IE_COLUMN, LABELS, RELIE_COLUMN, REPORT_FOLDER
+from study.record import COMPARED, IE_COLUMN, LABELS, RELIE_COLUMN, REPORT_FOLDER, SHARED_RULES
 from study.storage import Location
 from study.tracking import tracking_uri
 
@@ -192,7 +192,7 @@ def heading(record: SweepRecord) -> tuple[str, str]:
 
 def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path) -> Path:
     title, facts = heading(record)
-    lines = [f"# {title}", "", facts, "", "## Verdicts", ""]
+    lines = [f"# {title}", "", facts, "", "## Verdicts", "", SHARED_RULES, ""]
     verdicts = pd.DataFrame(record.verdicts, columns=["claim", "verdict", "evidence", "rule"])
     lines.append(markdown_table(verdicts))
     lines += [
@@ -248,7 +248,7 @@ td, th {{ border-bottom: 1px solid #d0d7de; padding: 4px 10px; text-align: left;
 figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ color: #57606a; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1><p>{facts_html}</p>
-<h2>Verdicts</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>rule</th></tr>{verdict_rows}</table>
+<h2>Verdicts</h2><p>{html.escape(SHARED_RULES)}</p><table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>rule</th></tr>{verdict_rows}</table>
 {"<h2>Trials that did not finish</h2><ul>" + failures + "</ul>" if failures else ""}
 <h2>Statistics per axis value</h2>
 <p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>

@@ -21,7 +21,7 @@ class CausalSummary(NamedTuple):
     causal_keep_relative: float
     """Task metric with only the top causal_keep_k features kept (errors kept), relative to clean, same mean."""
     causal_keep_k: float
-    """Features kept for causal_keep_relative: KEEP_K, at most a quarter of the dictionary."""
+    """Features kept for causal_keep_relative: KEEP_SHARE of the dictionary, at least KEEP_MIN."""
     attribution_gap_max: float
     """Largest relative shortfall of integrated gradients' completeness over snapshots."""
     relie_top_mean: float
@@ -51,6 +51,10 @@ class TrialSummary(NamedTuple):
     """Share of live features that reach half their maximum decoder norm later."""
     median_emergence_step: float
     """Median emergence step of the emergent features."""
+    unresolved_share: float
+    """Share of live features whose decoder never moved measurably from its initial value (left out of emergence)."""
+    order_coherence: float
+    """How well the snapshot order explains the activations' distances (1: a training run; ~0: shuffled; nan: frozen)."""
     norm_proxy_r: float
     """Pearson r between probe error and relative decoder norm over sampled features and snapshots."""
     delta_ce_mean: float
@@ -59,10 +63,22 @@ class TrialSummary(NamedTuple):
     """Largest such increase over snapshots (nats)."""
     token_specificity_r: float
     """Spearman r between a feature's peak snapshot and the entropy of its token ids."""
+    token_specificity_r_low: float
+    """Low end of its 95 % bootstrap interval over features."""
+    token_specificity_r_high: float
+    """High end of that interval."""
     alignment_overlap: float
     """Share of top-activating tokens shared by adjacent snapshots where the feature is present."""
     sampled_features: float
     """Features sampled for the probe and alignment analyses."""
+    control_explained_variance: float
+    """The untrained control (the crosscoder as initialised): explained variance..."""
+    control_l0: float
+    """...L0..."""
+    control_initial_share: float
+    """...the initialization-dependent share of its live features..."""
+    control_transition_found: float
+    """...and whether its dimensionality curve turns."""
     task_learned_snapshots: float
     causal_ablate_relative: float
     causal_keep_relative: float
@@ -132,9 +148,13 @@ COMPARED = (
     "delta_ce_max",
     "transition_step",
     "initial_share",
+    "control_initial_share",
+    "unresolved_share",
     "median_emergence_step",
+    "order_coherence",
     "norm_proxy_r",
     "token_specificity_r",
+    "token_specificity_r_low",
     "alignment_overlap",
     "causal_ablate_relative",
     "causal_keep_relative",
@@ -156,8 +176,10 @@ PLOTTED_CURVES = (
 
 ABLATE_K = 15
 """Paper 1: ablating the top 15 features lowers the task metric by more than half..."""
-KEEP_K = 500
-"""...and keeping only the top 500 recovers more than 90 % of it (capped at a quarter of the dictionary)."""
+KEEP_SHARE = 500 / 98_304
+"""...and keeping only the top 500 of its 98,304 features recovers more than 90 % of it: kept as a share."""
+KEEP_MIN = 20
+"""Fewest features kept, for dictionaries where that share is a handful (at most a quarter of the dictionary)."""
 
 LABELS = {
     "explained_variance": "explained variance",
@@ -167,6 +189,10 @@ LABELS = {
     "delta_ce_max": "largest ΔCE (nats)",
     "transition_step": "turning step",
     "initial_share": "init.-dependent share",
+    "control_initial_share": "init.-dependent share, untrained control",
+    "unresolved_share": "unresolved share (decoder never moved)",
+    "order_coherence": "order coherence of the snapshots",
+    "token_specificity_r_low": "r(peak, entropy), 95 % low end",
     "median_emergence_step": "median emergence step",
     "norm_proxy_r": "r(probe error, norm)",
     "token_specificity_r": "r(peak snapshot, entropy)",
@@ -238,9 +264,30 @@ ABLATE_LEFT_BELOW, KEEP_RECOVERS_ABOVE = 0.5, 0.9
 """Paper 1's causal figures: ablating the top features leaves under half, keeping them recovers over 90 %."""
 
 
+MIN_COMPARABLE_TRIALS = 2
+"""No verdict from fewer finished trials that give the claim's statistic: it is inconclusive."""
+MIN_ORDER_COHERENCE = 0.5
+"""Order coherence every trial needs for an evolution claim (transition, emergence) to be judged at all."""
+MIN_RESOLVED_SHARE = 0.5
+"""Share of live features whose decoders moved from their initial value, for emergence to be read from them."""
+STATISTICAL_END_TOLERANCE = 0.05
+"""Statistical learning ends at the first snapshot whose unigram KL lies within this share of the curve's range of its floor."""
+
+SHARED_RULES = (
+    f"No verdict from fewer than {MIN_COMPARABLE_TRIALS} comparable trials (finished trials that give the claim's "
+    "statistic): inconclusive. Pairs of trials (stability, relie) differ in the compared key; trials with the same "
+    "configuration are replicates, never pairs. The evolution claims (transition, emergence) are inconclusive unless "
+    f"every trial's snapshots evolve in their order (order coherence >= {MIN_ORDER_COHERENCE}; a frozen or shuffled "
+    "trajectory has none)."
+)
+"""The rules every claim obeys, as the report states them."""
+
+
 class Claim(NamedTuple):
     claim: str
     """The claim's id."""
+    paper_claim: str
+    """What the paper concluded."""
     statistic: str
     """What it is judged on."""
     rule: str
@@ -250,52 +297,69 @@ class Claim(NamedTuple):
 CLAIMS = (
     Claim(
         "transition",
-        "transition_step",
-        "holds if every trial finds a turning point of total feature dimensionality and the turning steps lie within one "
-        "interval of the coarsest snapshot grid in the sweep; fails otherwise",
+        "statistical then feature learning, turning near step 1000 (paper 1)",
+        "transition_step, model/unigram_kl",
+        "holds if every trial finds a turning point of total feature dimensionality, the turning steps lie within one "
+        "interval of the coarsest snapshot grid, and they come at or after the end of statistical learning (the first "
+        f"snapshot whose unigram KL is within {STATISTICAL_END_TOLERANCE:.0%} of its range of its floor); fails otherwise",
     ),
     Claim(
         "emergence",
-        "initial_share, median_emergence_step",
-        f"holds if the share of initialization-dependent features varies by at most {EMERGENCE_SHARE_RANGE:.2f} across trials and "
-        "the median emergence steps lie within one interval of the coarsest snapshot grid; fails otherwise",
+        "features are initialization-dependent or emerge, mostly near the transition (paper 1)",
+        "initial_share, median_emergence_step, unresolved_share, control_initial_share",
+        "counted over resolved features (decoders that moved measurably from their initial value; an untrained "
+        "crosscoder has none, and its initialization-dependent share is 1 by construction); holds if at least "
+        f"{MIN_RESOLVED_SHARE:.0%} of live features are resolved in every trial, the initialization-dependent share "
+        f"varies by at most {EMERGENCE_SHARE_RANGE:.2f} across trials and the median emergence steps lie within one "
+        "grid interval; fails otherwise",
     ),
     Claim(
         "norm_proxy",
+        "decoder norm tracks feature presence, r about -0.87 with probe error (paper 1)",
         "norm_proxy_r",
-        f"holds if the correlation between probe error and decoder norm is below {NORM_PROXY_R} in every trial; fails otherwise",
-    ),
-    Claim(
-        "quality",
-        "explained_variance, l0, delta_ce_max, dead_fraction",
-        f"holds if every trial has explained variance >= {QUALITY_MIN_EV}, L0 < {QUALITY_MAX_L0}, ΔCE < {QUALITY_MAX_DELTA_CE} nats "
-        f"at every snapshot and at most {QUALITY_MAX_DEAD:.0%} dead features; fails otherwise",
-    ),
-    Claim(
-        "stability",
-        "shared_share (seed pairs)",
-        f"holds if, between trials that differ only in seed, the mean share of features matched one-to-one with cosine > "
-        f"{MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
-    ),
-    Claim(
-        "token_specificity",
-        "token_specificity_r",
-        "holds if in every trial token entropy rises with the snapshot where a feature's decoder norm peaks (Spearman r > 0); "
+        f"holds if the correlation between probe error and decoder norm is below {NORM_PROXY_R} in every trial; "
         "fails otherwise",
     ),
     Claim(
+        "quality",
+        "EV >= 85 %, L0 < 120 (paper 1); ΔCE < 0.5, few dead features (paper 2)",
+        "explained_variance, l0, delta_ce_max, dead_fraction",
+        f"holds if every trial has explained variance >= {QUALITY_MIN_EV}, L0 < {QUALITY_MAX_L0}, "
+        f"ΔCE < {QUALITY_MAX_DELTA_CE} nats at every snapshot and at most {QUALITY_MAX_DEAD:.0%} dead features; "
+        "fails otherwise",
+    ),
+    Claim(
+        "stability",
+        "crosscoders find the same features across seeds (paper 2's check)",
+        "shared_share (seed pairs)",
+        f"holds if, between trials whose seeds differ and nothing else, the mean share of features matched one-to-one "
+        f"with cosine > {MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
+    ),
+    Claim(
+        "token_specificity",
+        "early features are token-specific, later ones abstract (paper 2)",
+        "token_specificity_r_low, token_specificity_r_high",
+        "holds if in every trial the 95 % bootstrap interval (over features) of the Spearman r between the snapshot "
+        "where a feature's decoder norm peaks and the entropy of its token ids lies above 0; fails if one lies "
+        "below 0 or some do and some do not; inconclusive where every interval holds 0",
+    ),
+    Claim(
         "relie",
+        "RelIE locates where a feature starts to matter (paper 2)",
         "top_feature_jaccard (seed pairs)",
-        f"holds if, between trials that differ only in seed, the top {TOP_FEATURES} features by indirect effect at the last "
-        f"snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching (cosine > {MATCH_THRESHOLD}); "
-        "fails below",
+        f"holds if, between trials whose seeds differ and nothing else, the top {TOP_FEATURES} features by indirect "
+        f"effect at the last snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching "
+        f"(cosine > {MATCH_THRESHOLD}); fails below",
     ),
     Claim(
         "causal",
-        "causal_ablate_relative, causal_keep_relative",
-        f"holds if in every trial, averaged over the snapshots whose agreement accuracy is at least {TASK_LEARNED_ACCURACY}, "
-        f"ablating the top {ABLATE_K} features by indirect effect leaves under half of the task metric and keeping only the top "
-        f"{KEEP_K} (at most a quarter of the dictionary), errors kept, recovers over 90 % of it; fails otherwise",
+        "ablating tens of features breaks the task; keeping a few hundred restores it (paper 1)",
+        "causal_ablate_relative, causal_keep_relative, causal_keep_k",
+        f"over the trials whose task is learned at some snapshot (accuracy >= {TASK_LEARNED_ACCURACY}; the others are "
+        f"left out, not failed), averaged over the learned snapshots and measured as a share of metric(clean) - "
+        f"metric(baseline): holds if in every trial ablating the top {ABLATE_K} features by indirect effect leaves "
+        f"under {ABLATE_LEFT_BELOW:.0%} and keeping only the top {KEEP_SHARE:.2%} of the dictionary (at least {KEEP_MIN}), "
+        f"errors kept, recovers over {KEEP_RECOVERS_ABOVE:.0%}; fails otherwise",
     ),
 )
 """Each claim of the two papers this harness tests, in the report's order."""

@@ -13,7 +13,7 @@ from crosscoder.feature_statistics import spearman, token_entropy, top_activatio
 from crosscoder.matching import stability
 from crosscoder.probing import norm_proxy, probe_errors
 from study.analysis.model_curves import NgramStatistics
-from study.analysis.verdicts import Trials, judge
+from study.analysis.rules import Trials, judge
 
 
 def orthonormal(count: int, dimension: int, seed: int = 0) -> torch.Tensor:
@@ -165,6 +165,8 @@ def test_verdicts_follow_their_rules():
         transition_found=[1.0, 1.0, 1.0],
         transition_step=[4.0, 4.0, 8.0],
         initial_share=[0.30, 0.35, 0.32],
+        unresolved_share=[0.1, 0.2, 0.1],
+        order_coherence=[0.9, 0.9, 0.95],
         median_emergence_step=[4.0, 8.0, 8.0],
         norm_proxy_r=[-0.9, -0.85, -0.95],
         explained_variance=[0.9, 0.9, 0.95],
@@ -172,6 +174,8 @@ def test_verdicts_follow_their_rules():
         delta_ce_max=[0.1, 0.2, 0.1],
         dead_fraction=[0.0, 0.05, 0.1],
         token_specificity_r=[0.2, 0.3, 0.1],
+        token_specificity_r_low=[0.1, 0.2, 0.05],
+        token_specificity_r_high=[0.3, 0.4, 0.2],
         causal_ablate_relative=[0.2, 0.4, -0.1],
         causal_keep_relative=[0.95, 1.1, 0.92],
         relie_top_mean=[0.9, 0.8, 0.95],
@@ -194,6 +198,8 @@ def test_verdicts_follow_their_rules():
         norm_proxy_r=[-0.9, -0.5, -0.95],
         dead_fraction=[0.0, 0.3, 0.0],
         token_specificity_r=[0.2, -0.1, 0.1],
+        token_specificity_r_low=[0.1, -0.3, 0.05],
+        token_specificity_r_high=[0.3, -0.05, 0.2],
         causal_keep_relative=[0.95, 0.8, 0.92],
     )
     verdicts = verdicts_of(trials(**bad))

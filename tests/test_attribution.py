@@ -109,7 +109,7 @@ def test_corrupted_baseline_flips_the_planted_answer(planted):
     snapshots, task, crosscoder = planted
     statistics = causal_statistics(crosscoder, snapshots, 2, task, "corrupted", 16, 2)
     curves = statistics.curves[statistics.curves["step"] == 1].set_index("k")
-    assert curves.loc[2, "ablated_relative"] == pytest.approx(-1.0, abs=1e-4)  # the features of the other number
+    assert curves.loc[2, "ablated_relative"] == pytest.approx(0.0, abs=1e-4)  # the corrupted metric: none of the gap
     assert curves.loc[2, "kept_relative"] == pytest.approx(1.0, abs=1e-4)  # the distractor is the same in both
 
 

@@ -42,7 +42,7 @@ def test_sweep_survives_a_lost_node_with_cache_and_storage_behind_file_uris(tiny
         "--set",
         "task_items=4",
         "--tokens",
-        "2000",
+        "4400",
         "--cache-dir",
         f"file://{cache}",
         "--storage",

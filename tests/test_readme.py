@@ -39,3 +39,13 @@ def test_notebook_example_trains_and_saves(tiny_trajectory_folder, tmp_path, mon
     assert result.model.decoder_norms().shape == (8 * TINY.hidden_size, len(TINY.checkpoint_steps()))
     assert 0 < result.metrics.explained_variance <= 1
     assert (tmp_path / "crosscoder.safetensors").is_file() and same.config == result.model.config
+
+
+def test_readme_states_every_claim_rule_as_the_record_does():
+    from study.record import CLAIMS, SHARED_RULES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for claim in CLAIMS:
+        assert f"| `{claim.claim}` | {claim.paper_claim} | `{claim.statistic}` | {claim.rule} |" in readme, claim.claim
+    assert SHARED_RULES in readme
+    assert "DESIGN.md" not in readme  # the claims live in the project, not in a file outside it

@@ -47,7 +47,7 @@ def sweep_arguments(trajectory_folder: Path, tmp_path: Path, *extra: str) -> lis
         "--set",
         "batch_size=128",
         "--tokens",
-        "2000",
+        "4400",
         "--cache-dir",
         str(trajectory_folder.parent.parent),
         "--storage",
@@ -320,6 +320,7 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
         (["seed", "--set", "layer=7", "--set", "n_snapshots=4"], "layer 7 is beyond"),
         (["seed", "--set", "learning_rate={loguniform: [1]}"], "learning_rate.loguniform needs [low, high]"),
         (["seed", "--set", "layer={uniform: [0, 2]}"], "layer changes the activations"),
+        (["seed", "--tokens", "3000"], "leaves 1512 held-out tokens in 1 shard(s), fewer than 2048; raise n_tokens to"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(

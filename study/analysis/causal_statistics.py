@@ -15,7 +15,8 @@ from study.lm.trajectory import Snapshot, load_model
 from study.record import (
     ABLATE_K,
     IE_COLUMN,
-    KEEP_K,
+    KEEP_MIN,
+    KEEP_SHARE,
     RELIE_COLUMN,
     TASK_LEARNED_ACCURACY,
     TOP_FEATURES,
@@ -36,18 +37,24 @@ class CausalStatistics(NamedTuple):
     """One row per feature: ie_step<N> at every snapshot, relie_step<N> at the RelIE snapshots."""
 
 
-def relative(value: float, clean: float) -> float:
-    return value / clean if clean != 0 else float("nan")
+def relative(value: float, clean: float, baseline: float) -> float:
+    """Share of the clean-minus-baseline gap that ``value`` keeps: 1 at clean, 0 at the baseline."""
+    return (value - baseline) / (clean - baseline) if clean != baseline else float("nan")
 
 
 def keep_k(n_features: int) -> int:
-    return min(KEEP_K, max(1, n_features // 4))
+    """Paper 1's share of the dictionary (500 of 98,304), at least KEEP_MIN and at most a quarter of it."""
+    return min(max(KEEP_MIN, round(KEEP_SHARE * n_features)), max(1, n_features // 4))
 
 
-def relie_indices(accuracies: list[float], count: int) -> list[int]:
-    """``count`` snapshot indices spread from the first to the last snapshot where the task is learned
-    (where a feature's effect can be compared at all), or over all snapshots where fewer are."""
-    candidates = [index for index, accuracy in enumerate(accuracies) if accuracy >= TASK_LEARNED_ACCURACY]
+def relie_indices(accuracies: list[float], count: int, span: str = "emergence") -> list[int]:
+    """``count`` snapshot indices for RelIE. ``emergence`` (paper 2's use: where a feature starts to
+    matter): spread from the last snapshot before the task is learned to the last learned one;
+    ``learned``: over the learned snapshots only. Over all snapshots where too few qualify."""
+    learned = [index for index, accuracy in enumerate(accuracies) if accuracy >= TASK_LEARNED_ACCURACY]
+    candidates = learned
+    if span == "emergence" and learned and learned[0] > 0:
+        candidates = [learned[0] - 1, *learned]
     if len(candidates) < count:
         candidates = list(range(len(accuracies)))
     return sorted({candidates[round(position * (len(candidates) - 1) / (count - 1))] for position in range(count)})
@@ -81,6 +88,7 @@ def causal_statistics(
     baseline: str,
     attribution_steps: int,
     relie_snapshots: int,
+    relie_span: str = "emergence",
 ) -> CausalStatistics:
     """Attribute the task metric at every snapshot, rank features by indirect effect (largest first),
     and measure ablation curves; RelIE compares ``relie_snapshots`` snapshots (see ``relie_indices``)."""
@@ -134,8 +142,8 @@ def causal_statistics(
                     "baseline": attribution.baseline_metric,
                     "ablated": ablated,
                     "kept": kept,
-                    "ablated_relative": relative(ablated, clean_metric),
-                    "kept_relative": relative(kept, clean_metric),
+                    "ablated_relative": relative(ablated, clean_metric, attribution.baseline_metric),
+                    "kept_relative": relative(kept, clean_metric, attribution.baseline_metric),
                 }
             )
         difference = clean_metric - attribution.baseline_metric
@@ -149,16 +157,18 @@ def causal_statistics(
         # Integrated gradients are complete: the effects add up to the metric difference, up to the Riemann sum's error.
         per_snapshot["attribution_gap"].append(abs(total_effect - difference) / max(abs(difference), 1e-6))
         per_snapshot["ablate_top_relative"].append(
-            relative(curves.ablated[curves.ks.index(ABLATE_K)], clean_metric)
+            relative(curves.ablated[curves.ks.index(ABLATE_K)], clean_metric, attribution.baseline_metric)
             if learned and ABLATE_K in curves.ks
             else float("nan")
         )
         per_snapshot["keep_top_relative"].append(
-            relative(curves.kept[curves.ks.index(kept_k)], clean_metric) if learned else float("nan")
+            relative(curves.kept[curves.ks.index(kept_k)], clean_metric, attribution.baseline_metric)
+            if learned
+            else float("nan")
         )
 
     effects = torch.stack(effects, 1)  # [F, S]
-    chosen = relie_indices(per_snapshot["task_accuracy"], relie_snapshots)
+    chosen = relie_indices(per_snapshot["task_accuracy"], relie_snapshots, relie_span)
     relie = relative_indirect_effect(effects[:, chosen])
     last = chosen[-1]
     top_last = effects[:, last].argsort(descending=True)[:TOP_FEATURES]

@@ -13,8 +13,9 @@ import pandas as pd
 import torch
 
 from crosscoder import CrossCoder, CrossCoderMetrics
-from crosscoder.evolution import emergence, feature_dimensionality, turning_point
+from crosscoder.evolution import emergence, feature_dimensionality, order_coherence, turning_point, unresolved
 from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
+from crosscoder.metrics import evaluate
 from crosscoder.probing import norm_proxy
 from study.analysis.causal_statistics import CausalStatistics
 from study.analysis.splicing import SplicedLoss
@@ -26,6 +27,8 @@ MIN_FIRINGS = 20
 """Held-out tokens a feature must fire on to be sampled (its probe fits and scores on 10 each) or to count in token_specificity."""
 TOP_K = 10
 """Top-activating tokens compared between adjacent snapshots (alignment)."""
+BOOTSTRAP_SAMPLES = 200
+"""Resamples of the features behind token_specificity's interval."""
 PRESENT = 0.5
 """A feature counts as present at a snapshot when its decoder norm is at least this share of its maximum."""
 
@@ -54,8 +57,81 @@ def feature_activations_in_batches(
     )
 
 
+class ProbeStatistics(NamedTuple):
+    """norm_proxy and alignment on the sampled features."""
+
+    sampled: torch.Tensor
+    norm_proxy_r: float
+    probe_error_curve: list[float]
+    overlap_curve: list[float]
+    overlap_mean: float
+
+
+def probe_statistics(
+    model: CrossCoder, held_out: torch.Tensor, activations: torch.Tensor, decoder_norms: torch.Tensor, seed: int
+) -> ProbeStatistics:
+    """norm_proxy and alignment, on features that fire often enough to probe."""
+    n_snapshots = held_out.shape[1]
+    firings = (activations > 0).sum(0)
+    candidates = (firings >= MIN_FIRINGS).nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    sampled = candidates[torch.randperm(len(candidates), generator=generator)[:SAMPLED_FEATURES]].sort().values
+    if len(sampled) < 2:
+        return ProbeStatistics(
+            sampled, float("nan"), [float("nan")] * n_snapshots, [float("nan")] * (n_snapshots - 1), float("nan")
+        )
+    proxy = norm_proxy(held_out, activations[:, sampled] > 0, decoder_norms[sampled], seed)
+    device = model.decoder_weight.device
+    snapshot_activations = model.snapshot_preactivations(held_out.to(device), sampled.to(device)).cpu()
+    overlap = top_activation_overlap(snapshot_activations, TOP_K)  # [K, S-1]
+    present = proxy.relative_decoder_norm >= PRESENT
+    both_present = present[:, :-1] & present[:, 1:]
+    overlap = torch.where(both_present, overlap, float("nan"))
+    overlap_mean = float(overlap.nanmean()) if both_present.any() else float("nan")
+    return ProbeStatistics(
+        sampled, proxy.correlation, proxy.probe_error.nanmean(0).tolist(), overlap.nanmean(0).tolist(), overlap_mean
+    )
+
+
+def bootstrap_interval(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[float, float]:
+    """The 95 % percentile interval of Spearman r(x, y) over BOOTSTRAP_SAMPLES resamples of the points."""
+    if len(x) < 3:
+        return float("nan"), float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(x), (BOOTSTRAP_SAMPLES, len(x)), generator=generator)
+    values = torch.tensor([spearman(x[draw], y[draw]) for draw in draws], dtype=torch.float64)
+    values = values[~values.isnan()]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    return float(values.quantile(0.025)), float(values.quantile(0.975))
+
+
+class EvolutionControl(NamedTuple):
+    """The evolution statistics of the crosscoder as initialised, before training: what they read by construction."""
+
+    initial_share: float
+    transition_found: float
+    explained_variance: float
+    l0: float
+
+
+def evolution_control(
+    initial_model: CrossCoder, held_out: torch.Tensor, steps: list[int], alive: torch.Tensor
+) -> EvolutionControl:
+    initial_metrics = evaluate(initial_model, held_out)
+    dimensionality = feature_dimensionality(initial_model.decoder_weight.detach().cpu())[alive].sum(0)
+    control_emergence = emergence(initial_metrics.decoder_norms, steps, include=alive)
+    return EvolutionControl(
+        control_emergence.initial_share,
+        float(turning_point(dimensionality, steps).step is not None),
+        initial_metrics.explained_variance,
+        initial_metrics.l0,
+    )
+
+
 def claim_statistics(
     model: CrossCoder,
+    initial_model: CrossCoder,
     held_out: torch.Tensor,
     token_ids: torch.Tensor,
     steps: list[int],
@@ -64,7 +140,8 @@ def claim_statistics(
     causal: CausalStatistics,
     seed: int,
 ) -> ClaimStatistics:
-    """Statistics of ``model`` on held-out activations [N, S, d] whose token ids are ``token_ids`` [N]."""
+    """Statistics of ``model`` on held-out activations [N, S, d] whose token ids are ``token_ids`` [N];
+    ``initial_model`` is the same crosscoder before training, the control."""
     model = model.eval()
     n_snapshots = len(steps)
     decoder_norms = metrics.decoder_norms
@@ -76,41 +153,23 @@ def claim_statistics(
     dimensionality = feature_dimensionality(model.decoder_weight.detach().cpu())[alive].sum(0)
     turn = turning_point(dimensionality, steps)
 
-    # emergence: dead features are left out, their decoders never left their (flat) initial norms.
-    evolution = emergence(decoder_norms, steps, include=alive)
-
-    # norm_proxy and alignment, on features that fire often enough to probe.
-    candidates = (firings >= MIN_FIRINGS).nonzero().squeeze(1)
-    generator = torch.Generator().manual_seed(seed)
-    sampled = candidates[torch.randperm(len(candidates), generator=generator)[:SAMPLED_FEATURES]].sort().values
-    proxy_r, probe_error_curve, overlap_curve, overlap_mean = (
-        float("nan"),
-        [float("nan")] * n_snapshots,
-        [float("nan")] * (n_snapshots - 1),
-        float("nan"),
-    )
-    if len(sampled) >= 2:
-        proxy = norm_proxy(held_out, activations[:, sampled] > 0, decoder_norms[sampled], seed)
-        proxy_r, probe_error_curve = proxy.correlation, proxy.probe_error.nanmean(0).tolist()
-        snapshot_activations = model.snapshot_preactivations(
-            held_out.to(model.decoder_weight.device), sampled.to(model.decoder_weight.device)
-        ).cpu()
-        overlap = top_activation_overlap(snapshot_activations, TOP_K)  # [K, S-1]
-        present = proxy.relative_decoder_norm >= PRESENT
-        both_present = present[:, :-1] & present[:, 1:]
-        overlap = torch.where(both_present, overlap, float("nan"))
-        overlap_curve = overlap.nanmean(0).tolist()
-        overlap_mean = float(overlap.nanmean()) if both_present.any() else float("nan")
+    # emergence: dead features are left out, their decoders never left their (flat) initial norms;
+    # so are live ones whose decoders never moved measurably (unresolved), for the same reason.
+    still = unresolved(model.decoder_weight, initial_model.decoder_weight)
+    evolution = emergence(decoder_norms, steps, include=alive & ~still)
+    control = evolution_control(initial_model, held_out, steps, alive)
+    probes = probe_statistics(model, held_out, activations, decoder_norms, seed)
 
     # token_specificity: entropy of each feature's token ids, grouped by the snapshot of its peak norm.
     entropy = token_entropy(activations, token_ids)
     counted = firings >= MIN_FIRINGS
-    peak = evolution.peak_index
+    peak = torch.where(alive, decoder_norms.argmax(1), -1)
     entropy_by_peak = [
         float(entropy[counted & (peak == index)].mean()) if (counted & (peak == index)).any() else float("nan")
         for index in range(n_snapshots)
     ]
     specificity_r = spearman(peak[counted].float(), entropy[counted])
+    specificity_low, specificity_high = bootstrap_interval(peak[counted].float(), entropy[counted], seed)
 
     delta_ce = torch.tensor(spliced.delta_ce)
     summary = TrialSummary(
@@ -124,12 +183,20 @@ def claim_statistics(
         initial_share=evolution.initial_share,
         emergent_share=evolution.emergent_share,
         median_emergence_step=evolution.median_emergence_step,
-        norm_proxy_r=proxy_r,
+        unresolved_share=float(still[alive].double().mean()) if alive.any() else float("nan"),
+        order_coherence=order_coherence(held_out),
+        norm_proxy_r=probes.norm_proxy_r,
         delta_ce_mean=float(delta_ce.mean()),
         delta_ce_max=float(delta_ce.max()),
         token_specificity_r=specificity_r,
-        alignment_overlap=overlap_mean,
-        sampled_features=float(len(sampled)),
+        token_specificity_r_low=specificity_low,
+        token_specificity_r_high=specificity_high,
+        alignment_overlap=probes.overlap_mean,
+        sampled_features=float(len(probes.sampled)),
+        control_explained_variance=control.explained_variance,
+        control_l0=control.l0,
+        control_initial_share=control.initial_share,
+        control_transition_found=control.transition_found,
         **causal.summary._asdict(),
     )
     by_snapshot = TrialCurves(
@@ -141,9 +208,9 @@ def claim_statistics(
         feature_dimensionality_by_snapshot=dimensionality.tolist(),
         clean_loss_by_snapshot=spliced.clean_loss,
         delta_ce_by_snapshot=spliced.delta_ce,
-        probe_error_by_snapshot=probe_error_curve,
+        probe_error_by_snapshot=probes.probe_error_curve,
         token_entropy_by_peak_snapshot=entropy_by_peak,
-        alignment_overlap_by_snapshot=overlap_curve,
+        alignment_overlap_by_snapshot=probes.overlap_curve,
         **causal.by_snapshot._asdict(),
     )
     step_of = torch.tensor(steps, dtype=torch.float32)
@@ -152,12 +219,13 @@ def claim_statistics(
             "feature": range(len(alive)),
             "activation_frequency": metrics.activation_frequency.numpy(),
             "alive": alive.numpy(),
+            "unresolved": still.numpy(),
             "emergence_step": torch.where(
                 evolution.emergence_index >= 0, step_of[evolution.emergence_index.clamp_min(0)], float("nan")
             ).numpy(),
             "peak_step": torch.where(peak >= 0, step_of[peak.clamp_min(0)], float("nan")).numpy(),
             "token_entropy": entropy.numpy(),
-            "sampled": torch.isin(torch.arange(len(alive)), sampled).numpy(),
+            "sampled": torch.isin(torch.arange(len(alive)), probes.sampled).numpy(),
         }
     )
     return ClaimStatistics(summary, by_snapshot, features.merge(causal.features, on="feature"), causal.curves)

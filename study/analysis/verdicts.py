@@ -3,7 +3,6 @@ stability between trials, and a verdict per claim. Reads the trials from MLflow,
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import json
 import tempfile
@@ -16,51 +15,24 @@ from mlflow.tracking import MlflowClient
 
 from crosscoder.matching import matched_jaccard, stability
 from crosscoder.model import CrossCoder
+from study.analysis.rules import Trials, Verdict, judge
 from study.record import (
-    ABLATE_LEFT_BELOW,
     BY_AXIS_VALUE_ARTIFACT,
     COMPARED,
     CROSSCODER_ARTIFACT,
-    EMERGENCE_SHARE_RANGE,
     FEATURES_ARTIFACT,
     IE_COLUMN,
-    KEEP_RECOVERS_ABOVE,
     MATCH_THRESHOLD,
-    NORM_PROXY_R,
-    QUALITY_MAX_DEAD,
-    QUALITY_MAX_DELTA_CE,
-    QUALITY_MAX_L0,
-    QUALITY_MIN_EV,
-    RELIE_JACCARD,
+    MODEL_PREFIX,
     ROBUSTNESS_FOLDER,
     RULES,
-    SAE_SHARED_LOW,
     STABILITY_ARTIFACT,
+    STATISTICAL_END_TOLERANCE,
     STEPS_CURVE,
-    TASK_LEARNED_ACCURACY,
     TOP_FEATURES,
     VERDICT_TAG,
     VERDICTS_ARTIFACT,
 )
-
-
-class Verdict(NamedTuple):
-    claim: str
-    verdict: str
-    """holds, fails, inconclusive or not measured."""
-    rule: str
-    evidence: str
-
-
-class Trials(NamedTuple):
-    """The sweep's finished trials as MLflow holds them."""
-
-    frame: pd.DataFrame
-    """One row per trial: run_id, params (as logged, strings), summary metrics."""
-    swept: list[str]
-    """Params that differ between trials."""
-    steps: dict[str, list[int]]
-    """run_id -> the snapshot steps its crosscoder spans."""
 
 
 def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
@@ -79,9 +51,21 @@ def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
             int(m.step) for m in sorted(client.get_metric_history(run.info.run_id, STEPS_CURVE), key=lambda m: m.step)
         ]
     frame = pd.DataFrame(rows)
+    statistical_end = end_of_statistical_learning(client, parent_run_id)
     param_columns = [c for c in frame.columns if c.startswith("params.")]
     swept = sorted(c[len("params.") :] for c in param_columns if frame[c].nunique(dropna=False) > 1)
-    return Trials(frame, swept, steps)
+    return Trials(frame, swept, steps, statistical_end)
+
+
+def end_of_statistical_learning(client: MlflowClient, parent_run_id: str) -> int | None:
+    """The first snapshot step where the model's unigram KL comes within STATISTICAL_END_TOLERANCE of its
+    range of its floor: statistical learning is over there. None without one model curve."""
+    history = sorted(client.get_metric_history(parent_run_id, f"{MODEL_PREFIX}unigram_kl"), key=lambda m: m.step)
+    if not history:
+        return None
+    values = [m.value for m in history]
+    floor, top = min(values), max(values)
+    return next(m.step for m in history if m.value <= floor + STATISTICAL_END_TOLERANCE * (top - floor))
 
 
 def axis_keys(swept: list[str]) -> list[str]:
@@ -143,7 +127,7 @@ def live_dictionary(client: MlflowClient, run_id: str, folder: Path) -> LiveDict
 
 
 def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
-    """(run_a, run_b) for trials whose params are equal except ``key``; ordered by ``key``'s numeric value."""
+    """(run_a, run_b) for trials whose params are equal except ``key``, whose values differ; ordered by ``key``'s numeric value."""
     column = f"params.{key}"
     if column not in frame:
         return []
@@ -151,7 +135,13 @@ def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
     pairs = []
     for _, group in frame.groupby(others, dropna=False) if others else [((), frame)]:
         ordered = group.assign(_order=pd.to_numeric(group[column], errors="coerce")).sort_values("_order")
-        pairs += list(itertools.combinations(ordered["run_id"], 2))
+        # Trials with the same value are replicates of one configuration, never a pair: their
+        # identical dictionaries would say nothing about what ``key`` changes.
+        pairs += [
+            (a, b)
+            for (a, value_a), (b, value_b) in itertools.combinations(zip(ordered["run_id"], ordered[column]), 2)
+            if value_a != value_b
+        ]
     return pairs
 
 
@@ -183,173 +173,6 @@ def feature_stability(client: MlflowClient, trials: Trials) -> pd.DataFrame:
                     )
                 )
     return pd.DataFrame(rows, columns=columns)
-
-
-def grid_interval_spread(steps_found: list[float], grid: list[int]) -> int:
-    """How many intervals of ``grid`` separate the smallest and largest of ``steps_found``."""
-    positions = [bisect.bisect_left(grid, step) for step in steps_found]
-    return max(positions) - min(positions)
-
-
-def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
-    """A verdict per claim of DESIGN.md's table, by the rules in ``RULES``."""
-    frame = trials.frame
-    coarsest = min(trials.steps.values(), key=len) if trials.steps else []
-
-    def column(name: str) -> pd.Series:
-        return frame[name].dropna() if name in frame else pd.Series(dtype=float)
-
-    def in_every_trial(claim: str, statistic: str, passes, condition: str) -> Verdict:
-        values = column(statistic)
-        if values.empty:
-            return Verdict(claim, "inconclusive", RULES[claim], f"no trial gives {statistic}")
-        passing = int(values.map(passes).sum())
-        listed = ", ".join(f"{value:.3g}" for value in values)
-        return Verdict(
-            claim,
-            "holds" if passing == len(values) else "fails",
-            RULES[claim],
-            f"{condition} in {passing} of {len(values)} trials ({statistic}: {listed})",
-        )
-
-    verdicts = []
-    found, turning = column("transition_found"), column("transition_step")
-    if found.empty:
-        verdicts.append(
-            Verdict("transition", "inconclusive", RULES["transition"], "no trial gives a dimensionality curve")
-        )
-    elif (found < 1).any():
-        verdicts.append(
-            Verdict(
-                "transition",
-                "fails",
-                RULES["transition"],
-                f"{int(found.sum())} of {len(found)} trials find a turning point",
-            )
-        )
-    else:
-        spread = grid_interval_spread(turning.tolist(), coarsest)
-        evidence = f"turning steps {sorted({int(step) for step in turning})}, {spread} interval(s) apart on the grid {coarsest}"
-        verdicts.append(Verdict("transition", "holds" if spread <= 1 else "fails", RULES["transition"], evidence))
-
-    shares, medians = column("initial_share"), column("median_emergence_step")
-    if len(shares) < 2:
-        verdicts.append(
-            Verdict("emergence", "inconclusive", RULES["emergence"], f"{len(shares)} trial(s): nothing to compare")
-        )
-    else:
-        share_range = float(shares.max() - shares.min())
-        median_spread = grid_interval_spread(medians.tolist(), coarsest) if len(medians) else 0
-        evidence = (
-            f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f}; "
-            f"median emergence steps {sorted({int(m) for m in medians})}"
-        )
-        verdicts.append(
-            Verdict(
-                "emergence",
-                "holds" if share_range <= EMERGENCE_SHARE_RANGE and median_spread <= 1 else "fails",
-                RULES["emergence"],
-                evidence,
-            )
-        )
-
-    verdicts.append(in_every_trial("norm_proxy", "norm_proxy_r", lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"))
-
-    if frame.empty:
-        verdicts.append(Verdict("quality", "inconclusive", RULES["quality"], "no finished trial"))
-    else:
-        meets = (
-            (frame["explained_variance"] >= QUALITY_MIN_EV)
-            & (frame["l0"] < QUALITY_MAX_L0)
-            & (frame["delta_ce_max"] < QUALITY_MAX_DELTA_CE)
-            & (frame["dead_fraction"] <= QUALITY_MAX_DEAD)
-        )
-        listed = "; ".join(
-            f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}"
-            for row in frame.itertuples()
-        )
-        verdicts.append(
-            Verdict(
-                "quality",
-                "holds" if meets.all() else "fails",
-                RULES["quality"],
-                f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})",
-            )
-        )
-
-    seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
-    across_ratios = (
-        f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features "
-        f"have a partner in the larger ({len(ratios)} pair(s))"
-        if len(ratios)
-        else ""
-    )
-    if seeds.empty:
-        verdicts.append(
-            Verdict(
-                "stability", "inconclusive", RULES["stability"], "no two trials differ only in seed" + across_ratios
-            )
-        )
-    else:
-        mean_share = float(seeds["shared_share"].mean())
-        evidence = (
-            f"shared share {mean_share:.2f} (range {seeds['shared_share'].min():.2f} to "
-            f"{seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
-            f"mean max cosine {seeds['mean_max_cosine'].mean():.2f}{across_ratios}"
-        )
-        verdicts.append(
-            Verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", RULES["stability"], evidence)
-        )
-
-    verdicts.append(in_every_trial("token_specificity", "token_specificity_r", lambda r: r > 0, "r > 0"))
-
-    relie_context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (
-        ", ".join(f"{value:.2f}" for value in column("relie_top_mean")) or "none"
-    )
-    if len(ratios):
-        relie_context += (
-            f"; across expansion ratios the top features' Jaccard index is "
-            f"{ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
-        )
-    if seeds.empty:
-        verdicts.append(
-            Verdict("relie", "inconclusive", RULES["relie"], "no two trials differ only in seed; " + relie_context)
-        )
-    else:
-        jaccard = float(seeds["top_feature_jaccard"].mean())
-        evidence = (
-            f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to "
-            f"{seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {relie_context}"
-        )
-        verdicts.append(Verdict("relie", "holds" if jaccard >= RELIE_JACCARD else "fails", RULES["relie"], evidence))
-
-    ablated, kept = column("causal_ablate_relative"), column("causal_keep_relative")
-    if ablated.empty or kept.empty:
-        verdicts.append(
-            Verdict(
-                "causal",
-                "inconclusive",
-                RULES["causal"],
-                f"no trial has a snapshot with agreement accuracy >= {TASK_LEARNED_ACCURACY}",
-            )
-        )
-    else:
-        meets = (frame["causal_ablate_relative"] < ABLATE_LEFT_BELOW) & (
-            frame["causal_keep_relative"] > KEEP_RECOVERS_ABOVE
-        )
-        listed = "; ".join(
-            f"ablated {a:.2f}, kept {k:.2f}"
-            for a, k in zip(frame["causal_ablate_relative"], frame["causal_keep_relative"])
-        )
-        verdicts.append(
-            Verdict(
-                "causal",
-                "holds" if meets.all() else "fails",
-                RULES["causal"],
-                f"{int(meets.sum())} of {len(frame)} trials meet both thresholds (metric relative to clean: {listed})",
-            )
-        )
-    return verdicts
 
 
 def analyse_sweep(parent_run_id: str) -> list[Verdict]:

@@ -132,10 +132,37 @@ def embedded_trajectory(config: PretrainConfig | None = None, cache_dir: str | P
     return directory_trajectory(folder, name=f"embedded-{config.cache_key()}")
 
 
+NULL_TWINS = ("frozen", "shuffled")
+"""Controls for the evolution claims, ``frozen:SPEC`` and ``shuffled:SPEC``: SPEC's step names over
+checkpoints whose order means nothing."""
+
+
+def null_twin(trajectory: Trajectory, kind: str, seed: int = 0) -> Trajectory:
+    """``frozen``: the last checkpoint under every step name (nothing evolves); ``shuffled``: each step
+    name over another step's checkpoint, a seeded permutation with no step left in place."""
+    snapshots = trajectory.snapshots
+    if kind == "frozen":
+        sources = [snapshots[-1]] * len(snapshots)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(snapshots), generator=generator)
+        while len(snapshots) > 1 and (order == torch.arange(len(snapshots))).any():
+            order = torch.randperm(len(snapshots), generator=generator)
+        sources = [snapshots[index] for index in order.tolist()]
+    twins = tuple(
+        Snapshot(snapshot.step, source.source, source.revision) for snapshot, source in zip(snapshots, sources)
+    )
+    return Trajectory(f"{kind}:{trajectory.name}", twins)
+
+
 def resolve_trajectory(
     spec: str, revisions: list[str] | None = None, cache_dir: str | Path | None = None
 ) -> Trajectory:
-    """``embedded``, a local folder of ``step<N>/`` checkpoints, or a hub model id (with revisions)."""
+    """``embedded``, a local folder of ``step<N>/`` checkpoints, a hub model id (with revisions), or a
+    null twin of one of those (``frozen:SPEC``, ``shuffled:SPEC``)."""
+    kind, separator, rest = spec.partition(":")
+    if separator and kind in NULL_TWINS:
+        return null_twin(resolve_trajectory(rest, revisions, cache_dir), kind)
     if spec == "embedded":
         return embedded_trajectory(cache_dir=cache_dir)
     if Path(spec).expanduser().exists():

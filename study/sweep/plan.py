@@ -14,6 +14,9 @@ from study.lm.trajectory import Trajectory, explained_load_errors, resolve_traje
 from study.sweep.search_space import ACTIVATION_KEYS, SAMPLERS, activation_set, grid_points, load_space, swept_keys
 from study.sweep.trial_config import TrialConfig
 
+MIN_HELD_OUT_TOKENS = 2048
+"""Fewest held-out activation rows a trial's statistics may rest on."""
+
 
 class ActivationSet(NamedTuple):
     """One set of activations the sweep's trials share, extracted once."""
@@ -52,10 +55,6 @@ def sweep_name_of(experiment: str, axis: str) -> str:
 
 def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest:
     """The extraction that a point of the search space (its activation keys) needs."""
-    n_contexts = -(-point["n_tokens"] // (point["context_length"] - 1))
-    # At least 8 shards of at most 128 contexts, of nearly equal size: the last shards are held out
-    # for evaluation, and a remainder shard of a few contexts would leave almost nothing to measure.
-    n_shards = max(8, -(-n_contexts // 128))
     return ActivationRequest(
         trajectory.select(point["n_snapshots"], point["snapshot_placement"]),
         layers=(point["layer"],),
@@ -63,7 +62,45 @@ def activation_request(point: dict, trajectory: Trajectory) -> ActivationRequest
         n_tokens=point["n_tokens"],
         context_length=point["context_length"],
         seed=point["data_seed"],
-        contexts_per_shard=max(1, -(-n_contexts // n_shards)),
+        contexts_per_shard=contexts_per_shard(point),
+    )
+
+
+def contexts_per_shard(point: dict) -> int:
+    """Contexts per shard: at least 8 shards of at most 128 contexts, of nearly equal size (the last
+    shard is held out for evaluation, and a remainder shard of a few contexts would measure little);
+    fewer, larger shards where that would leave the held-out shard under MIN_HELD_OUT_TOKENS."""
+    rows_per_context = point["context_length"] - 1
+    n_contexts = -(-point["n_tokens"] // rows_per_context)
+    n_shards = max(8, -(-n_contexts // 128))
+    fewest = -(-MIN_HELD_OUT_TOKENS // rows_per_context)
+    if -(-n_contexts // n_shards) < fewest:
+        n_shards = max(2, n_contexts // fewest)
+    return max(1, -(-n_contexts // n_shards))
+
+
+def held_out_tokens(point: dict) -> int:
+    """Activation rows in the point's held-out shards (the last ``held_out_shards``), as extraction cuts them."""
+    rows_per_context = point["context_length"] - 1
+    n_contexts = -(-point["n_tokens"] // rows_per_context)
+    per_shard = contexts_per_shard(point)
+    n_shards = -(-n_contexts // per_shard)
+    if point["held_out_shards"] >= n_shards:
+        return 0
+    held_out_contexts = n_contexts - (n_shards - point["held_out_shards"]) * per_shard
+    return min(held_out_contexts * rows_per_context, point["n_tokens"])
+
+
+def check_held_out(point: dict) -> None:
+    """The held-out shards must hold MIN_HELD_OUT_TOKENS, or every statistic rests on a handful of tokens."""
+    if held_out_tokens(point) >= MIN_HELD_OUT_TOKENS:
+        return
+    needed = point["n_tokens"]
+    while held_out_tokens({**point, "n_tokens": needed}) < MIN_HELD_OUT_TOKENS:
+        needed += 1024
+    raise StudyInputError(
+        f"n_tokens {point['n_tokens']} leaves {held_out_tokens(point)} held-out tokens in {point['held_out_shards']} "
+        f"shard(s), fewer than {MIN_HELD_OUT_TOKENS}; raise n_tokens to {needed} or more"
     )
 
 
@@ -104,6 +141,7 @@ def plan_sweep(axis: str, overrides: list[str], experiment: str | None, cache_di
     for point in trials:
         for bound in at_bounds(point, space):
             TrialConfig.from_flat(bound)
+        check_held_out(point)
     resolved: dict = {}
     activation_sets = {}
     for point in grid_points(space, ACTIVATION_KEYS):

@@ -150,13 +150,28 @@ def train_and_measure(
     )
     task = agreement_task(agreement_items(trial.task_items), tokenizer)
     causal = causal_statistics(
-        model, snapshots, layer, task, trial.attribution_baseline, trial.attribution_steps, trial.relie_snapshots
+        model,
+        snapshots,
+        layer,
+        task,
+        trial.attribution_baseline,
+        trial.attribution_steps,
+        trial.relie_snapshots,
+        trial.relie_span,
     )
     held_out_tokens = torch.from_numpy(
         cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64")
     )
     statistics = claim_statistics(
-        model, held_out, held_out_tokens, cache.steps, result.metrics, spliced, causal, trial.crosscoder.seed
+        model,
+        result.initial_model,
+        held_out,
+        held_out_tokens,
+        cache.steps,
+        result.metrics,
+        spliced,
+        causal,
+        trial.crosscoder.seed,
     )
     return TrialOutcome(result, statistics, cache.steps)
 

@@ -49,6 +49,7 @@ STUDY_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "attribution_baseline": (lambda v: v in BASELINES, " or ".join(BASELINES)),
     "attribution_steps": (lambda v: _integer(v, 1), "a positive integer"),
     "relie_snapshots": (lambda v: v in (2, 3), "2 or 3"),
+    "relie_span": (lambda v: v in ("emergence", "learned"), "emergence or learned"),
 }
 """Each study key: its check and what it expects, as the error message says it."""
 
@@ -85,6 +86,8 @@ class TrialConfig:
     """Integrated-gradient steps."""
     relie_snapshots: int
     """Snapshots RelIE compares: 2 or 3."""
+    relie_span: str
+    """emergence: from the last snapshot before the task is learned on; learned: learned snapshots only."""
     crosscoder: CrossCoderConfig
     """The crosscoder and its training; its keys sit flat beside the study's in a search space."""
 

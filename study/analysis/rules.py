@@ -1,0 +1,260 @@
+"""The verdict rules: one function per claim, from the sweep's finished trials and their feature
+stability. The thresholds and the rule texts are in ``study.record``; the rules shared by every
+claim are here once: no verdict from fewer than two comparable trials, and no evolution claim from
+snapshots that show no ordered evolution (a frozen or shuffled trajectory)."""
+
+from __future__ import annotations
+
+import bisect
+from typing import NamedTuple
+
+import pandas as pd
+
+from study.record import (
+    ABLATE_K,
+    ABLATE_LEFT_BELOW,
+    EMERGENCE_SHARE_RANGE,
+    KEEP_RECOVERS_ABOVE,
+    MIN_COMPARABLE_TRIALS,
+    MIN_ORDER_COHERENCE,
+    MIN_RESOLVED_SHARE,
+    NORM_PROXY_R,
+    QUALITY_MAX_DEAD,
+    QUALITY_MAX_DELTA_CE,
+    QUALITY_MAX_L0,
+    QUALITY_MIN_EV,
+    RELIE_JACCARD,
+    RULES,
+    SAE_SHARED_LOW,
+    TASK_LEARNED_ACCURACY,
+    TOP_FEATURES,
+)
+
+
+class Verdict(NamedTuple):
+    claim: str
+    verdict: str
+    """holds, fails, inconclusive or not measured."""
+    rule: str
+    evidence: str
+
+
+class Trials(NamedTuple):
+    """The sweep's finished trials as MLflow holds them."""
+
+    frame: pd.DataFrame
+    """One row per trial: run_id, params (as logged, strings), summary metrics."""
+    swept: list[str]
+    """Params that differ between trials."""
+    steps: dict[str, list[int]]
+    """run_id -> the snapshot steps its crosscoder spans."""
+    statistical_end: int | None = None
+    """The snapshot step where the model's unigram KL reaches its floor (None: no single model curve)."""
+
+
+def verdict(claim: str, outcome: str, evidence: str) -> Verdict:
+    return Verdict(claim, outcome, RULES[claim], evidence)
+
+
+def column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name].dropna() if name in frame else pd.Series(dtype=float)
+
+
+def too_few(claim: str, count: int, what: str) -> Verdict | None:
+    """The shared rule: a verdict compares at least MIN_COMPARABLE_TRIALS trials."""
+    if count >= MIN_COMPARABLE_TRIALS:
+        return None
+    return verdict(claim, "inconclusive", f"{count} trial(s) give {what}: a verdict needs {MIN_COMPARABLE_TRIALS}")
+
+
+def unordered(claim: str, frame: pd.DataFrame) -> Verdict | None:
+    """The shared rule of the evolution claims: the snapshots must evolve in their order in every trial."""
+    coherence = frame["order_coherence"] if "order_coherence" in frame else pd.Series([float("nan")] * len(frame))
+    if len(coherence) and (coherence.fillna(-1.0) >= MIN_ORDER_COHERENCE).all():
+        return None
+    listed = ", ".join(f"{value:.2f}" for value in coherence)
+    return verdict(
+        claim,
+        "inconclusive",
+        f"the snapshots show no ordered evolution (order coherence {listed or 'none'}; nan: frozen)",
+    )
+
+
+def grid_interval_spread(steps_found: list[float], grid: list[int]) -> int:
+    """How many intervals of ``grid`` separate the smallest and largest of ``steps_found``."""
+    positions = [bisect.bisect_left(grid, step) for step in steps_found]
+    return max(positions) - min(positions)
+
+
+def coarsest_grid(trials: Trials) -> list[int]:
+    return min(trials.steps.values(), key=len) if trials.steps else []
+
+
+def in_every_trial(frame: pd.DataFrame, claim: str, statistic: str, passes, condition: str) -> Verdict:
+    values = column(frame, statistic)
+    found = too_few(claim, len(values), statistic)
+    if found:
+        return found
+    passing = int(values.map(passes).sum())
+    listed = ", ".join(f"{value:.3g}" for value in values)
+    outcome = "holds" if passing == len(values) else "fails"
+    return verdict(claim, outcome, f"{condition} in {passing} of {len(values)} trials ({statistic}: {listed})")
+
+
+def transition_verdict(trials: Trials) -> Verdict:
+    frame = trials.frame
+    found, turning = column(frame, "transition_found"), column(frame, "transition_step")
+    blocked = too_few("transition", len(found), "a dimensionality curve") or unordered("transition", frame)
+    if blocked:
+        return blocked
+    if (found < 1).any():
+        return verdict("transition", "fails", f"{int(found.sum())} of {len(found)} trials find a turning point")
+    grid = coarsest_grid(trials)
+    spread = grid_interval_spread(turning.tolist(), grid)
+    evidence = f"turning steps {sorted({int(step) for step in turning})}, {spread} interval(s) apart on the grid {grid}"
+    after_statistics = True
+    if trials.statistical_end is not None:
+        after_statistics = bool((turning >= trials.statistical_end).all())
+        evidence += f"; statistical learning ends at step {trials.statistical_end} (unigram KL at its floor)"
+    return verdict("transition", "holds" if spread <= 1 and after_statistics else "fails", evidence)
+
+
+def emergence_verdict(trials: Trials) -> Verdict:
+    frame = trials.frame
+    shares, medians = column(frame, "initial_share"), column(frame, "median_emergence_step")
+    blocked = too_few("emergence", len(shares), "an emergence share") or unordered("emergence", frame)
+    if blocked:
+        return blocked
+    resolved = 1 - column(frame, "unresolved_share")
+    control = column(frame, "control_initial_share")
+    median_spread = grid_interval_spread(medians.tolist(), coarsest_grid(trials)) if len(medians) else 0
+    evidence = (
+        f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f} of resolved features "
+        f"(untrained control: {control.min():.2f} to {control.max():.2f}); resolved share "
+        f"{resolved.min():.2f} to {resolved.max():.2f}; median emergence steps {sorted({int(m) for m in medians})}"
+    )
+    holds = (
+        len(resolved) == len(shares)
+        and (resolved >= MIN_RESOLVED_SHARE).all()
+        and float(shares.max() - shares.min()) <= EMERGENCE_SHARE_RANGE
+        and median_spread <= 1
+    )
+    return verdict("emergence", "holds" if holds else "fails", evidence)
+
+
+def quality_verdict(trials: Trials) -> Verdict:
+    frame = trials.frame
+    blocked = too_few("quality", len(frame), "quality metrics")
+    if blocked:
+        return blocked
+    meets = (
+        (frame["explained_variance"] >= QUALITY_MIN_EV)
+        & (frame["l0"] < QUALITY_MAX_L0)
+        & (frame["delta_ce_max"] < QUALITY_MAX_DELTA_CE)
+        & (frame["dead_fraction"] <= QUALITY_MAX_DEAD)
+    )
+    listed = "; ".join(
+        f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}"
+        for row in frame.itertuples()
+    )
+    outcome = "holds" if meets.all() else "fails"
+    return verdict("quality", outcome, f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})")
+
+
+def token_specificity_verdict(trials: Trials) -> Verdict:
+    frame = trials.frame
+    low, high = column(frame, "token_specificity_r_low"), column(frame, "token_specificity_r_high")
+    blocked = too_few("token_specificity", min(len(low), len(high)), "a bootstrap interval")
+    if blocked:
+        return blocked
+    intervals = ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in zip(low, high))
+    evidence = f"95 % intervals of Spearman r: {intervals}"
+    if (low > 0).all():
+        return verdict("token_specificity", "holds", evidence)
+    if (high < 0).any() or (low > 0).any():
+        return verdict("token_specificity", "fails", evidence)
+    return verdict("token_specificity", "inconclusive", evidence + "; every interval holds 0")
+
+
+def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
+    seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
+    across_ratios = (
+        f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features "
+        f"have a partner in the larger ({len(ratios)} pair(s))"
+        if len(ratios)
+        else ""
+    )
+    if seeds.empty:
+        return verdict("stability", "inconclusive", "no two trials differ only in seed" + across_ratios)
+    mean_share = float(seeds["shared_share"].mean())
+    evidence = (
+        f"shared share {mean_share:.2f} (range {seeds['shared_share'].min():.2f} to "
+        f"{seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
+        f"mean max cosine {seeds['mean_max_cosine'].mean():.2f}{across_ratios}"
+    )
+    return verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", evidence)
+
+
+def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
+    seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
+    context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (
+        ", ".join(f"{value:.2f}" for value in column(frame, "relie_top_mean")) or "none"
+    )
+    if len(ratios):
+        context += (
+            f"; across expansion ratios the top features' Jaccard index is "
+            f"{ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
+        )
+    if seeds.empty:
+        return verdict("relie", "inconclusive", "no two trials differ only in seed; " + context)
+    jaccard = float(seeds["top_feature_jaccard"].mean())
+    evidence = (
+        f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to "
+        f"{seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {context}"
+    )
+    return verdict("relie", "holds" if jaccard >= RELIE_JACCARD else "fails", evidence)
+
+
+def causal_verdict(frame: pd.DataFrame) -> Verdict:
+    learned = frame.dropna(
+        subset=[name for name in ("causal_ablate_relative", "causal_keep_relative") if name in frame]
+    )
+    if "causal_ablate_relative" not in frame or "causal_keep_relative" not in frame:
+        learned = frame.iloc[0:0]
+    unlearned = len(frame) - len(learned)
+    note = (
+        f"; {unlearned} trial(s) never learn the task (accuracy < {TASK_LEARNED_ACCURACY}), left out"
+        if unlearned
+        else ""
+    )
+    blocked = too_few("causal", len(learned), "a snapshot where the task is learned")
+    if blocked:
+        return blocked._replace(evidence=blocked.evidence + note)
+    meets = (learned["causal_ablate_relative"] < ABLATE_LEFT_BELOW) & (
+        learned["causal_keep_relative"] > KEEP_RECOVERS_ABOVE
+    )
+    listed = "; ".join(
+        f"top {ABLATE_K} ablated {a:.2f}, top {int(k) if k == k else '?'} kept {b:.2f}"
+        for a, b, k in zip(
+            learned["causal_ablate_relative"],
+            learned["causal_keep_relative"],
+            learned.get("causal_keep_k", pd.Series([float("nan")] * len(learned))),
+        )
+    )
+    evidence = f"{int(meets.sum())} of {len(learned)} trials meet both thresholds (share of the clean-baseline gap: {listed}){note}"
+    return verdict("causal", "holds" if meets.all() else "fails", evidence)
+
+
+def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
+    """A verdict per claim of ``study.record.CLAIMS``, in their order."""
+    frame = trials.frame
+    return [
+        transition_verdict(trials),
+        emergence_verdict(trials),
+        in_every_trial(frame, "norm_proxy", "norm_proxy_r", lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"),
+        quality_verdict(trials),
+        stability_verdict(stabilities),
+        token_specificity_verdict(trials),
+        relie_verdict(frame, stabilities),
+        causal_verdict(frame),
+    ]
