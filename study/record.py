@@ -310,6 +310,7 @@ CLAIMS = (
         "counted over resolved features (decoders that moved measurably from their initial value; an untrained "
         "crosscoder has none, and its initialization-dependent share is 1 by construction); holds if at least "
         f"{MIN_RESOLVED_SHARE:.0%} of live features are resolved in every trial, the initialization-dependent share "
+        f"differs from the untrained control's by more than {EMERGENCE_SHARE_RANGE:.2f} in every trial and "
         f"varies by at most {EMERGENCE_SHARE_RANGE:.2f} across trials and the median emergence steps lie within one "
         "grid interval; fails otherwise",
     ),

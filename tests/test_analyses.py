@@ -166,6 +166,7 @@ def test_verdicts_follow_their_rules():
         transition_step=[4.0, 4.0, 8.0],
         initial_share=[0.30, 0.35, 0.32],
         unresolved_share=[0.1, 0.2, 0.1],
+        control_initial_share=[1.0, 1.0, 1.0],
         order_coherence=[0.9, 0.9, 0.95],
         median_emergence_step=[4.0, 8.0, 8.0],
         norm_proxy_r=[-0.9, -0.85, -0.95],

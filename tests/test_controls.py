@@ -95,6 +95,7 @@ def test_the_good_table_holds_and_its_null_twins_do_not():
 
 def test_an_untrained_looking_dictionary_and_an_early_turn_fail():
     assert outcomes(unresolved_share=[0.9, 0.95])["emergence"] == "fails"  # nothing moved: nothing to date
+    assert outcomes(initial_share=[0.98, 0.99])["emergence"] == "fails"  # what the untrained control gives (1.0)
     assert outcomes(transition_step=[1.0, 1.0])["transition"] == "fails"  # before statistical learning ends (step 2)
 
 

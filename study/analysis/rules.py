@@ -133,8 +133,11 @@ def emergence_verdict(trials: Trials) -> Verdict:
         f"(untrained control: {control.min():.2f} to {control.max():.2f}); resolved share "
         f"{resolved.min():.2f} to {resolved.max():.2f}; median emergence steps {sorted({int(m) for m in medians})}"
     )
+    # A share the untrained crosscoder reaches by construction (1: every decoder starts flat) says nothing.
+    apart_from_control = len(control) == len(shares) and bool(((shares - control).abs() > EMERGENCE_SHARE_RANGE).all())
     holds = (
-        len(resolved) == len(shares)
+        apart_from_control
+        and len(resolved) == len(shares)
         and (resolved >= MIN_RESOLVED_SHARE).all()
         and float(shares.max() - shares.min()) <= EMERGENCE_SHARE_RANGE
         and median_spread <= 1
