@@ -179,8 +179,13 @@ def token_specificity_verdict(trials: Trials) -> Verdict:
     return verdict("token_specificity", "inconclusive", evidence + "; every interval holds 0")
 
 
+def pairs_of_kind(stabilities: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(seed pairs, expansion-ratio pairs) of the stability table."""
+    return stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
+
+
 def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
-    seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
+    seeds, ratios = pairs_of_kind(stabilities)
     across_ratios = (
         f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features "
         f"have a partner in the larger ({len(ratios)} pair(s))"
@@ -199,7 +204,7 @@ def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
 
 
 def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
-    seeds, ratios = stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
+    seeds, ratios = pairs_of_kind(stabilities)
     context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (
         ", ".join(f"{value:.2f}" for value in column(frame, "relie_top_mean")) or "none"
     )
