@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 from study.storage import Location
 
@@ -28,3 +33,25 @@ def cache_location(override: str | os.PathLike | None = None) -> Location:
     if override and "://" in str(override):
         return Location.of(str(override))
     return Location.of(cache_root(override))
+
+
+def build_once(folder: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """Return ``folder``, first calling ``build(partial)`` unless ``folder/marker`` exists.
+
+    ``build`` writes into a private folder (``marker`` last) that is renamed into place, so a crash
+    or a concurrent build never leaves a half-written folder where readers look; the lock makes
+    concurrent callers wait for one build instead of repeating it.
+    """
+    if (folder / marker).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / marker).is_file():
+            return folder
+        partial = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            build(partial)
+            os.replace(partial, folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return folder

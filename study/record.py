@@ -28,6 +28,21 @@ class CausalSummary(NamedTuple):
     """Mean RelIE at the last RelIE snapshot of its TOP_FEATURES features by indirect effect."""
 
 
+class PlantedSummary(NamedTuple):
+    """Logged by trials on a planted trajectory (``study.analysis.planted_recovery``): the crosscoder against the truth."""
+
+    planted_recovered_share: float
+    """Share of the planted features some crosscoder feature recovers (decoder cosine >= RECOVERED_COSINE)."""
+    planted_emergence_agreement: float
+    """Share of the recovered features whose emergence step is the planted one."""
+    planted_token_kind_agreement: float
+    """Share of the recovered features found token-specific (token entropy < 0.5 nats) exactly when planted so."""
+    planted_initial_share: float
+    """The planted features' initialization-dependent share at the trial's snapshots: what initial_share should read."""
+    planted_turning_step: float
+    """The planted dictionary's turning step at the trial's snapshots: what transition_step should read."""
+
+
 class TrialSummary(NamedTuple):
     """One trial's scalars: quality, the claim statistics (nan where one does not exist), the causal part."""
 
@@ -147,8 +162,13 @@ COMPARED = (
     "dead_fraction",
     "delta_ce_max",
     "transition_step",
+    "planted_turning_step",
     "initial_share",
+    "planted_initial_share",
     "control_initial_share",
+    "planted_recovered_share",
+    "planted_emergence_agreement",
+    "planted_token_kind_agreement",
     "unresolved_share",
     "median_emergence_step",
     "order_coherence",
@@ -160,7 +180,8 @@ COMPARED = (
     "causal_keep_relative",
     "relie_top_mean",
 )
-"""Trial scalars summarised per axis value (mean and spread over seeds) and listed per trial in the report."""
+"""Trial scalars summarised per axis value (mean and spread over seeds) and listed per trial in the report;
+the planted_ ones exist only on a planted trajectory, each beside the statistic it is the answer for."""
 PLOTTED_CURVES = (
     "feature_dimensionality_by_snapshot",
     "explained_variance_by_snapshot",
@@ -182,6 +203,11 @@ KEEP_MIN = 20
 """Fewest features kept, for dictionaries where that share is a handful (at most a quarter of the dictionary)."""
 
 LABELS = {
+    "planted_turning_step": "planted turning step (truth)",
+    "planted_initial_share": "planted init.-dependent share (truth)",
+    "planted_recovered_share": "planted features recovered",
+    "planted_emergence_agreement": "recovered features dated as planted",
+    "planted_token_kind_agreement": "recovered features token-specific as planted",
     "explained_variance": "explained variance",
     "min_explained_variance_by_snapshot": "lowest EV over snapshots",
     "l0": "L0",
@@ -311,8 +337,8 @@ CLAIMS = (
         "crosscoder has none, and its initialization-dependent share is 1 by construction); holds if at least "
         f"{MIN_RESOLVED_SHARE:.0%} of live features are resolved in every trial, the initialization-dependent share "
         f"differs from the untrained control's by more than {EMERGENCE_SHARE_RANGE:.2f} in every trial and "
-        f"varies by at most {EMERGENCE_SHARE_RANGE:.2f} across trials and the median emergence steps lie within one "
-        "grid interval; fails otherwise",
+        f"varies by at most {EMERGENCE_SHARE_RANGE:.2f} across trials, the median emergence steps lie within one "
+        "grid interval of each other and of each trial's turning step; fails otherwise",
     ),
     Claim(
         "norm_proxy",
@@ -350,7 +376,8 @@ CLAIMS = (
         "top_feature_jaccard (seed pairs)",
         f"holds if, between trials whose seeds differ and nothing else, the top {TOP_FEATURES} features by indirect "
         f"effect at the last snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching "
-        f"(cosine > {MATCH_THRESHOLD}); fails below",
+        f"(cosine > {MATCH_THRESHOLD}); fails below; inconclusive when no trial learns the task "
+        f"(accuracy >= {TASK_LEARNED_ACCURACY} at some snapshot)",
     ),
     Claim(
         "causal",

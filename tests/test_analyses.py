@@ -180,6 +180,7 @@ def test_verdicts_follow_their_rules():
         causal_ablate_relative=[0.2, 0.4, -0.1],
         causal_keep_relative=[0.95, 1.1, 0.92],
         relie_top_mean=[0.9, 0.8, 0.95],
+        task_learned_snapshots=[3.0, 2.0, 3.0],
     )
     verdicts = verdicts_of(trials(**good))
     assert {claim: verdict for claim, (verdict, _) in verdicts.items()} == {
@@ -230,3 +231,8 @@ def test_verdicts_follow_their_rules():
     assert verdicts_of(trials(**good), seeds.assign(shared_share=[0.1, 0.2]))["stability"][0] == "fails"
     assert verdicts_of(trials(**good), seeds)["relie"][0] == "holds"
     assert verdicts_of(trials(**good), seeds.assign(top_feature_jaccard=[0.4, 0.5]))["relie"][0] == "fails"
+    far_from_turn = verdicts_of(trials(**dict(good, median_emergence_step=[16.0, 16.0, 16.0])))
+    assert far_from_turn["emergence"][0] == "fails"  # features emerge, but not near the transition
+    assert "against turning steps [4, 8]" in far_from_turn["emergence"][1]
+    never_learned = trials(**dict(good, task_learned_snapshots=[0.0, 0.0, 0.0]))
+    assert verdicts_of(never_learned, seeds)["relie"][0] == "inconclusive"  # no task, no effect to share

@@ -127,11 +127,20 @@ def emergence_verdict(trials: Trials) -> Verdict:
         return blocked
     resolved = 1 - column(frame, "unresolved_share")
     control = column(frame, "control_initial_share")
-    median_spread = grid_interval_spread(medians.tolist(), coarsest_grid(trials)) if len(medians) else 0
+    grid = coarsest_grid(trials)
+    median_spread = grid_interval_spread(medians.tolist(), grid) if len(medians) else 0
+    turning = frame["transition_step"] if "transition_step" in frame else pd.Series([float("nan")] * len(frame))
+    median_steps = frame["median_emergence_step"] if "median_emergence_step" in frame else turning * float("nan")
+    # Paper 1: features emerge mostly near the transition; a trial without either step is not near it.
+    near_transition = all(
+        median == median and turn == turn and grid_interval_spread([median, turn], grid) <= 1
+        for median, turn in zip(median_steps, turning)
+    )
     evidence = (
         f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f} of resolved features "
         f"(untrained control: {control.min():.2f} to {control.max():.2f}); resolved share "
-        f"{resolved.min():.2f} to {resolved.max():.2f}; median emergence steps {sorted({int(m) for m in medians})}"
+        f"{resolved.min():.2f} to {resolved.max():.2f}; median emergence steps {sorted({int(m) for m in medians})} "
+        f"against turning steps {sorted({int(t) for t in turning.dropna()})}"
     )
     # A share the untrained crosscoder reaches by construction (1: every decoder starts flat) says nothing.
     apart_from_control = len(control) == len(shares) and bool(((shares - control).abs() > EMERGENCE_SHARE_RANGE).all())
@@ -141,6 +150,7 @@ def emergence_verdict(trials: Trials) -> Verdict:
         and (resolved >= MIN_RESOLVED_SHARE).all()
         and float(shares.max() - shares.min()) <= EMERGENCE_SHARE_RANGE
         and median_spread <= 1
+        and near_transition
     )
     return verdict("emergence", "holds" if holds else "fails", evidence)
 
@@ -215,6 +225,11 @@ def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
         )
     if seeds.empty:
         return verdict("relie", "inconclusive", "no two trials differ only in seed; " + context)
+    if (column(frame, "task_learned_snapshots") == 0).all():
+        # RelIE is each feature's share of the task's indirect effect: with no task, no effect to share.
+        return verdict(
+            "relie", "inconclusive", f"no trial learns the task (accuracy < {TASK_LEARNED_ACCURACY}); {context}"
+        )
     jaccard = float(seeds["top_feature_jaccard"].mean())
     evidence = (
         f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to "

@@ -85,8 +85,8 @@ def by_axis_value(trials: Trials) -> pd.DataFrame:
     )
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
-        for statistic in COMPARED:
-            series = group[statistic].dropna() if statistic in group else pd.Series(dtype=float)
+        for statistic in [name for name in COMPARED if name in trials.frame]:
+            series = group[statistic].dropna()
             rows.append(
                 {
                     **dict(zip(keys, values)),

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from filelock import FileLock
-
 from study.errors import StudyInputError, run_cli
 from study.lm.pretrain_config import MANIFEST, PRESETS, PretrainConfig
-from study.paths import cache_root
+from study.paths import build_once, cache_root
 
 
 def trajectory_folder(config: PretrainConfig, cache_dir: str | Path | None = None) -> Path:
@@ -36,29 +31,15 @@ def read_manifest(folder: Path) -> dict:
 def build_embedded_trajectory(
     config: PretrainConfig, cache_dir: str | Path | None = None, progress: bool = True
 ) -> Path:
-    """Return the trajectory's folder, building it first unless a complete one is cached.
+    """Return the trajectory's folder, building it first unless a complete one is cached."""
 
-    The build writes into a private folder and renames it into place, so a crash or a concurrent
-    build never leaves a half-written trajectory where readers look; the lock makes concurrent
-    callers wait for one build instead of repeating it.
-    """
-    folder = trajectory_folder(config, cache_dir)
-    if (folder / MANIFEST).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if (folder / MANIFEST).is_file():
-            return folder
+    def build(partial: Path) -> None:
         # Imported here so that reusing a cached trajectory does not pay for importing torch and transformers.
         from study.lm.training import pretrain
 
-        partial = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            pretrain(config, partial, progress)
-            os.replace(partial, folder)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    return folder
+        pretrain(config, partial, progress)
+
+    return build_once(trajectory_folder(config, cache_dir), MANIFEST, build)
 
 
 def folder_size_megabytes(folder: Path) -> float:

@@ -158,13 +158,18 @@ def null_twin(trajectory: Trajectory, kind: str, seed: int = 0) -> Trajectory:
 def resolve_trajectory(
     spec: str, revisions: list[str] | None = None, cache_dir: str | Path | None = None
 ) -> Trajectory:
-    """``embedded``, a local folder of ``step<N>/`` checkpoints, a hub model id (with revisions), or a
-    null twin of one of those (``frozen:SPEC``, ``shuffled:SPEC``)."""
+    """``embedded``, ``planted`` (known answers, see ``study.lm.planted``), a local folder of ``step<N>/``
+    checkpoints, a hub model id (with revisions), or a null twin of one of those (``frozen:SPEC``,
+    ``shuffled:SPEC``)."""
     kind, separator, rest = spec.partition(":")
     if separator and kind in NULL_TWINS:
         return null_twin(resolve_trajectory(rest, revisions, cache_dir), kind)
     if spec == "embedded":
         return embedded_trajectory(cache_dir=cache_dir)
+    if spec == "planted":
+        from study.lm.planted import PlantedConfig, planted_folder  # built only when asked for
+
+        return directory_trajectory(planted_folder(cache_dir=cache_dir), name=f"planted-{PlantedConfig().cache_key()}")
     if Path(spec).expanduser().exists():
         return directory_trajectory(spec)
     return hub_trajectory(spec, revisions)

@@ -28,8 +28,10 @@ from study.activations.contexts import sample_contexts  # noqa: E402
 from study.analysis.attribution import agreement_task  # noqa: E402
 from study.analysis.causal_statistics import causal_statistics  # noqa: E402
 from study.analysis.claim_statistics import ClaimStatistics, claim_statistics  # noqa: E402
+from study.analysis.planted_recovery import planted_recovery  # noqa: E402
 from study.analysis.splicing import spliced_loss  # noqa: E402
 from study.lm.agreement import agreement_items  # noqa: E402
+from study.lm.planted import planted_truth_of  # noqa: E402
 from study.lm.trajectory import Snapshot, load_tokenizer  # noqa: E402
 from study.record import (  # noqa: E402
     ABLATION_CURVES_ARTIFACT,
@@ -38,6 +40,7 @@ from study.record import (  # noqa: E402
     DECODER_NORMS_FIGURE,
     FEATURES_ARTIFACT,
     TRAINING_PREFIX,
+    PlantedSummary,
 )
 from study.sweep.search_space import activation_set  # noqa: E402
 from study.sweep.trial_config import TrialConfig  # noqa: E402
@@ -115,6 +118,8 @@ class TrialOutcome(NamedTuple):
     statistics: ClaimStatistics
     steps: list[int]
     """The training step of each of the crosscoder's snapshots."""
+    planted: PlantedSummary | None
+    """The crosscoder against the truth, on a planted trajectory; None elsewhere."""
 
 
 def train_and_measure(
@@ -173,12 +178,21 @@ def train_and_measure(
         causal,
         trial.crosscoder.seed,
     )
-    return TrialOutcome(result, statistics, cache.steps)
+    folder = planted_truth_of(snapshots)
+    planted = None
+    if folder is not None:
+        features = statistics.features
+        emergence_step = torch.from_numpy(features["emergence_step"].to_numpy())
+        token_entropy = torch.from_numpy(features["token_entropy"].to_numpy())
+        planted = planted_recovery(model.decoder_weight, emergence_step, token_entropy, cache.steps, folder).summary
+    return TrialOutcome(result, statistics, cache.steps, planted)
 
 
 def log_outcome(outcome: TrialOutcome) -> None:
     """Everything a trial produced, into the active MLflow run."""
-    result, statistics, steps = outcome
+    result, statistics, steps, planted = outcome
+    if planted is not None:
+        mlflow.log_metrics(planted._asdict())
     for entry in result.history:
         mlflow.log_metrics(
             {f"{TRAINING_PREFIX}{key}": value for key, value in entry.items() if key != "step"}, step=entry["step"]

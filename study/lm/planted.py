@@ -1,0 +1,370 @@
+"""The planted trajectory: GPT-NeoX checkpoints built by hand, whose features and their history are known.
+
+Every block's output projections are zero, so the residual stream at every layer is the token's
+embedding, and the embedding of token v at snapshot s is written from a planted dictionary:
+
+    embedding_s[v] = sum_f coefficient[f, v] * planted_decoder[f, s]
+
+``planted_decoder[f, s]`` is feature f's direction at snapshot s scaled by its magnitude there (zero
+where the feature is absent). What a perfect crosscoder would read is therefore known, and written
+beside the checkpoints as ``truth.json``: per feature its kind, tokens, present-from and gone-at
+steps, emergence and peak step (read from the planted decoder norms exactly as the trial reads its
+own); the dictionary's total dimensionality per snapshot and its turning step; the step where
+statistical learning ends.
+
+What is planted (see ``PlantedConfig``):
+
+* shared features, each on a share of the vocabulary; a share of them is present from step 0, the
+  others appear at chosen steps; their directions collapse onto a few group directions up to the
+  turning step and then spread into new directions of their own, so that the total feature
+  dimensionality falls to its minimum at the turning step and rises after it;
+* token-specific features, each alone on one frequent token, strongest at step 0, fading and gone at
+  a chosen step (paper 1's early token-level features);
+* a unigram phase: the final layer norm's gain is zero, so the logits do not read the residual stream;
+  they are alpha_s * log p_unigram with alpha rising to 1 at ``statistical_end``, where the model's
+  unigram KL reaches its floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.utils import logging as transformers_logging
+from transformers.utils.logging import disable_progress_bar
+
+from crosscoder.evolution import EMERGENCE_FRACTION, feature_dimensionality, turning_point
+from study.errors import StudyInputError, run_cli
+from study.lm.corpus import generate_documents
+from study.lm.tokenizer import train_tokenizer
+from study.paths import build_once, cache_root
+
+TRUTH = "truth.json"
+"""The planted trajectory's answers, written last by a build."""
+PLANTED_DECODER = "planted_decoder.pt"
+"""The planted dictionary [features, snapshots, d_model], in the units a crosscoder's decoder has."""
+PLANTED_VERSION = "planted-v2"
+"""Part of the cache key: raise it when the construction changes."""
+
+
+@dataclass(frozen=True)
+class PlantedConfig:
+    """What the planted trajectory plants, and where."""
+
+    seed: int = 0
+    """Seed of the corpus sample, the tokenizer, directions, token sets and coefficients."""
+    steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+    """Snapshot steps, dense early like Pythia's schedule."""
+    hidden_size: int = 32
+    """Residual-stream width."""
+    n_layers: int = 2
+    """Blocks; they add nothing, so every layer holds the embedding."""
+    vocab_size: int = 1280
+    """BPE vocabulary trained on the grammar, as the embedded model's."""
+    tokenizer_documents: int = 3000
+    """Grammar documents the tokenizer and the token frequencies are drawn from."""
+    n_shared: int = 48
+    """Features shared by many tokens."""
+    appearing_share: float = 0.5
+    """Share of the shared features absent at step 0, appearing at one of ``appear_steps``. Every token but
+    the token-specific ones carries one shared feature present from step 0 and one appearing one."""
+    appear_steps: tuple[int, ...] = (64, 128, 256)
+    """Steps at which the appearing features appear, in turn."""
+    n_specific: int = 16
+    """Token-specific features, each the only feature of one frequent token."""
+    specific_from_rank: int = 16
+    """Frequency rank of the first token-specific token. Not the top ranks: they carry much of the residual
+    stream's norm, and a feature vanishing from them would, under the crosscoder's per-snapshot
+    normalisation, rescale every other feature."""
+    specific_gone_at: int = 64
+    """First step at which the token-specific features are gone."""
+    n_groups: int = 8
+    """Group directions the shared features collapse onto."""
+    collapse_from: int = 8
+    """Last step at which the shared features still have their own early directions."""
+    turning_step: int = 128
+    """Step of full collapse, after which the shared features spread into new directions."""
+    statistical_end: int = 32
+    """Step from which the logits are the corpus's unigram distribution."""
+    coefficient_range: tuple[float, float] = field(default=(0.5, 1.5))
+    """A feature's coefficient on each of its tokens is drawn uniformly from this range."""
+
+    def __post_init__(self) -> None:
+        steps = list(self.steps)
+        if steps != sorted(set(steps)) or len(steps) < 4 or steps[0] != 0:
+            raise StudyInputError(f"planted steps must rise strictly from 0, at least 4 of them; got {steps}")
+        named = {"turning_step": self.turning_step, "statistical_end": self.statistical_end}
+        named |= {"specific_gone_at": self.specific_gone_at, "collapse_from": self.collapse_from}
+        for name, step in named.items():
+            if step not in steps[1:-1]:
+                raise StudyInputError(f"planted {name} {step} must be an inner step of {steps}")
+        if not self.collapse_from < self.turning_step:
+            raise StudyInputError("planted collapse_from must come before turning_step")
+        if self.specific_from_rank < 0 or min(self.n_shared, self.n_specific) < 0:
+            raise StudyInputError("planted specific_from_rank, n_shared and n_specific must be >= 0")
+        if any(step not in steps[1:] for step in self.appear_steps):
+            raise StudyInputError(f"planted appear_steps {self.appear_steps} must be steps of {steps} after 0")
+
+    def cache_key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True) + PLANTED_VERSION
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def positions(steps: tuple[int, ...]) -> torch.Tensor:
+    """Where each step lies on a log(step + 1) axis, from 0 at the first to 1 at the last."""
+    logs = torch.tensor([math.log1p(step) for step in steps], dtype=torch.float64)
+    return logs / logs[-1]
+
+
+def ramp(position: torch.Tensor, start: float, end: float) -> torch.Tensor:
+    """0 up to ``start``, 1 from ``end``, linear between."""
+    return ((position - start) / (end - start)).clamp(0, 1)
+
+
+def unit_vectors(count: int, dimension: int, generator: torch.Generator) -> torch.Tensor:
+    vectors = torch.randn(count, dimension, generator=generator, dtype=torch.float64)
+    return vectors / vectors.norm(dim=-1, keepdim=True)
+
+
+class PlantedDictionary:
+    """The planted features of ``config`` over the tokens whose ``frequency`` [vocab] is positive."""
+
+    def __init__(self, config: PlantedConfig, frequency: torch.Tensor):
+        self.config = config
+        generator = torch.Generator().manual_seed(config.seed)
+        at = positions(config.steps)
+        step_index = {step: index for index, step in enumerate(config.steps)}
+        seen = frequency.nonzero().squeeze(1)
+        n_features, d = config.n_shared + config.n_specific, config.hidden_size
+        self.kinds = ["shared"] * config.n_shared + ["specific"] * config.n_specific
+
+        # Shared features come in two pools: present from step 0, and appearing at one of appear_steps.
+        n_appearing = round(config.appearing_share * config.n_shared)
+        appearing = torch.randperm(config.n_shared, generator=generator)[:n_appearing]
+        is_appearing = torch.zeros(config.n_shared, dtype=torch.bool)
+        is_appearing[appearing] = True
+        pools = [pool for pool in (is_appearing.logical_not().nonzero(), appearing[:, None]) if len(pool)]
+
+        # Which tokens carry which feature. Each token-specific feature alone on one frequent token (a
+        # shared feature beside it would be absorbed: one feature for the token's whole embedding is
+        # sparser than two, so no sparse dictionary could recover the pair). Every other token one
+        # feature of each pool, the one with the least frequency mass so far (a token's mass capped at
+        # the pool's size-th largest), so every shared feature fires on many tokens, about equally
+        # often. Each pool walks the tokens in its own random order: its features' token sets are then
+        # independent of the other pool's, and no pair of features always fires together. A token thus
+        # never loses its whole embedding when features appear, so the crosscoder's per-snapshot
+        # normalisation barely rescales the features already there.
+        coefficients = torch.zeros(n_features, len(frequency), dtype=torch.float64)
+        by_frequency = frequency.argsort(descending=True)[: len(seen)]
+        first_specific = config.specific_from_rank
+        specific_tokens = by_frequency[first_specific : first_specific + config.n_specific]
+        shared_tokens = torch.cat([by_frequency[:first_specific], by_frequency[first_specific + config.n_specific :]])
+        for pool in pools:
+            pool = pool.squeeze(1)
+            cap = float(frequency[shared_tokens[min(len(pool), len(shared_tokens)) - 1]])
+            mass = torch.zeros(len(pool), dtype=torch.float64)
+            order = shared_tokens[torch.randperm(len(shared_tokens), generator=generator)]
+            for token in order.tolist():
+                chosen = int(mass.argmin())
+                coefficients[pool[chosen], token] = 1.0
+                mass[chosen] += min(float(frequency[token]), cap)
+        for offset, token in enumerate(specific_tokens.tolist()):
+            coefficients[config.n_shared + offset, token] = 1.0
+        low, high = config.coefficient_range
+        drawn = low + (high - low) * torch.rand(coefficients.shape, generator=generator, dtype=torch.float64)
+        self.coefficients = coefficients * drawn
+
+        # Magnitudes: shared features grow slowly (so they peak late), appearing ones are zero before
+        # their step; token-specific ones are strongest at step 0 and fade out.
+        magnitude = torch.zeros(n_features, len(at), dtype=torch.float64)
+        magnitude[: config.n_shared] = 0.6 + 0.4 * at
+        for order, feature in enumerate(appearing.tolist()):
+            magnitude[feature, : step_index[config.appear_steps[order % len(config.appear_steps)]]] = 0.0
+        gone = step_index[config.specific_gone_at]
+        fading = 1.0 - 0.5 * at / at[gone - 1]
+        magnitude[config.n_shared :, :gone] = fading[:gone]
+
+        # Directions: shared features move from their own early direction onto their group's, fully at
+        # the turning step, then out to a new direction of their own; token-specific ones stay put.
+        early, late = unit_vectors(n_features, d, generator), unit_vectors(n_features, d, generator)
+        groups = unit_vectors(config.n_groups, d, generator)
+        group_of = torch.arange(n_features) % config.n_groups
+        collapse_at, turn_at = float(at[step_index[config.collapse_from]]), float(at[step_index[config.turning_step]])
+        collapsing = ramp(at, collapse_at, turn_at) - ramp(at, turn_at, 1.0)  # 0 .. 1 at the turn .. 0
+        after_turn = at > turn_at
+        own = torch.where(after_turn[None, :, None], late[:, None], early[:, None])  # [F, S, d]
+        mixed = (1 - collapsing)[None, :, None] * own + collapsing[None, :, None] * groups[group_of][:, None]
+        directions = mixed / mixed.norm(dim=-1, keepdim=True)
+        directions[config.n_shared :] = early[config.n_shared :, None]
+
+        decoder = magnitude[:, :, None] * directions  # [F, S, d]
+        # Each snapshot scaled to the same frequency-weighted mean norm, so that the crosscoder's
+        # per-snapshot normalisation leaves the planted magnitudes as they are.
+        weights = frequency.double() / frequency.sum()
+        norms = torch.stack([(self.coefficients.T @ decoder[:, s]).norm(dim=-1) @ weights for s in range(len(at))])
+        self.decoder = decoder * (norms[0] / norms)[None, :, None]
+
+    def embeddings(self, snapshot: int) -> torch.Tensor:
+        """[vocab, d] the embedding matrix at snapshot index ``snapshot``."""
+        return self.coefficients.T @ self.decoder[:, snapshot]
+
+    def truth(self) -> dict:
+        """Per feature and for the whole dictionary, what a crosscoder that recovered it would read."""
+        steps = list(self.config.steps)
+        norms = self.decoder.norm(dim=-1)  # [F, S]
+        present = norms > 0
+        reached = norms >= EMERGENCE_FRACTION * norms.max(1, keepdim=True).values
+        dimensionality = feature_dimensionality(self.decoder.float()).sum(0)
+        features = []
+        for feature, kind in enumerate(self.kinds):
+            present_at = present[feature].nonzero().squeeze(1).tolist()
+            gone = [s for s in range(present_at[0], len(steps)) if not present[feature, s]]
+            features.append(
+                {
+                    "feature": feature,
+                    "kind": kind,
+                    "tokens": self.coefficients[feature].nonzero().squeeze(1).tolist(),
+                    "present_from": steps[present_at[0]],
+                    "gone_at": steps[gone[0]] if gone else None,
+                    "emergence_step": steps[int(reached[feature].float().argmax())],
+                    "peak_step": steps[int(norms[feature].argmax())],
+                }
+            )
+        emergence_steps = torch.tensor([f["emergence_step"] for f in features], dtype=torch.float64)
+        later = emergence_steps[emergence_steps > 0]
+        return {
+            "config": asdict(self.config),
+            "steps": steps,
+            "turning_step": turning_point(dimensionality, steps).step,
+            "statistical_end": self.config.statistical_end,
+            "initial_share": float((emergence_steps == 0).double().mean()),
+            "median_emergence_step": float(later.median()) if len(later) else None,
+            "dimensionality_by_step": dimensionality.tolist(),
+            "features": features,
+        }
+
+
+def token_frequency(tokenizer, documents: list[str]) -> torch.Tensor:
+    ids = [token for document in documents for token in tokenizer(document)["input_ids"]]
+    return torch.bincount(torch.tensor(ids), minlength=len(tokenizer))
+
+
+def planted_model(
+    config: PlantedConfig, embeddings: torch.Tensor, log_unigram: torch.Tensor, unigram_weight: float
+) -> GPTNeoXForCausalLM:
+    """A GPT-NeoX whose residual stream is ``embeddings`` at every layer and whose logits are
+    ``unigram_weight * log_unigram`` whatever the input."""
+    vocab, d = embeddings.shape
+    neox = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=2,
+        intermediate_size=2 * d,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(config.seed)  # the unused weights (attention, MLP inputs) are drawn, seeded
+    model = GPTNeoXForCausalLM(neox)
+    with torch.no_grad():
+        for layer in model.base_model.layers:
+            for projection in (layer.attention.dense, layer.mlp.dense_4h_to_h):
+                projection.weight.zero_()
+                projection.bias.zero_()
+        model.get_input_embeddings().weight.copy_(embeddings)
+        final_norm = model.base_model.final_layer_norm
+        final_norm.weight.zero_()
+        final_norm.bias.zero_()
+        final_norm.bias[0] = unigram_weight
+        unembedding = model.get_output_embeddings().weight
+        unembedding.zero_()
+        unembedding[:, 0] = log_unigram
+    return model
+
+
+def build_planted(config: PlantedConfig, out: Path) -> None:
+    """Write ``step<N>/`` checkpoints (model and tokenizer) and ``truth.json`` into ``out``."""
+    transformers_logging.set_verbosity_error()
+    disable_progress_bar()  # one bar per checkpoint written
+    out.mkdir(parents=True)
+    documents = generate_documents(config.tokenizer_documents, config.seed)
+    tokenizer = train_tokenizer(documents, config.vocab_size)
+    frequency = token_frequency(tokenizer, documents)
+    dictionary = PlantedDictionary(config, frequency)
+    unigram = (frequency.double() + 0.01) / (frequency.sum() + 0.01 * len(frequency))
+    log_unigram = unigram.log() - unigram.log().mean()
+    unigram_weights = ramp(
+        positions(config.steps), 0.0, float(positions(config.steps)[config.steps.index(config.statistical_end)])
+    )
+    for index, step in enumerate(config.steps):
+        model = planted_model(
+            config, dictionary.embeddings(index).float(), log_unigram.float(), float(unigram_weights[index])
+        )
+        model.save_pretrained(out / f"step{step}")
+        tokenizer.save_pretrained(out / f"step{step}")
+    torch.save(dictionary.decoder.float(), out / PLANTED_DECODER)
+    (out / TRUTH).write_text(json.dumps(dictionary.truth(), indent=1))
+
+
+def planted_folder(config: PlantedConfig | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The planted trajectory's folder, built first unless a complete one is cached."""
+    config = config or PlantedConfig()
+    folder = cache_root(cache_dir) / "trajectories" / f"planted-{config.cache_key()}"
+    return build_once(folder, TRUTH, lambda partial: build_planted(config, partial))
+
+
+def read_truth(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / TRUTH).read_text())
+
+
+def planted_truth_of(snapshots: list) -> Path | None:
+    """The planted trajectory folder that ``snapshots`` (``Snapshot``s) are taken from, each at its own
+    step; None for any other trajectory, a null twin of a planted one included (its truth is not this)."""
+    folders = {Path(snapshot.source).parent for snapshot in snapshots}
+    if len(folders) != 1 or any(Path(snapshot.source).name != f"step{snapshot.step}" for snapshot in snapshots):
+        return None
+    folder = folders.pop()
+    return folder if (folder / TRUTH).is_file() and (folder / PLANTED_DECODER).is_file() else None
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with a JSON value (lists for the step tuples), checked against PlantedConfig."""
+    key, separator, value = text.partition("=")
+    names = [name for name in PlantedConfig.__dataclass_fields__]
+    if not separator or key not in names:
+        raise StudyInputError(f"--set takes key=value with a key of {', '.join(names)}; got '{text}'")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise StudyInputError(f"--set {key}: '{value}' is not a JSON value, e.g. 64 or [128, 256]") from None
+    return key, tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m study.lm.planted",
+        description="Build a planted trajectory (known answers) and print where it is and what it plants.",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a PlantedConfig field")
+    parser.add_argument(
+        "--cache-dir", help="cache folder (default: $CROSSCODER_STUDY_CACHE or ~/.cache/crosscoder-study)"
+    )
+    args = parser.parse_args(argv)
+    config = PlantedConfig(**dict(parse_override(text) for text in args.set))
+    folder = planted_folder(config, args.cache_dir)
+    truth = read_truth(folder)
+    print(f"trajectory: {folder}  (pass it as --trajectory; the default one is also --trajectory planted)")
+    print(
+        f"turning step {truth['turning_step']}, statistical learning ends at {truth['statistical_end']}, "
+        f"initialization-dependent share {truth['initial_share']:.3f}, median emergence step "
+        f"{truth['median_emergence_step']}, {len(truth['features'])} features"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)
