@@ -175,12 +175,13 @@ def train(
     config: CrossCoderConfig | None = None,
     eval_activations: Activations | None = None,
     progress: bool = False,
-    on_checkpoint: Callable[[Path], None] | None = None,
+    on_checkpoint: Callable[[Path, CrossCoder], None] | None = None,
 ) -> TrainResult:
     """Train a crosscoder on [tokens, S, d_model] activations (an array, or an iterable of batches).
 
     Resumes from the newest checkpoint in ``config.checkpoint_dir`` when one is there;
-    ``on_checkpoint`` gets each checkpoint file as it is written (to copy it somewhere safer).
+    ``on_checkpoint`` gets each checkpoint file as it is written (to copy it somewhere safer) and the
+    model as it stands (to measure progress).
     """
     config = config or CrossCoderConfig()
     device = resolve_device(config.device)
@@ -253,7 +254,7 @@ def train(
                 Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history
             )
             if on_checkpoint is not None:
-                on_checkpoint(last_checkpoint)
+                on_checkpoint(last_checkpoint, model)
 
     model.eval()
     metrics = evaluate(model, eval_activations if eval_activations is not None else sample)

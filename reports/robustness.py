@@ -183,9 +183,13 @@ def heading(record: SweepRecord) -> tuple[str, str]:
     finished = int((record.trials["status"] == "FINISHED").sum()) if len(record.trials) else 0
     failed = len(record.trials) - finished
     title = f"Robustness report: {parent.info.run_name}"
+    tags = parent.data.tags
     facts = (
-        f"axis **{parent.data.params.get('axis', '?')}**, {finished} finished trial(s), {failed} not finished; "
-        f"parent run `{parent.info.run_id}`, git commit `{parent.data.tags.get('git_commit', 'unknown')[:12]}`"
+        f"axis **{parent.data.params.get('axis', '?')}**, {finished} finished trial(s), {failed} not finished "
+        f"(stopped early by the scheduler: {int(record.trials['stopped_early'].sum()) if len(record.trials) else 0}); "
+        f"search {tags.get('search', 'grid')}, scheduler {tags.get('scheduler', 'fifo')}, "
+        f"on {tags.get('search_metric', 'explained_variance (max)')}; "
+        f"parent run `{parent.info.run_id}`, git commit `{tags.get('git_commit', 'unknown')[:12]}`"
     )
     return title, facts
 

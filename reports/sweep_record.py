@@ -23,6 +23,7 @@ from study.record import (
     STABILITY_ARTIFACT,
     VERDICTS_ARTIFACT,
 )
+from study.tracking import STOPPED_TAG
 
 
 class ReportInputError(ValueError):
@@ -106,6 +107,7 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
                     "run_name": run.info.run_name,
                     "status": run.info.status,
                     "error": run.data.tags.get("error", ""),
+                    "stopped_early": run.data.tags.get(STOPPED_TAG) == "true",
                     **{f"params.{k}": v for k, v in run.data.params.items()},
                     **run.data.metrics,
                 }

@@ -10,14 +10,35 @@ import mlflow
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
+from study.errors import StudyInputError
+
 SWEEP_TAG = "sweep_name"
 TRIAL_TAG = "tune_trial_id"
+STOPPED_TAG = "stopped_early"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI overview."""
 
 
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else an SQLite file at an absolute path in the working directory
     (absolute, because Tune runs trials in their own directories)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_store(uri: str) -> None:
+    """An existing SQLite store must be an SQLite database: MLflow would fail on it deep inside SQLAlchemy."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise StudyInputError(
+                    f"{path} is not an SQLite database; move it aside or point MLFLOW_TRACKING_URI at another store"
+                )
 
 
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -44,7 +65,10 @@ def parent_run(experiment: str, sweep_name: str, params: dict, tags: dict) -> tu
 
 def _parent_run(client: MlflowClient, experiment: str, sweep_name: str, params: dict, tags: dict) -> tuple[str, str]:
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+    if found and not EXPERIMENT_KIND.items() <= found.tags.items():  # made before the tag was set
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment_id, key, value)
     run_id = find_run(client, experiment_id, {SWEEP_TAG: sweep_name})
     if run_id is None:
         run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name, **tags})
@@ -62,3 +86,17 @@ def child_run(experiment_id: str, parent_run_id: str, trial_id: str, trial_name:
         tags = {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id}
         run_id = client.create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
     return run_id
+
+
+def close_stopped_run(experiment_id: str, parent_run_id: str, trial_id: str) -> None:
+    """A trial the scheduler stopped was killed mid-run: its run ends KILLED, tagged as stopped early."""
+    client = MlflowClient()
+    run_id = find_run(client, experiment_id, {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id})
+    if run_id is not None:
+        client.set_tag(run_id, STOPPED_TAG, "true")
+        client.set_terminated(run_id, status="KILLED")
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens ``uri`` in the MLflow UI."""
+    return f"mlflow ui --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else f"open {uri}"

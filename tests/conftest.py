@@ -39,6 +39,14 @@ def mirror_as_hub_cache(trajectory_folder: Path, model_id: str, steps: list[int]
         (repo / "refs" / f"step{step}").write_text(commit)
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    """A fresh SQLite MLflow store for one test, as MLFLOW_TRACKING_URI."""
+    path = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session, sized for a 2-core machine (see STACK_NOTES)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +28,7 @@ from study.sweep.cli import main
 from study.sweep.plan import activation_request
 from study.sweep.search_space import ACTIVATION_KEYS, grid_points, load_space
 from study.tracking import store_lock
+from tests.mlflow_server import mlflow_server
 
 REPO = Path(__file__).parent.parent
 
@@ -63,13 +66,6 @@ def runs(store: Path, experiment: str):
 
 def children(frame):
     return frame[frame["tags.mlflow.parentRunId"].notna()]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    path = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +183,31 @@ def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep)
     ):
         assert f"| {claim} |" in summary
     assert "## Top features by indirect effect, with RelIE" in summary and "RelIE step 48" in summary
+
+
+def test_the_mlflow_ui_opens_the_sweep_on_its_runs_named_by_their_values(finished_sweep, tmp_path):
+    """Through the REST API of a real ``mlflow server``, as the UI reads it."""
+    with mlflow_server(f"sqlite:///{finished_sweep.store}", tmp_path) as url:
+        experiment = rest(url, "experiments/get-by-name?experiment_name=er")["experiment"]
+        tags = {tag["key"]: tag["value"] for tag in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"  # the runs view, not GenAI's overview
+        found = rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+    names = {run["info"]["run_name"]: run for run in found}
+    assert {"expansion_ratio=4", "expansion_ratio=8", "expansion_ratio=16"} <= set(names), sorted(names)
+    assert "er-expansion_ratio" in names  # the parent, named by the sweep
+    for ratio in (4, 8, 16):
+        metrics = {metric["key"] for metric in names[f"expansion_ratio={ratio}"]["data"]["metrics"]}
+        assert {"explained_variance", "l0", "dead_fraction", "transition_step", "control_initial_share"} <= metrics
+    assert f"mlflow ui --backend-store-uri sqlite:///{finished_sweep.store}" in finished_sweep.output
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def test_report_command_rewrites_the_report_from_mlflow_alone(finished_sweep, tmp_path):
@@ -321,6 +342,23 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
         (["seed", "--set", "learning_rate={loguniform: [1]}"], "learning_rate.loguniform needs [low, high]"),
         (["seed", "--set", "layer={uniform: [0, 2]}"], "layer changes the activations"),
         (["seed", "--tokens", "3000"], "leaves 1512 held-out tokens in 1 shard(s), fewer than 2048; raise n_tokens to"),
+        (
+            [
+                "seed",
+                "--set",
+                "n_snapshots=4",
+                "--set",
+                "sparsity=topk",
+                "--set",
+                "k=16",
+                "--set",
+                "expansion_ratio={grid_search: [8, 0.25]}",
+            ],
+            "k = 16 is not below n_features = 8 (expansion_ratio 0.25 x d_model 32) for topk; lower k or raise",
+        ),
+        (["seed", "--revisions", "step0,step16"], "revisions name hub commits, but trajectory"),
+        (["seed", "--search", "optuna", "--num-samples", "0"], "--num-samples must be >= 1"),
+        (["./no/such/axis.yaml"], "axis file ./no/such/axis.yaml does not exist"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(
@@ -350,6 +388,22 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(
     lines = [line for line in errors.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not store.exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_a_store_that_is_no_database_is_one_line_and_left_as_it_was(
+    tiny_trajectory_folder, tmp_path, capsys, monkeypatch
+):
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"notes I kept here, not a database\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    arguments = ["seed", "--trajectory", str(tiny_trajectory_folder), "--storage", str(tmp_path / "sweeps")]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: sys.exit(main(arguments)))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exited.value.code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("error: ") and "is not an SQLite database; move it aside" in errors[0]
+    assert store.read_bytes() == b"notes I kept here, not a database\n"
+    assert not (tmp_path / "sweeps").exists()
 
 
 def test_two_sweeps_at_once_lose_no_run(tiny_trajectory_folder, tmp_path, store, ray_cluster):

@@ -7,28 +7,20 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.mlflow_server import mlflow_server
 from tests.test_sweep import sweep_arguments
 
 POSTGRES = os.environ.get("MLFLOW_TEST_POSTGRES")
 if not POSTGRES and not os.environ.get("CI"):
     pytest.skip("MLFLOW_TEST_POSTGRES is not set (.ci/run starts PostgreSQL and sets it)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def execute(statement: str) -> None:
@@ -47,43 +39,8 @@ def tracking_server(tmp_path_factory):
     execute(f"CREATE DATABASE {database}")
     backend = POSTGRES.rsplit("/", 1)[0] + f"/{database}"
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            backend,
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            raise RuntimeError("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with mlflow_server(backend, folder) as url:
+        yield url
     execute(f"DROP DATABASE {database} WITH (FORCE)")
 
 

@@ -164,6 +164,12 @@ def resolve_trajectory(
     kind, separator, rest = spec.partition(":")
     if separator and kind in NULL_TWINS:
         return null_twin(resolve_trajectory(rest, revisions, cache_dir), kind)
+    local = spec in ("embedded", "planted") or Path(spec).expanduser().exists()
+    if revisions and local:
+        raise StudyInputError(
+            f"revisions name hub commits, but trajectory '{spec}' is local; drop --revisions and choose its "
+            "snapshots with n_snapshots and snapshot_placement"
+        )
     if spec == "embedded":
         return embedded_trajectory(cache_dir=cache_dir)
     if spec == "planted":

@@ -2,36 +2,133 @@
 
     python -m study.sweep AXIS [--set key=value ...] [--trajectory SPEC] [--experiment NAME] ...
 
-AXIS names a file in search_spaces/ (it overrides search_spaces/defaults.yaml). Each distinct
-activation set is extracted once (Ray Data) before the trials; each trial trains one crosscoder
-on it and logs a child run under the sweep's parent run in MLflow. Re-running the same command
-continues a killed sweep: finished trials are neither re-run nor logged twice.
+AXIS names a shipped axis (a file of search_spaces/) or is a path to your own YAML file; it
+overrides search_spaces/defaults.yaml. Each distinct activation set is extracted once (Ray Data)
+before the trials; each trial trains one crosscoder on it and logs a child run under the sweep's
+parent run in MLflow. Re-running the same command continues a killed sweep: finished trials are
+neither re-run nor logged twice.
 
 The stages, one module each: plan (validate, resolve, list) -> prepare (extract, parent run,
-model curves) -> execute (Tune) -> summary (verdicts, report).
+model curves) -> execute (Tune) -> summary (verdicts, report). ``run`` is the same from Python.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
+import pandas as pd
+
+from study.analysis.verdicts import Verdict
 from study.errors import StudyInputError
 from study.sweep.execute import RunOptions, check_resumable, experiment_path, run_trials
 from study.sweep.plan import describe, plan_sweep
 from study.sweep.prepare import prepare_sweep
 from study.sweep.search_space import available_axes
 from study.sweep.summary import summarise
-from study.tracking import tracking_uri
+from study.sweep.trial import PROGRESS_METRICS
+from study.tracking import check_store, tracking_uri, ui_command
+
+SEARCHES = ("grid", "optuna")
+SCHEDULERS = ("fifo", "asha")
+MODES = ("max", "min")
+
+
+class SweepResult(NamedTuple):
+    """What a sweep gives back to Python (``run``)."""
+
+    trials: pd.DataFrame
+    """One row per trial: its swept values, status (done, FAILED, stopped early) and headline metrics;
+    for a dry run, the planned trials."""
+    verdicts: list[Verdict]
+    """One per claim (empty for a dry run)."""
+    parent_run_id: str | None
+    """The sweep's MLflow run."""
+    report: str | None
+    """Where the HTML report was written, if it was."""
+
+
+def as_overrides(overrides: Sequence[str] | Mapping[str, object]) -> list[str]:
+    """``["key=value", ...]`` as on the command line, or ``{key: value}`` (values in Tune's grammar)."""
+    if isinstance(overrides, Mapping):
+        return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
+    return list(overrides)
+
+
+def check_options(options: RunOptions) -> None:
+    """The Tune options, before anything runs."""
+    if options.num_samples < 1 or options.gpus_per_trial < 0 or options.max_concurrent < 0:
+        raise StudyInputError("--num-samples must be >= 1, --gpus-per-trial >= 0 and --max-concurrent >= 0")
+    for name, value, allowed in (
+        ("search", options.search, SEARCHES),
+        ("scheduler", options.scheduler, SCHEDULERS),
+        ("metric", options.metric, PROGRESS_METRICS),
+        ("mode", options.mode, MODES),
+    ):
+        if value not in allowed:
+            raise StudyInputError(f"--{name} {value!r} is unknown; choose one of {', '.join(allowed)}")
+
+
+def run(
+    axis: str,
+    overrides: Sequence[str] | Mapping[str, object] = (),
+    experiment: str | None = None,
+    *,
+    search: str = "grid",
+    scheduler: str = "fifo",
+    metric: str = "explained_variance",
+    mode: str = "max",
+    num_samples: int = 1,
+    gpus_per_trial: float = 0.0,
+    max_concurrent: int = 0,
+    storage: str = "sweeps",
+    resume: bool = False,
+    cache_dir: str | None = None,
+    dry_run: bool = False,
+) -> SweepResult:
+    """Run a sweep from Python, e.g. ``run("seed", {"n_steps": 300}, experiment="mine")``: the same as
+    ``python -m study.sweep``, with the overrides as ``--set``. Bad input raises ``StudyInputError``
+    before Ray starts or anything is written."""
+    options = RunOptions(search, num_samples, gpus_per_trial, max_concurrent, storage, resume, metric, mode, scheduler)
+    check_options(options)
+    check_store(tracking_uri())
+    plan = plan_sweep(axis, as_overrides(overrides), experiment, cache_dir)
+    headline, *details = describe(plan, num_samples).splitlines()
+    print(headline)
+    if dry_run:
+        print("\n".join(details))
+        return SweepResult(
+            pd.DataFrame([{key: trial[key] for key in plan.swept} for trial in plan.trials]), [], None, None
+        )
+    check_resumable(options, plan.sweep_name)
+
+    search_tags = {"search": search, "scheduler": scheduler, "search_metric": f"{metric} ({mode})"}
+    context = prepare_sweep(plan, cache_dir, search_tags)
+    table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
+    report_folder = experiment_path(options, plan.sweep_name) / "report"
+    failed, verdicts, report_ok = summarise(context.parent_run_id, table, report_folder)
+    print(
+        f"MLflow: experiment '{plan.experiment}', parent run {context.parent_run_id}; to browse and compare the runs:"
+    )
+    print(f"  {ui_command(tracking_uri())}")
+    report = f"{report_folder}/report.html" if report_ok else None
+    if report:
+        print(f"report: {report} (also in the parent run's artifacts, report/)")
+    if failed:
+        print(f"{failed} trial(s) failed", file=sys.stderr)
+    return SweepResult(table, verdicts, context.parent_run_id, report)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m study.sweep",
         description=__doc__.split("\n\n")[0],
-        epilog=f"axes found in search_spaces/: {', '.join(available_axes())}",
+        epilog=f"shipped axes: {', '.join(available_axes())}",
     )
-    parser.add_argument("axis", help="a file of search_spaces/ without .yaml")
+    parser.add_argument("axis", help="a shipped axis (see below) or a path to your own YAML file")
     parser.add_argument(
         "--set",
         action="append",
@@ -39,10 +136,23 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a key (YAML value, Tune grammar allowed)",
     )
-    parser.add_argument("--trajectory", help="embedded, a folder of step<N>/ checkpoints, or a hub model id")
+    parser.add_argument(
+        "--trajectory",
+        help="embedded, planted, a folder of step<N>/ checkpoints, a hub model id, or frozen:SPEC / shuffled:SPEC",
+    )
     parser.add_argument("--revisions", help="comma-separated hub revisions, e.g. step0,step1000,step143000")
     parser.add_argument("--tokens", type=int, help="activation rows per snapshot (n_tokens)")
-    parser.add_argument("--search", choices=("grid", "optuna"), default="grid")
+    parser.add_argument("--search", choices=SEARCHES, default="grid", help="grid, or optuna over the sampled keys")
+    parser.add_argument(
+        "--scheduler", choices=SCHEDULERS, default="fifo", help="asha stops trials that trail on --metric early"
+    )
+    parser.add_argument(
+        "--metric",
+        choices=PROGRESS_METRICS,
+        default="explained_variance",
+        help="what optuna optimises and asha judges, measured on held-out tokens at every checkpoint",
+    )
+    parser.add_argument("--mode", choices=MODES, default="max")
     parser.add_argument("--num-samples", type=int, default=1, help="repeats of the grid, or Optuna trials")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="fraction of a GPU per trial (0 on CPU)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as many as resources allow)")
@@ -58,10 +168,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default="sweeps",
         help="Tune's experiment state and the report: a folder every node sees, or a URI such as s3://bucket/sweeps (default ./sweeps)",
     )
-    args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.gpus_per_trial < 0 or args.max_concurrent < 0:
-        raise StudyInputError("--num-samples must be >= 1, --gpus-per-trial >= 0 and --max-concurrent >= 0")
-    return args
+    return parser.parse_args(argv)
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
@@ -78,24 +185,21 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    plan = plan_sweep(args.axis, overrides_of(args), args.experiment, args.cache_dir)
-    headline, *details = describe(plan, args.num_samples).splitlines()
-    print(headline)
-    if args.dry_run:
-        print("\n".join(details))
-        return 0
-    options = RunOptions(
-        args.search, args.num_samples, args.gpus_per_trial, args.max_concurrent, args.storage, args.resume
+    result = run(
+        args.axis,
+        overrides_of(args),
+        args.experiment,
+        search=args.search,
+        scheduler=args.scheduler,
+        metric=args.metric,
+        mode=args.mode,
+        num_samples=args.num_samples,
+        gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        storage=args.storage,
+        resume=args.resume,
+        cache_dir=args.cache_dir,
+        dry_run=args.dry_run,
     )
-    check_resumable(options, plan.sweep_name)
-
-    context = prepare_sweep(plan, args.cache_dir)
-    table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
-    report_folder = experiment_path(options, plan.sweep_name) / "report"
-    failed, _, report_ok = summarise(context.parent_run_id, table, report_folder)
-    print(f"MLflow: {tracking_uri()}  experiment '{plan.experiment}', parent run {context.parent_run_id}")
-    if report_ok:
-        print(f"report: {report_folder}/report.html (also in the parent run's artifacts, report/)")
-    if failed:
-        print(f"{failed} trial(s) failed", file=sys.stderr)
+    failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())
     return 1 if failed else 0

@@ -13,7 +13,8 @@ from ray import tune
 from study.errors import StudyInputError
 from study.storage import Location
 from study.sweep.search_space import to_tune
-from study.sweep.trial import SweepContext, run_trial
+from study.sweep.trial import CHECKPOINTS_PER_TRIAL, SweepContext, run_trial
+from study.tracking import close_stopped_run
 
 MAX_FAILURES = 2
 """Restarts of a trial (node lost, worker killed) before it counts as failed."""
@@ -79,6 +80,12 @@ class RunOptions(NamedTuple):
     """Tune's experiment state: a folder every node sees or a URI."""
     resume: bool
     """Require an earlier run of this sweep to continue."""
+    metric: str = "explained_variance"
+    """What Optuna optimises and ASHA judges: a trial metric reported at every checkpoint (PROGRESS_METRICS)."""
+    mode: str = "max"
+    """max or min of ``metric``."""
+    scheduler: str = "fifo"
+    """fifo runs every trial to the end; asha stops trials that trail on ``metric`` at a checkpoint."""
 
 
 def experiment_path(options: RunOptions, sweep_name: str) -> Location:
@@ -105,7 +112,7 @@ def build_tuner(
         print(f"continuing {sweep_name} from {path}")
         return tune.Tuner.restore(path.uri, trainable=trainable, resume_unfinished=True, resume_errored=False)
     param_space = costliest_first(to_tune(space))
-    search_alg = None
+    search_alg = scheduler = None
     if options.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -113,12 +120,22 @@ def build_tuner(
             key: tune.choice(value["grid_search"]) if isinstance(value, dict) and "grid_search" in value else value
             for key, value in param_space.items()
         }
-        search_alg = OptunaSearch(metric="explained_variance", mode="max", seed=0)
+        search_alg = OptunaSearch(seed=0)  # metric and mode come from TuneConfig
+    if options.scheduler == "asha":
+        # One Tune iteration per checkpoint, CHECKPOINTS_PER_TRIAL of them and the final report.
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", max_t=CHECKPOINTS_PER_TRIAL + 1, grace_period=2, reduction_factor=2
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            num_samples=options.num_samples, max_concurrent_trials=options.max_concurrent or None, search_alg=search_alg
+            metric=options.metric,
+            mode=options.mode,
+            num_samples=options.num_samples,
+            max_concurrent_trials=options.max_concurrent or None,
+            search_alg=search_alg,
+            scheduler=scheduler,
         ),
         run_config=tune.RunConfig(
             name=sweep_name,
@@ -146,12 +163,12 @@ def run_trials(
         logging.getLogger(name).setLevel(logging.CRITICAL)
     rows = []
     for result in tuner.fit():
+        metrics = result.metrics or {}
+        status = "FAILED" if result.error else "done"
+        if not result.error and "seconds" not in metrics:  # the scheduler stopped it at a checkpoint
+            status = "stopped early"
+            close_stopped_run(context.experiment_id, context.parent_run_id, metrics.get("trial_id", ""))
         row = {key: result.config.get(key) for key in swept}
-        row.update(
-            {
-                "status": "FAILED" if result.error else "done",
-                **{name: (result.metrics or {}).get(name) for name in TABLE_METRICS},
-            }
-        )
+        row.update({"status": status, **{name: metrics.get(name) for name in TABLE_METRICS}})
         rows.append(row)
     return pd.DataFrame(rows)

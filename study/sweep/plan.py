@@ -11,7 +11,15 @@ from transformers import AutoConfig
 from study.activations.extraction import ActivationRequest
 from study.errors import StudyInputError
 from study.lm.trajectory import Trajectory, explained_load_errors, resolve_trajectory
-from study.sweep.search_space import ACTIVATION_KEYS, SAMPLERS, activation_set, grid_points, load_space, swept_keys
+from study.sweep.search_space import (
+    ACTIVATION_KEYS,
+    SAMPLERS,
+    activation_set,
+    axis_name,
+    grid_points,
+    load_space,
+    swept_keys,
+)
 from study.sweep.trial_config import TrialConfig
 
 MIN_HELD_OUT_TOKENS = 2048
@@ -116,16 +124,26 @@ def at_bounds(point: dict, space: dict) -> list[dict]:
     return [{**point, **{key: bounds[side] for key, bounds in sampled.items()}} for side in (0, -1)]
 
 
-def resolve(point: dict, cache_dir: str | None, resolved: dict) -> Trajectory:
+class Resolved(NamedTuple):
+    trajectory: Trajectory
+    n_layers: int
+    d_model: int
+
+
+def trajectory_spec(point: dict) -> tuple:
+    return point["trajectory"], tuple(point["revisions"] or ())
+
+
+def resolve(point: dict, cache_dir: str | None, resolved: dict[tuple, Resolved]) -> Trajectory:
     """The point's trajectory, resolved once per (spec, revisions), its layer and snapshot count checked."""
-    spec = (point["trajectory"], tuple(point["revisions"] or ()))
+    spec = trajectory_spec(point)
     if spec not in resolved:
         trajectory = resolve_trajectory(point["trajectory"], point["revisions"], cache_dir)
         last = trajectory.snapshots[-1]
         with explained_load_errors(last):
-            n_layers = AutoConfig.from_pretrained(last.source, revision=last.revision).num_hidden_layers
-        resolved[spec] = (trajectory, n_layers)
-    trajectory, n_layers = resolved[spec]
+            model_config = AutoConfig.from_pretrained(last.source, revision=last.revision)
+        resolved[spec] = Resolved(trajectory, model_config.num_hidden_layers, model_config.hidden_size)
+    trajectory, n_layers, _ = resolved[spec]
     if point["layer"] > n_layers:
         raise StudyInputError(
             f"layer {point['layer']} is beyond {trajectory.name}, which has layers 0..{n_layers}; choose one of those"
@@ -134,22 +152,36 @@ def resolve(point: dict, cache_dir: str | None, resolved: dict) -> Trajectory:
     return trajectory
 
 
+def check_dictionary(config: TrialConfig, d_model: int) -> None:
+    """TopK and BatchTopK keep k of n_features: k must be smaller, at the model's width."""
+    crosscoder = config.crosscoder
+    n_features = crosscoder.n_features(d_model)
+    if crosscoder.sparsity in ("topk", "batchtopk") and crosscoder.k >= n_features:
+        raise StudyInputError(
+            f"k = {crosscoder.k} is not below n_features = {n_features} (expansion_ratio {crosscoder.expansion_ratio} "
+            f"x d_model {d_model}) for {crosscoder.sparsity}; lower k or raise expansion_ratio"
+        )
+
+
 def plan_sweep(axis: str, overrides: list[str], experiment: str | None, cache_dir: str | None) -> SweepPlan:
     """Everything that can be wrong is checked here, before anything is written to the MLflow store."""
     space = load_space(axis, overrides)
     trials = grid_points(space)
+    configs = []
     for point in trials:
-        for bound in at_bounds(point, space):
-            TrialConfig.from_flat(bound)
+        configs += [(point, TrialConfig.from_flat(bound)) for bound in at_bounds(point, space)]
         check_held_out(point)
-    resolved: dict = {}
+    resolved: dict[tuple, Resolved] = {}
     activation_sets = {}
     for point in grid_points(space, ACTIVATION_KEYS):
         trajectory = resolve(point, cache_dir, resolved)
         activation_sets[activation_set(point)] = ActivationSet(point, trajectory, activation_request(point, trajectory))
-    experiment = experiment or f"crosscoder-{axis}"
+    for point, config in configs:
+        check_dictionary(config, resolved[trajectory_spec(point)].d_model)
+    name = axis_name(axis)
+    experiment = experiment or f"crosscoder-{name}"
     return SweepPlan(
-        axis, space, experiment, sweep_name_of(experiment, axis), swept_keys(space), trials, activation_sets
+        name, space, experiment, sweep_name_of(experiment, name), swept_keys(space), trials, activation_sets
     )
 
 

@@ -71,9 +71,9 @@ def log_model_curves(parent_run_id: str, curve_sets: list[tuple[Trajectory, str]
             mlflow.log_artifact(str(Path(folder) / MODEL_CURVES_ARTIFACT))
 
 
-def prepare_sweep(plan: SweepPlan, cache_dir: str | None) -> SweepContext:
-    """Extract every activation set (Ray Data), open the parent run (reused on resume) and log the
-    model-level curves once."""
+def prepare_sweep(plan: SweepPlan, cache_dir: str | None, search_tags: dict[str, str]) -> SweepContext:
+    """Extract every activation set (Ray Data), open the parent run (reused on resume, tagged with how
+    the trials are searched: ``search_tags``) and log the model-level curves once."""
     ensure_ray()
     caches = {
         key: str(ensure_activations(chosen.request, cache_dir).folder) for key, chosen in plan.activation_sets.items()
@@ -83,6 +83,7 @@ def prepare_sweep(plan: SweepPlan, cache_dir: str | None) -> SweepContext:
     tags = {
         "axis": plan.axis,
         "git_commit": git_commit(),
+        **search_tags,
         **{f"version.{package}": version(package) for package in ("torch", "ray", "mlflow", "transformers")},
     }
     params = {"axis": plan.axis, **{f"base.{key}": value for key, value in base.items()}}
@@ -91,4 +92,4 @@ def prepare_sweep(plan: SweepPlan, cache_dir: str | None) -> SweepContext:
         name.startswith(MODEL_PREFIX) for name in MlflowClient().get_run(parent_run_id).data.metrics
     ):  # once per sweep, also on resume
         log_model_curves(parent_run_id, snapshots_for_model_curves(list(plan.activation_sets.values())), cache_dir)
-    return SweepContext(tracking_uri(), experiment_id, parent_run_id, caches, snapshots)
+    return SweepContext(tracking_uri(), experiment_id, parent_run_id, caches, snapshots, tuple(plan.swept))

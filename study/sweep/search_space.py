@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 from ray import tune
 
+import search_spaces
 from study.errors import StudyInputError
 from study.sweep.trial_config import STUDY_CHECKS, check_key
 
-SEARCH_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+SEARCH_SPACES = Path(search_spaces.__file__).resolve().parent
 DEFAULTS = "defaults"
 ACTIVATION_KEYS = (
     "trajectory",
@@ -39,6 +40,27 @@ GRAMMAR = ("grid_search", *SAMPLERS)
 
 def available_axes() -> list[str]:
     return sorted(path.stem for path in SEARCH_SPACES.glob("*.yaml") if path.stem != DEFAULTS)
+
+
+def axis_file(axis: str) -> Path:
+    """A shipped axis by name, or any YAML file by path."""
+    if axis.endswith((".yaml", ".yml")) or "/" in axis:
+        path = Path(axis).expanduser()
+        if not path.is_file():
+            raise StudyInputError(
+                f"axis file {axis} does not exist; pass a YAML file or one of: {', '.join(available_axes())}"
+            )
+        return path
+    if axis not in available_axes():
+        raise StudyInputError(
+            f"unknown axis '{axis}'; choose one of: {', '.join(available_axes())}, or pass a path to a YAML file"
+        )
+    return SEARCH_SPACES / f"{axis}.yaml"
+
+
+def axis_name(axis: str) -> str:
+    """The axis as experiments and sweep folders name it: ``expansion_ratio``, ``my_axis`` for ``./my_axis.yaml``."""
+    return Path(axis).stem if axis.endswith((".yaml", ".yml")) or "/" in axis else axis
 
 
 def read_yaml(path: Path) -> dict:
@@ -82,14 +104,12 @@ def check_value(source: str, key: str, value: Any) -> None:
 
 
 def load_space(axis: str, overrides: list[str]) -> dict:
-    """defaults.yaml, then ``<axis>.yaml``, then ``--set key=value`` overrides (values read as YAML)."""
-    axes = available_axes()
-    if axis not in axes:
-        raise StudyInputError(f"unknown axis '{axis}'; choose one of: {', '.join(axes)} (files in {SEARCH_SPACES})")
+    """defaults.yaml, then the axis (``<axis>.yaml`` or a YAML file's path), then ``--set key=value``
+    overrides (values read as YAML), each validated the same way."""
     space: dict[str, Any] = {}
-    for name in (DEFAULTS, axis):
-        for key, value in read_yaml(SEARCH_SPACES / f"{name}.yaml").items():
-            check_value(f"{name}.yaml", key, value)
+    for path in (SEARCH_SPACES / f"{DEFAULTS}.yaml", axis_file(axis)):
+        for key, value in read_yaml(path).items():
+            check_value(path.name, key, value)
             space[key] = value
     for override in overrides:
         key, separator, text = override.partition("=")

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 
-from crosscoder import CrossCoderConfig, TrainResult, fit  # noqa: E402
+from crosscoder import CrossCoder, CrossCoderConfig, TrainResult, evaluate, fit  # noqa: E402
 from study.activations.cache import ActivationCache  # noqa: E402
 from study.activations.contexts import sample_contexts  # noqa: E402
 from study.analysis.attribution import agreement_task  # noqa: E402
@@ -48,6 +48,10 @@ from study.tracking import child_run  # noqa: E402
 
 SPLICED_CONTEXTS = 32
 """Held-out contexts on which ΔCE is measured."""
+CHECKPOINTS_PER_TRIAL = 5
+"""Checkpoints a trial writes (fewer when n_steps < 50): restart points, and the progress a scheduler sees."""
+PROGRESS_METRICS = ("explained_variance", "l0", "dead_fraction")
+"""Held-out metrics reported with every checkpoint, so a searcher or scheduler can judge a trial while it trains."""
 
 
 class SweepContext(NamedTuple):
@@ -60,11 +64,22 @@ class SweepContext(NamedTuple):
     """Activation set (``search_space.activation_set``) -> its cache folder or URI."""
     snapshots: dict[str, list[Snapshot]]
     """Activation set -> the snapshots its crosscoder spans."""
+    swept: tuple[str, ...] = ()
+    """The keys that vary across trials: a trial's run is named by its values of them."""
+
+
+def run_name(config: dict, swept: tuple[str, ...]) -> str | None:
+    """``expansion_ratio=16``, ``seed=1 · layer=2``: what tells a trial from the others; None when nothing varies."""
+
+    def shown(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return " · ".join(f"{key}={shown(config[key])}" for key in swept) or None
 
 
 def crosscoder_config(trial: TrialConfig, checkpoint_dir: Path) -> CrossCoderConfig:
     """The trial's crosscoder with what the trial decides itself: checkpoints five times a run, the device."""
-    checkpoint_every = max(10, trial.crosscoder.n_steps // 5)
+    checkpoint_every = max(10, trial.crosscoder.n_steps // CHECKPOINTS_PER_TRIAL)
     return replace(
         trial.crosscoder, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir), device="auto"
     )
@@ -127,10 +142,12 @@ def train_and_measure(
     cache_folder: str,
     snapshots: list[Snapshot],
     checkpoint_dir: Path,
-    on_checkpoint: Callable[[Path], None] | None = None,
+    on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None,
 ) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
-    statistic on the held-out ones. Knows nothing of Tune or MLflow (``bench/`` times it bare)."""
+    statistic on the held-out ones. ``on_checkpoint`` gets each checkpoint with the crosscoder's
+    PROGRESS_METRICS on the held-out shards at that point. Knows nothing of Tune or MLflow (``bench/``
+    times it bare)."""
     cache = ActivationCache(cache_folder)
     layer, held_out_count = trial.layer, trial.held_out_shards
     if held_out_count >= cache.n_shards:
@@ -142,8 +159,16 @@ def train_and_measure(
     batches = cache.batches(
         layer, trial.crosscoder.batch_size, trial.crosscoder.seed, shards=list(range(first_held_out))
     )
+
+    def measured_checkpoint(path: Path, model: CrossCoder) -> None:
+        metrics = evaluate(model, held_out)
+        on_checkpoint(path, {name: getattr(metrics, name) for name in PROGRESS_METRICS})
+
     result = fit(
-        batches, crosscoder_config(trial, checkpoint_dir), eval_activations=held_out, on_checkpoint=on_checkpoint
+        batches,
+        crosscoder_config(trial, checkpoint_dir),
+        eval_activations=held_out,
+        on_checkpoint=measured_checkpoint if on_checkpoint is not None else None,
     )
 
     model = result.model.eval()
@@ -212,11 +237,12 @@ def log_outcome(outcome: TrialOutcome) -> None:
     plt.close(figure)
 
 
-def report_checkpoint(path: Path) -> None:
+def report_checkpoint(path: Path, progress: dict[str, float]) -> None:
     """Hand the crosscoder checkpoint to Tune, which copies it to the sweep's storage: a trial
-    restarted on another node (its own lost) or by a resumed sweep continues from there."""
+    restarted on another node (its own lost) or by a resumed sweep continues from there. The held-out
+    ``progress`` metrics go with it, for Optuna's and ASHA's judgement."""
     tune.report(
-        {"training_step": int(path.stem.removeprefix("step"))},
+        {"training_step": int(path.stem.removeprefix("step")), **progress},
         checkpoint=tune.Checkpoint.from_directory(str(path.parent)),
     )
 
@@ -238,7 +264,8 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     trial = TrialConfig.from_flat(config)
     context = tune.get_context()
     mlflow.set_tracking_uri(sweep.tracking_uri)
-    run_id = child_run(sweep.experiment_id, sweep.parent_run_id, context.get_trial_id(), context.get_trial_name())
+    name = run_name(config, sweep.swept) or context.get_trial_name()
+    run_id = child_run(sweep.experiment_id, sweep.parent_run_id, context.get_trial_id(), name)
     existing = MlflowClient().get_run(run_id)
     if existing.info.status == "FINISHED":
         # Tune saves its state every few seconds, so a killed sweep can forget a trial it finished;
@@ -253,6 +280,11 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         try:
             mlflow.log_params({key: str(value) for key, value in config.items()})
             mlflow.set_tag("ray_node_id", ray.get_runtime_context().get_node_id())
+            # The GPU share Tune granted the trial, and which GPUs Ray gave it (an empty list on CPU).
+            mlflow.set_tags(
+                {"gpu_share": str(context.get_trial_resources().required_resources.get("GPU", 0.0))}
+                | {"ray_gpu_ids": ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
+            )
             resumed_from = restore_checkpoint(checkpoints)
             if resumed_from is not None:
                 mlflow.set_tag("resumed_from_step", str(resumed_from))
