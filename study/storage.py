@@ -52,6 +52,11 @@ class Location:
     def is_file(self) -> bool:
         return self.filesystem.get_file_info(self.path).type == pafs.FileType.File
 
+    def size(self) -> int | None:
+        """Bytes in the file, None where there is none (one metadata call, no read)."""
+        info = self.filesystem.get_file_info(self.path)
+        return info.size if info.type == pafs.FileType.File else None
+
     def read_bytes(self) -> bytes:
         with self.filesystem.open_input_stream(self.path) as stream:
             return stream.read()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from study.activations.extraction import ActivationRequest, ensure_activations
 from study.errors import StudyInputError
 from study.lm.pretrain_config import TINY
 from study.lm.trajectory import directory_trajectory, load_model, load_tokenizer
+from study.storage import Location
 
 REPO = Path(__file__).parent.parent
 
@@ -63,18 +65,55 @@ def test_corrupt_shard_is_detected_and_only_it_is_rebuilt(trajectory, ray_cluste
     cache = ensure_activations(small_request(trajectory), tmp_path, progress=False)
     files = Path(cache.files.path)
     victim = files / "layer1" / f"step{trajectory.steps[2]}" / "shard00001.npy"
-    original = victim.read_bytes()
+    truncated = files / "layer0" / f"step{trajectory.steps[1]}" / "shard00002.npy"
+    original, original_truncated = victim.read_bytes(), truncated.read_bytes()
     untouched = files / "layer1" / f"step{trajectory.steps[0]}" / "shard00000.npy"
     untouched_time = untouched.stat().st_mtime_ns
-    victim.write_bytes(original[:-7] + b"garbage")
-    with pytest.raises(CorruptShardError, match="shard00001.npy"):
+    victim.write_bytes(original[:-7] + b"garbage")  # same size: only a reader's checksum sees it
+    truncated.write_bytes(original_truncated[:-100])  # a short file: a request sees it without reading it
+    with pytest.raises(CorruptShardError, match="shard00001.npy is missing or does not match its checksum; delete it"):
         cache.shard(1, 1)
-    assert cache.corrupt_units() == [(2, 1)]
+    assert cache.corrupt_units() == [(1, 2), (2, 1)]
+    assert cache.incomplete_units() == [(1, 2)]
 
+    victim.unlink()  # as the reader's message says
     repaired = ensure_activations(small_request(trajectory), tmp_path, progress=False)
-    assert victim.read_bytes() == original
+    assert victim.read_bytes() == original and truncated.read_bytes() == original_truncated
     assert untouched.stat().st_mtime_ns == untouched_time
     assert repaired.corrupt_units() == []
+
+
+def test_a_complete_cache_is_trusted_without_reading_a_shard(trajectory, ray_cluster, tmp_path, monkeypatch):
+    request = small_request(trajectory)
+    ensure_activations(request, tmp_path, progress=False)
+    read = []
+    original = Location.read_bytes
+
+    def counted(self):
+        read.append(self.path)
+        return original(self)
+
+    monkeypatch.setattr(Location, "read_bytes", counted)
+    cache = ensure_activations(request, tmp_path, progress=False)
+    assert cache.n_tokens >= 1500
+    assert [path for path in read if path.endswith(".npy")] == []  # the manifest and sizes only
+    cache.shard(0, 0)
+    assert any(path.endswith("shard00000.npy") for path in read)  # reading still verifies
+
+
+def test_a_checkpoint_rewritten_in_place_gets_new_activations(tiny_trajectory_folder, ray_cluster, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_trajectory_folder, folder)
+    request = small_request(directory_trajectory(folder), layers=(1,))
+    before = ensure_activations(request, tmp_path / "cache", progress=False)
+    last, first = f"step{request.trajectory.steps[-1]}", f"step{request.trajectory.steps[0]}"
+    # A re-run of the training job writes different weights under the same step name.
+    shutil.copy(folder / first / "model.safetensors", folder / last / "model.safetensors")
+    rerun = small_request(directory_trajectory(folder), layers=(1,))
+    after = ensure_activations(rerun, tmp_path / "cache", progress=False)
+    assert after.manifest["cache_key"] != before.manifest["cache_key"]
+    assert not torch.equal(after.shard(1, 0)[:, -1], before.shard(1, 0)[:, -1])
+    assert torch.equal(after.shard(1, 0)[:, -1], after.shard(1, 0)[:, 0])  # it now holds step 0's weights
 
 
 def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory, ray_cluster, tmp_path):

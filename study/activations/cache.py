@@ -3,7 +3,8 @@
 The cache lives on any ``study.storage`` location (local, shared filesystem, object store). Its
 manifest, written last, names the build folder holding the files; a folder without a manifest
 is not a cache. Every file is checked against the manifest's SHA-256 as it is read, so a corrupt
-or truncated file is never used; ``study.activations.extraction.ensure_activations`` rebuilds such files.
+or truncated file is never used; ``study.activations.extraction.ensure_activations`` rebuilds files
+that are missing or of the wrong size (it trusts the manifest and file sizes, and reads no shard).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class ActivationCache:
             data = b""
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptShardError(
-                f"{location} is missing or does not match its checksum; run the extraction again to rebuild it"
+                f"{location} is missing or does not match its checksum; delete it and run again: the extraction "
+                "rebuilds missing shards"
             )
         return np.load(io.BytesIO(data))
 
@@ -103,13 +105,27 @@ class ActivationCache:
         stacked = torch.stack(columns, dim=1)
         return stacked.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16" else stacked
 
+    def unit_of(self, relative: str) -> tuple[int, int]:
+        """(snapshot index, shard) of a shard file ``layer<L>/step<N>/shard<K>.npy``."""
+        _, step, shard = relative.split("/")
+        return self.steps.index(int(step[4:])), int(shard[5:10])
+
     def corrupt_units(self) -> list[tuple[int, int]]:
-        """(snapshot, shard) units with a file that is missing or fails its checksum."""
-        bad = set()
-        for relative, digest in self.manifest["files"].items():
-            if stored_digest(self.files / relative) != digest:
-                _, step, shard = relative.split("/")
-                bad.add((self.steps.index(int(step[4:])), int(shard[5:10])))
+        """(snapshot, shard) units with a file that is missing or fails its checksum: reads every file."""
+        files = self.manifest["files"].items()
+        return sorted(
+            {self.unit_of(relative) for relative, digest in files if stored_digest(self.files / relative) != digest}
+        )
+
+    def incomplete_units(self) -> list[tuple[int, int]]:
+        """(snapshot, shard) units with a file that is missing or not of its recorded size: reads no file body,
+        so a complete cache of any size is checked in one metadata call per file."""
+        sizes = self.manifest.get("sizes", {})  # caches written before sizes were recorded: presence only
+        bad = {
+            self.unit_of(relative)
+            for relative in self.manifest["files"]
+            if (size := (self.files / relative).size()) is None or size != sizes.get(relative, size)
+        }
         return sorted(bad)
 
     def load(self, layer: int) -> torch.Tensor:

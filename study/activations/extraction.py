@@ -29,6 +29,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,14 @@ from study.activations.cache import MANIFEST, ActivationCache, dtype_of, stored_
 from study.activations.contexts import corpus_fingerprint, sample_contexts
 from study.activations.residual import check_layers, residual_stream
 from study.errors import StudyInputError
-from study.lm.trajectory import Snapshot, Trajectory, explained_load_errors, load_model, load_tokenizer
+from study.lm.trajectory import (
+    Snapshot,
+    Trajectory,
+    explained_load_errors,
+    load_model,
+    load_tokenizer,
+    snapshot_fingerprint,
+)
 from study.paths import cache_location
 from study.storage import Location
 
@@ -79,9 +87,16 @@ class ActivationRequest:
             if getattr(self, name) <= 0:
                 raise StudyInputError(f"{name} must be positive, got {getattr(self, name)}")
 
+    @cached_property
+    def snapshot_contents(self) -> list[str]:
+        """What each snapshot holds (``snapshot_fingerprint``), computed once per request."""
+        return [snapshot_fingerprint(snapshot) for snapshot in self.trajectory.snapshots]
+
     def cache_key(self) -> str:
         fields = {
             "snapshots": [str(snapshot) for snapshot in self.trajectory.snapshots],
+            # A checkpoint re-written in place (a re-run, a fix) is new data under the same name.
+            "snapshot_contents": self.snapshot_contents,
             "layers": sorted(self.layers),
             "corpus": corpus_fingerprint(self.corpus),
             "n_tokens": self.n_tokens,
@@ -149,19 +164,21 @@ class ShardExtractor:
             for layer in layers:
                 pieces[layer].append(states[layer][:, 1:].flatten(0, 1).float().cpu())
         step = self.snapshots[snapshot_index].step
-        files, norm_sums = {}, {}
+        files, sizes, norm_sums = {}, {}, {}
         for layer in layers:
             rows = torch.cat(pieces[layer])
             data = npy_bytes(rows.to(dtype_of(request["dtype"])))
             relative = shard_path(layer, step, shard)
             (self.build / relative).write_bytes(data)
             files[relative] = hashlib.sha256(data).hexdigest()
+            sizes[relative] = len(data)
             norm_sums[str(layer)] = rows.norm(dim=-1).double().sum().item()
         record = {
             "snapshot": snapshot_index,
             "shard": shard,
             "rows": len(contexts) * (contexts.shape[1] - 1),
             "files": files,
+            "sizes": sizes,
             "norm_sums": norm_sums,
         }
         # Written after the unit's files, where every node can see it: a killed build resumes from these.
@@ -190,11 +207,17 @@ def ensure_ray() -> None:
 
 
 def completed_units(build: Location) -> dict[tuple[int, int], dict]:
-    """Units recorded as finished whose files are all present with the recorded digest."""
+    """Units recorded as finished whose files are all present with the recorded size (a unit's record is
+    written after its files, so a present file of the right size is a whole one; checksums are checked on
+    reading)."""
     done = {}
     for unit in (build / UNITS).children():
         record = json.loads(unit.read_text())
-        if all(stored_digest(build / path) == digest for path, digest in record["files"].items()):
+        if "sizes" in record:
+            whole = all((build / path).size() == size for path, size in record["sizes"].items())
+        else:  # a unit from before sizes were recorded: its files' digests
+            whole = all(stored_digest(build / path) == digest for path, digest in record["files"].items())
+        if whole:
             done[(record["snapshot"], record["shard"])] = record
     return done
 
@@ -250,6 +273,7 @@ def write_manifest(
 ) -> None:
     steps = request.trajectory.steps
     files = {path: digest for record in records.values() for path, digest in record["files"].items()}
+    sizes = {path: size for record in records.values() for path, size in record.get("sizes", {}).items()}
     rows_per_shard = [records[(0, shard)]["rows"] for shard in range(n_shards)]
     n_rows = sum(rows_per_shard)
     mean_norms = {
@@ -263,6 +287,7 @@ def write_manifest(
         "build": build.name,
         "trajectory": request.trajectory.name,
         "snapshots": [str(snapshot) for snapshot in request.trajectory.snapshots],
+        "snapshot_contents": request.snapshot_contents,
         "steps": steps,
         "layers": sorted(request.layers),
         "corpus": request.corpus,
@@ -274,6 +299,7 @@ def write_manifest(
         "rows_per_shard": rows_per_shard,
         "mean_norms": mean_norms,
         "files": files,
+        "sizes": sizes,
         "token_files": token_files,
         "built_by": f"{socket.gethostname()}:{os.getpid()}",
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -301,20 +327,22 @@ def unfinished_build(folder: Location) -> Location:
 def ensure_activations(
     request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True
 ) -> ActivationCache:
-    """The request's cache, extracted first where missing, resumed where partial, repaired where corrupt."""
+    """The request's cache, extracted first where missing, resumed where partial, repaired where a file is
+    missing or of the wrong size. A complete cache costs one metadata call per file: no shard is read here
+    (readers check each shard's checksum as they read it)."""
     root = cache_location(cache_dir) / "activations"
     key = request.cache_key()
     folder = root / key
-    if (folder / MANIFEST).is_file() and not ActivationCache(folder).corrupt_units():
+    if (folder / MANIFEST).is_file() and not ActivationCache(folder).incomplete_units():
         return ActivationCache(folder)
     with build_lock(root, key):
         build = None
         if (folder / MANIFEST).is_file():
             cache = ActivationCache(folder)
-            if not cache.corrupt_units():
+            if not cache.incomplete_units():
                 return cache  # another process built or repaired it while we waited
             if "build" in cache.manifest:
-                build = cache.files  # rebuild only the units whose files fail their checksum, in place
+                build = cache.files  # rebuild only the units with a missing or short file, in place
         build = build or unfinished_build(folder)
         snapshot = request.trajectory.snapshots[-1]
         with explained_load_errors(snapshot):

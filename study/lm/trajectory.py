@@ -6,6 +6,7 @@ a revision such as ``step1000`` (Pythia), or a ``save_pretrained`` folder with n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.constants import HF_HUB_CACHE
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import disable_progress_bar
@@ -37,6 +39,25 @@ class Snapshot:
 
     def __str__(self) -> str:
         return f"{self.source}@{self.revision}" if self.revision else self.source
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+"""Files of a checkpoint folder whose contents define what it computes (weights, configuration, tokenizer)."""
+
+
+def snapshot_fingerprint(snapshot: Snapshot) -> str:
+    """What a snapshot holds, cheaply: for a local folder, the name, size and modification time of each
+    weight and configuration file (no file is read, so a re-written checkpoint changes it at the cost of a
+    stat per file); for a hub revision, the commit it resolves to in the local hub cache, else the revision."""
+    folder = Path(snapshot.source).expanduser()
+    if folder.is_dir():
+        files = sorted(path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES)
+        listing = "\n".join(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files)
+        return hashlib.sha256(listing.encode()).hexdigest()[:16]
+    ref = (
+        Path(HF_HUB_CACHE) / ("models--" + snapshot.source.replace("/", "--")) / "refs" / (snapshot.revision or "main")
+    )
+    return ref.read_text().strip() if ref.is_file() else str(snapshot.revision)
 
 
 @dataclass(frozen=True)
