@@ -9,8 +9,10 @@ SparsityMethod = Literal["jumprelu", "l1", "topk", "batchtopk"]
 SPARSITY_METHODS = ("jumprelu", "l1", "topk", "batchtopk")
 
 # Sparsity coefficients that give L0 in the tens to low hundreds on normalised activations; the
-# reconstruction loss is divided by d_model, so these carry over between model widths.
-DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 3e-4, "l1": 1e-3, "topk": 0.0, "batchtopk": 0.0}
+# reconstruction loss is divided by d_model and both it and every penalty are averaged over snapshots,
+# so these carry over between model widths and snapshot counts. (l1's 9e-3 is the 1e-3 it was when its
+# penalty summed decoder norms over snapshots, at the default 9 snapshots.)
+DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 3e-4, "l1": 9e-3, "topk": 0.0, "batchtopk": 0.0}
 
 
 class InputError(ValueError):

@@ -114,9 +114,15 @@ def frequency_penalty(frequency: torch.Tensor, frequency_scale: float) -> torch.
 
 
 def relu_l1(pre: torch.Tensor, decoder_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper 2: codes relu(pre) [B, F]; penalty mean_b sum_i f_i sum_s ||W_D^{s,i}||."""
+    """Paper 2: codes relu(pre) [B, F]; penalty mean_b sum_i f_i mean_s ||W_D^{s,i}||.
+
+    Paper 2 sums both its reconstruction error and the decoder norms over snapshots; here both are
+    averaged over snapshots (the reconstruction loss is a mean over snapshots), so that one coefficient
+    means the same sparsity at any snapshot count. A sum of norms against a mean error would make the
+    effective coefficient grow with S.
+    """
     codes = torch.relu(pre)
-    return codes, (codes @ decoder_norms.sum(0).to(codes.dtype)).mean()
+    return codes, (codes @ decoder_norms.mean(0).to(codes.dtype)).mean()
 
 
 def topk(pre: torch.Tensor, k: int) -> torch.Tensor:

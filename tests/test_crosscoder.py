@@ -195,3 +195,29 @@ def test_bfloat16_autocast_trains_close_to_float32(planted):
     full = fit(planted.activations, config).metrics.explained_variance
     half = fit(planted.activations, replace(config, autocast_bf16=True)).metrics.explained_variance
     assert half > 0.9 and abs(full - half) < 0.03
+
+
+@pytest.mark.parametrize("sparsity", ["l1", "jumprelu"])
+def test_the_loss_does_not_depend_on_the_snapshot_count(sparsity):
+    """The same crosscoder seen through 5 or 17 identical snapshots: the same reconstruction error and the
+    same penalty, so one sparsity coefficient means the same thing for any snapshot count (the
+    n_snapshots axis would otherwise sweep sparsity too)."""
+    generator = torch.Generator().manual_seed(0)
+    d_model, n_features = 16, 32
+    tokens = torch.randn(256, d_model, generator=generator)
+    encoder = torch.randn(d_model, n_features, generator=generator) / d_model**0.5
+    decoder = torch.randn(n_features, d_model, generator=generator) / d_model**0.5
+    losses = []
+    for n_snapshots in (5, 17):
+        model = CrossCoder(n_snapshots, d_model, CrossCoderConfig(expansion_ratio=2, sparsity=sparsity))
+        with torch.no_grad():
+            model.encoder_weight.copy_((encoder / n_snapshots).repeat(n_snapshots, 1))  # the same pre-activation
+            model.decoder_weight.copy_(decoder[:, None].expand(-1, n_snapshots, -1))
+            if model.log_threshold is not None:
+                model.log_threshold.fill_(-3.0)
+        batch = tokens[:, None].expand(-1, n_snapshots, -1)
+        output = model(batch)
+        mse = (output.reconstruction - model.normalise(batch)).square().sum(-1).mean() / d_model
+        losses.append((mse.item(), output.sparsity_penalty.item()))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[0][1] > 0  # the penalty is not trivially zero
