@@ -10,7 +10,7 @@ import torch
 
 from crosscoder.evolution import emergence, feature_dimensionality, turning_point
 from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
-from crosscoder.matching import stability
+from crosscoder.matching import decoder_cosines, match_features, stability
 from crosscoder.probing import norm_proxy, probe_errors
 from study.analysis.model_curves import NgramStatistics
 from study.analysis.rules import Trials, judge
@@ -236,3 +236,27 @@ def test_verdicts_follow_their_rules():
     assert "against turning steps [4, 8]" in far_from_turn["emergence"][1]
     never_learned = trials(**dict(good, task_learned_snapshots=[0.0, 0.0, 0.0]))
     assert verdicts_of(never_learned, seeds)["relie"][0] == "inconclusive"  # no task, no effect to share
+
+
+def exact_stability(decoder_a: torch.Tensor, decoder_b: torch.Tensor, threshold: float = 0.7) -> tuple[float, float]:
+    """The reference: Hungarian on the dense cosine matrix."""
+    match = match_features(decoder_a, decoder_b)
+    cosines = decoder_cosines(decoder_a, decoder_b)
+    return float((match.cosines > threshold).double().mean()), float(cosines.max(1).values.mean())
+
+
+@pytest.mark.parametrize("n_features", [256, 4096])
+def test_blocked_sparse_stability_equals_the_dense_hungarian(n_features):
+    """Pairs at every cosine, crowded neighbourhoods (several near-copies of one feature, so components
+    hold more than one edge) and features with no partner, in a smaller and a larger dictionary."""
+    generator = torch.Generator().manual_seed(n_features)
+    a = torch.randn(n_features, 4, 24, generator=generator)
+    copies = a[torch.randint(0, n_features, (n_features + n_features // 2,), generator=generator)]
+    noise = torch.rand(len(copies), 1, 1, generator=generator) * 1.5  # cosines from about 1 down to about 0.5
+    b = copies + noise * torch.randn(copies.shape, generator=generator) / 24**0.5 * copies.norm(dim=-1, keepdim=True)
+    shared, mean_max = exact_stability(a, b)
+    result = stability(a, b)
+    assert 0.2 < shared < 0.9  # a test where the threshold matters
+    assert result.shared_share == pytest.approx(shared, abs=0.01)
+    assert result.mean_max_cosine == pytest.approx(mean_max, abs=1e-4)
+    assert (result.match.cosines > 0.7).all() and len(set(result.match.columns.tolist())) == len(result.match.columns)
