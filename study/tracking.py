@@ -97,6 +97,15 @@ def close_stopped_run(experiment_id: str, parent_run_id: str, trial_id: str) -> 
         client.set_terminated(run_id, status="KILLED")
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens ``uri`` in the MLflow UI."""
-    return f"mlflow ui --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else f"open {uri}"
+UI_PORT = 5000
+"""Where ``mlflow ui`` listens by default."""
+
+
+def ui_instructions(uri: str, experiment_id: str) -> list[str]:
+    """How to open the sweep's runs in the MLflow UI: the command that serves a local store, and the page.
+    ``workflowType=machine_learning`` opens the runs table: MLflow 3's UI otherwise starts on its GenAI
+    overview, whatever the experiment's kind."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return [f"open {uri.rstrip('/')}/{page}"]
+    return [f"mlflow ui --backend-store-uri {uri}", f"then open http://127.0.0.1:{UI_PORT}/{page}"]

@@ -199,6 +199,8 @@ def test_the_mlflow_ui_opens_the_sweep_on_its_runs_named_by_their_values(finishe
         metrics = {metric["key"] for metric in names[f"expansion_ratio={ratio}"]["data"]["metrics"]}
         assert {"explained_variance", "l0", "dead_fraction", "transition_step", "control_initial_share"} <= metrics
     assert f"mlflow ui --backend-store-uri sqlite:///{finished_sweep.store}" in finished_sweep.output
+    page = f"http://127.0.0.1:5000/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
+    assert page in finished_sweep.output
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:

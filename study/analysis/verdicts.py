@@ -9,7 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+import mlflow
 import pandas as pd
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -145,34 +147,35 @@ def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def feature_stability(client: MlflowClient, trials: Trials) -> pd.DataFrame:
+def pair_figures(tracking_uri: str, run_a: str, run_b: str) -> tuple[float, float, int, float]:
+    """(shared share, mean max cosine, pairs, top-feature Jaccard) of two trials' crosscoders, each
+    downloaded from MLflow here, so that pairs can run anywhere in the cluster."""
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        a, b = (live_dictionary(client, run_id, Path(folder) / run_id) for run_id in (run_a, run_b))
+    result = stability(a.decoder, b.decoder, MATCH_THRESHOLD)
+    jaccard = matched_jaccard(result.match, a.top_features, b.top_features, MATCH_THRESHOLD)
+    return result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard
+
+
+def feature_stability(trials: Trials) -> pd.DataFrame:
     """Stability between seeds (all pairs of trials differing only in seed) and, where the expansion
     ratio is swept, the share of the smaller dictionary's features with a partner in the larger;
-    for each pair also the Jaccard index of their top features by indirect effect, after matching."""
+    for each pair also the Jaccard index of their top features by indirect effect, after matching.
+    Pairs run as Ray tasks in parallel where Ray is up (as in a sweep), else one after the other."""
     columns = ["kind", "run_a", "run_b", "shared_share", "mean_max_cosine", "pairs", "top_feature_jaccard"]
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        dictionaries: dict[str, LiveDictionary] = {}
-
-        def dictionary(run_id: str) -> LiveDictionary:
-            if run_id not in dictionaries:
-                dictionaries[run_id] = live_dictionary(client, run_id, Path(folder) / run_id)
-            return dictionaries[run_id]
-
-        for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio")):
-            for run_a, run_b in pairs_differing_in(trials.frame, key):
-                a, b = dictionary(run_a), dictionary(run_b)
-                result = stability(a.decoder, b.decoder, MATCH_THRESHOLD)
-                jaccard = matched_jaccard(result.match, a.top_features, b.top_features, MATCH_THRESHOLD)
-                rows.append(
-                    dict(
-                        zip(
-                            columns,
-                            (kind, run_a, run_b, result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard),
-                        )
-                    )
-                )
-    return pd.DataFrame(rows, columns=columns)
+    pairs = [
+        (kind, run_a, run_b)
+        for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio"))
+        for run_a, run_b in pairs_differing_in(trials.frame, key)
+    ]
+    uri = mlflow.get_tracking_uri()
+    if ray.is_initialized():
+        task = ray.remote(num_cpus=1)(pair_figures)
+        figures = ray.get([task.remote(uri, run_a, run_b) for _, run_a, run_b in pairs])
+    else:
+        figures = [pair_figures(uri, run_a, run_b) for _, run_a, run_b in pairs]
+    return pd.DataFrame([(*pair, *figure) for pair, figure in zip(pairs, figures)], columns=columns)
 
 
 def analyse_sweep(parent_run_id: str) -> list[Verdict]:
@@ -189,7 +192,7 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
         )
     else:
         summary = by_axis_value(trials)
-        stabilities = feature_stability(client, trials)
+        stabilities = feature_stability(trials)
         verdicts = judge(trials, stabilities)
     with tempfile.TemporaryDirectory() as folder:
         summary.to_csv(Path(folder) / BY_AXIS_VALUE_ARTIFACT, index=False)

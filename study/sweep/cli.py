@@ -30,7 +30,7 @@ from study.sweep.prepare import prepare_sweep
 from study.sweep.search_space import available_axes
 from study.sweep.summary import summarise
 from study.sweep.trial import PROGRESS_METRICS
-from study.tracking import check_store, tracking_uri, ui_command
+from study.tracking import check_store, tracking_uri, ui_instructions
 
 SEARCHES = ("grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -113,7 +113,8 @@ def run(
     print(
         f"MLflow: experiment '{plan.experiment}', parent run {context.parent_run_id}; to browse and compare the runs:"
     )
-    print(f"  {ui_command(tracking_uri())}")
+    for line in ui_instructions(tracking_uri(), context.experiment_id):
+        print(f"  {line}")
     report = f"{report_folder}/report.html" if report_ok else None
     if report:
         print(f"report: {report} (also in the parent run's artifacts, report/)")
