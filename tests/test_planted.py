@@ -145,7 +145,9 @@ def test_a_sweep_on_the_planted_trajectory_reads_the_truth_back(planted_cache, t
     ],
 )
 def test_on_the_planted_null_twins_evolution_never_holds(planted_cache, tmp_path, ray_cluster, twin, extra):
-    verdicts, trials, _ = planted_sweep(planted_cache, tmp_path, f"{twin}:planted", "--set", "n_steps=300", *extra)
+    verdicts, trials, _ = planted_sweep(
+        planted_cache, tmp_path, f"{twin}:planted", "--set", "n_steps=200", "--set", "n_snapshots=6", *extra
+    )
     assert len(trials) == 2
     assert verdicts["transition"] != "holds" and verdicts["emergence"] != "holds", verdicts
     assert "metrics.planted_recovered_share" not in trials  # a twin's truth is not the planted one
