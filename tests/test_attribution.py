@@ -15,6 +15,7 @@ from study.analysis.attribution import SnapshotModel, Task, Terms, agreement_tas
 from study.analysis.causal_statistics import causal_statistics, snapshot_terms
 from study.lm.agreement import agreement_items
 from study.lm.grammar import flip_subject_number
+from study.lm.planted import silence_blocks
 from study.lm.trajectory import Snapshot, directory_trajectory, load_model, load_tokenizer
 
 D_MODEL = 16
@@ -49,11 +50,8 @@ def planted(tmp_path_factory):
             max_position_embeddings=16,
         )
         model = GPTNeoXForCausalLM(config)
+        silence_blocks(model)
         with torch.no_grad():
-            for layer in model.base_model.layers:
-                for projection in (layer.attention.dense, layer.mlp.dense_4h_to_h):
-                    projection.weight.zero_()
-                    projection.bias.zero_()
             embedding = model.get_input_embeddings().weight
             embedding.copy_(torch.randn(embedding.shape, generator=generator) * 0.3 + 3 * base)
             embedding[SINGULAR_SUBJECT] = 3 * base + 2 * task + distractor

@@ -255,6 +255,16 @@ def token_frequency(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.bincount(torch.tensor(ids), minlength=len(tokenizer))
 
 
+@torch.no_grad()
+def silence_blocks(model: GPTNeoXForCausalLM) -> None:
+    """Zero every block's attention and MLP output projections: the residual stream at every layer is then
+    the token's embedding, whatever the rest of the weights."""
+    for layer in model.base_model.layers:
+        for projection in (layer.attention.dense, layer.mlp.dense_4h_to_h):
+            projection.weight.zero_()
+            projection.bias.zero_()
+
+
 def planted_model(
     config: PlantedConfig, embeddings: torch.Tensor, log_unigram: torch.Tensor, unigram_weight: float
 ) -> GPTNeoXForCausalLM:
@@ -271,11 +281,8 @@ def planted_model(
     )
     torch.manual_seed(config.seed)  # the unused weights (attention, MLP inputs) are drawn, seeded
     model = GPTNeoXForCausalLM(neox)
+    silence_blocks(model)
     with torch.no_grad():
-        for layer in model.base_model.layers:
-            for projection in (layer.attention.dense, layer.mlp.dense_4h_to_h):
-                projection.weight.zero_()
-                projection.bias.zero_()
         model.get_input_embeddings().weight.copy_(embeddings)
         final_norm = model.base_model.final_layer_norm
         final_norm.weight.zero_()
