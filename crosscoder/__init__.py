@@ -8,7 +8,7 @@ result.metrics.explained_variance, result.model.decoder_norms()
 from crosscoder.config import CrossCoderConfig, InputError, TrainingError
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder, CrossCoderOutput, SnapshotTerms
-from crosscoder.trainer import TrainResult, train
+from crosscoder.trainer import TrainResult, loss_drop_last_fifth, train
 
 fit = train
 """The notebook entry point: ``fit(activations [tokens, S, d_model], config) -> TrainResult``."""
@@ -24,5 +24,6 @@ __all__ = [
     "TrainingError",
     "evaluate",
     "fit",
+    "loss_drop_last_fifth",
     "train",
 ]

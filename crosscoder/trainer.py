@@ -37,6 +37,19 @@ class TrainResult(NamedTuple):
     """The same crosscoder as initialised, before any step: the untrained control of every statistic."""
 
 
+def loss_drop_last_fifth(history: list[dict[str, float]]) -> float:
+    """How much the training loss still fell over the last fifth of the steps, relative to the final loss:
+    (loss at 80 % of the steps - final loss) / final loss, from the logged entries nearest those steps.
+    Near 0 for a run that reached a flat loss; nan when the history is too short to tell."""
+    if len(history) < 2:
+        return float("nan")
+    last_step = history[-1]["step"]
+    start = min(history, key=lambda entry: abs(entry["step"] - 0.8 * last_step))
+    if start is history[-1]:
+        return float("nan")
+    return (start["loss"] - history[-1]["loss"]) / abs(history[-1]["loss"])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,7 +29,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
-from study.record import COMPARED, IE_COLUMN, LABELS, RELIE_COLUMN, REPORT_FOLDER, SHARED_RULES
+from study.record import (
+    COMPARED,
+    IE_COLUMN,
+    LABELS,
+    RELIE_COLUMN,
+    REPORT_FOLDER,
+    SHARED_RULES,
+    UNCONVERGED_LOSS_DROP,
+)
 from study.storage import Location
 from study.tracking import tracking_uri
 
@@ -131,11 +139,31 @@ def axis_table(record: SweepRecord) -> pd.DataFrame:
     return pivot
 
 
+def trial_flags(row: dict) -> str:
+    """What should make a reader distrust a trial's figures, in words."""
+    flags = []
+    drop = row.get("loss_drop_last_fifth", float("nan"))
+    if drop == drop and drop > UNCONVERGED_LOSS_DROP:
+        flags.append(f"not converged: loss fell {drop:.1%} over the last fifth")
+    if (
+        row.get("params.sparsity") in ("topk", "batchtopk")
+        and abs(row.get("l0", 0) - float(row.get("params.k", -9))) < 0.5
+    ):
+        flags.append("L0 pinned at k: choose k from the data's own L0 (e.g. an l1 trial's)")
+    return "; ".join(flags)
+
+
 def trials_table(record: SweepRecord) -> pd.DataFrame:
     if record.trials.empty:
         return pd.DataFrame()
     labels = trial_labels(record)
-    table = pd.DataFrame({"trial": [labels[r] for r in record.trials["run_id"]], "status": record.trials["status"]})
+    table = pd.DataFrame(
+        {
+            "trial": [labels[r] for r in record.trials["run_id"]],
+            "status": record.trials["status"],
+            "flags": [trial_flags(row) for row in record.trials.to_dict("records")],
+        }
+    )
     for column in COMPARED:
         if column in record.trials:
             table[column] = record.trials[column].map(format_number)

@@ -56,6 +56,8 @@ class TrialSummary(NamedTuple):
     """Share of features that never fire on held-out tokens."""
     mse: float
     """Reconstruction loss in the trainer's units."""
+    loss_drop_last_fifth: float
+    """Relative fall of the training loss over the last fifth of the steps: above UNCONVERGED_LOSS_DROP, not flat yet."""
     transition_step: float
     """Snapshot step where total feature dimensionality turns (nan without a turning point)."""
     transition_found: float
@@ -162,6 +164,7 @@ COMPARED = (
     "l0",
     "control_l0",
     "dead_fraction",
+    "loss_drop_last_fifth",
     "delta_ce_max",
     "transition_step",
     "control_transition_found",
@@ -202,6 +205,9 @@ ABLATE_K = 15
 """Paper 1: ablating the top 15 features lowers the task metric by more than half..."""
 KEEP_SHARE = 500 / 98_304
 """...and keeping only the top 500 of its 98,304 features recovers more than 90 % of it: kept as a share."""
+UNCONVERGED_LOSS_DROP = 0.02
+"""A trial whose training loss still fell by more than this share over its last fifth had not converged:
+its statistics describe a dictionary still moving, and the report flags it."""
 KEEP_MIN = 20
 """Fewest features kept, for dictionaries where that share is a handful (at most a quarter of the dictionary)."""
 
@@ -220,6 +226,7 @@ LABELS = {
     "initial_share": "init.-dependent share",
     "control_initial_share": "init.-dependent share, untrained control",
     "control_explained_variance": "explained variance, untrained control",
+    "loss_drop_last_fifth": "training loss drop over the last fifth",
     "control_l0": "L0, untrained control",
     "control_transition_found": "turning point found, untrained control",
     "unresolved_share": "unresolved share (decoder never moved)",

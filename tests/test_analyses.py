@@ -12,6 +12,8 @@ from crosscoder.evolution import emergence, feature_dimensionality, turning_poin
 from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
 from crosscoder.matching import decoder_cosines, match_features, stability
 from crosscoder.probing import norm_proxy, probe_errors
+from crosscoder.trainer import loss_drop_last_fifth
+from reports.robustness import trial_flags
 from study.analysis.model_curves import NgramStatistics
 from study.analysis.rules import Trials, judge
 
@@ -260,3 +262,16 @@ def test_blocked_sparse_stability_equals_the_dense_hungarian(n_features):
     assert result.shared_share == pytest.approx(shared, abs=0.01)
     assert result.mean_max_cosine == pytest.approx(mean_max, abs=1e-4)
     assert (result.match.cosines > 0.7).all() and len(set(result.match.columns.tolist())) == len(result.match.columns)
+
+
+def test_a_trial_still_learning_or_pinned_at_k_is_flagged():
+    falling = [{"step": step, "loss": 1.0 / step} for step in range(100, 1001, 100)]
+    flat = [{"step": step, "loss": 0.5 + 1e-4 * (step % 200 == 0)} for step in range(100, 1001, 100)]
+    assert loss_drop_last_fifth(falling) == pytest.approx((1 / 800 - 1 / 1000) / (1 / 1000))  # 0.25
+    assert abs(loss_drop_last_fifth(flat)) < 1e-3
+    assert math.isnan(loss_drop_last_fifth(falling[-1:]))  # one entry tells nothing
+    assert "not converged: loss fell 25.0%" in trial_flags({"loss_drop_last_fifth": 0.25, "l0": 40.0})
+    assert trial_flags({"loss_drop_last_fifth": 0.001, "l0": 40.0, "params.sparsity": "l1"}) == ""
+    pinned = {"loss_drop_last_fifth": 0.0, "l0": 32.0, "params.sparsity": "topk", "params.k": "32"}
+    assert trial_flags(pinned).startswith("L0 pinned at k")
+    assert trial_flags({**pinned, "l0": 7.5, "params.sparsity": "batchtopk", "params.k": "32"}) == ""

@@ -139,9 +139,11 @@ def claim_statistics(
     spliced: SplicedLoss,
     causal: CausalStatistics,
     seed: int,
+    loss_drop: float = float("nan"),
 ) -> ClaimStatistics:
     """Statistics of ``model`` on held-out activations [N, S, d] whose token ids are ``token_ids`` [N];
-    ``initial_model`` is the same crosscoder before training, the control."""
+    ``initial_model`` is the same crosscoder before training, the control; ``loss_drop`` is how much its
+    training loss still fell over the last fifth of its steps (``crosscoder.loss_drop_last_fifth``)."""
     model = model.eval()
     n_snapshots = len(steps)
     decoder_norms = metrics.decoder_norms
@@ -178,6 +180,7 @@ def claim_statistics(
         l0=metrics.l0,
         dead_fraction=metrics.dead_fraction,
         mse=metrics.mse,
+        loss_drop_last_fifth=loss_drop,
         transition_step=float(turn.step) if turn.step is not None else float("nan"),
         transition_found=float(turn.step is not None),
         initial_share=evolution.initial_share,

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 
-from crosscoder import CrossCoder, CrossCoderConfig, TrainResult, evaluate, fit  # noqa: E402
+from crosscoder import CrossCoder, CrossCoderConfig, TrainResult, evaluate, fit, loss_drop_last_fifth  # noqa: E402
 from study.activations.cache import ActivationCache  # noqa: E402
 from study.activations.contexts import sample_contexts  # noqa: E402
 from study.analysis.attribution import agreement_task  # noqa: E402
@@ -202,6 +202,7 @@ def train_and_measure(
         spliced,
         causal,
         trial.crosscoder.seed,
+        loss_drop_last_fifth(result.history),
     )
     folder = planted_truth_of(snapshots)
     planted = None
