@@ -5,7 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 # The hub library reads these when first imported: set them before any test imports it, so that
@@ -13,6 +18,22 @@ from pathlib import Path
 HUB_CACHE = Path(tempfile.mkdtemp(prefix="hub-cache-"))
 os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# An S3 endpoint on loopback (moto's server, started by the s3_bucket fixture when a test needs it). Set
+# here, before Ray starts, so that Ray's workers inherit it: pyarrow and boto3 both read AWS_ENDPOINT_URL.
+# A real endpoint given in the environment is used as it is.
+if "AWS_ENDPOINT_URL" not in os.environ:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        S3_PORT = probe.getsockname()[1]
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+else:
+    S3_PORT = None
 
 import pytest  # noqa: E402
 
@@ -56,3 +77,32 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A fresh bucket on the S3 endpoint, as an ``s3://`` URI: moto's server on loopback unless the
+    environment names a real endpoint."""
+    import boto3
+
+    server = None
+    if S3_PORT is not None:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    bucket = f"crosscoder-{uuid.uuid4().hex[:8]}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            break
+        except Exception:  # the server is still starting
+            if time.time() > deadline or (server is not None and server.poll() is not None):
+                raise
+            time.sleep(0.3)
+    yield f"s3://{bucket}"
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=30)
