@@ -16,7 +16,6 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from study.sweep import run
-from study.sweep.cli import main
 from tests.test_sweep import REPO, children, runs, sweep_arguments
 
 
@@ -26,47 +25,37 @@ def parent_tags(store: Path, experiment: str) -> dict[str, str]:
     return MlflowClient(f"sqlite:///{store}").get_run(parent_id).data.tags
 
 
-def test_optuna_samples_a_continuous_key_and_asha_judges_it_to_the_end(
-    tiny_trajectory_folder, tmp_path, store, ray_cluster
-):
-    arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "tuned")
-    arguments[0] = "seed"
-    arguments += ["--search", "optuna", "--scheduler", "asha", "--num-samples", "3", "--set", "seed=0"]
-    arguments += ["--set", "sparsity_coefficient={loguniform: [0.0001, 0.01]}"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(arguments) == 0
-    trials = children(runs(store, "tuned"))
-    assert len(trials) == 3
-    assert trials["params.sparsity_coefficient"].nunique() == 3  # Optuna drew three values
-    # ASHA may stop a trailing trial at a checkpoint: its run then ends KILLED, tagged, never left RUNNING.
-    finished = trials["status"] == "FINISHED"
-    stopped = (trials["status"] == "KILLED") & (trials.get("tags.stopped_early") == "true")
-    assert (finished | stopped).all() and finished.any(), trials[["status", "params.sparsity_coefficient"]]
-    assert trials.loc[finished, "metrics.explained_variance"].notna().all()
-    assert all(name.startswith("sparsity_coefficient=") for name in trials["tags.mlflow.runName"])
-    tags = parent_tags(store, "tuned")
-    assert (tags["search"], tags["scheduler"], tags["search_metric"]) == ("optuna", "asha", "explained_variance (max)")
-
-
-def test_an_axis_file_outside_the_checkout_runs_from_python(tiny_trajectory_folder, tmp_path, store, ray_cluster):
+def test_your_own_axis_file_from_python_with_optuna_and_asha(tiny_trajectory_folder, tmp_path, store, ray_cluster):
+    """An axis file outside the checkout, run through ``study.sweep.run``; Optuna samples its continuous
+    key and ASHA judges the trials at every checkpoint, to the end."""
     axis = tmp_path / "elsewhere" / "my_axis.yaml"
     axis.parent.mkdir()
-    axis.write_text("# my own question\nlearning_rate: {grid_search: [0.001, 0.003]}\n")
+    axis.write_text("# my own question\nsparsity_coefficient: {loguniform: [0.0001, 0.01]}\n")
     overrides = {"trajectory": str(tiny_trajectory_folder), "n_snapshots": 4, "layer": 1, "context_length": 32}
-    overrides |= {"n_steps": 30, "batch_size": 128, "n_tokens": 4400}
+    overrides |= {"n_steps": 30, "batch_size": 128, "n_tokens": 4400, "task_items": 4}
     with contextlib.redirect_stdout(io.StringIO()):
         result = run(
             str(axis),
             overrides,
+            search="optuna",
+            scheduler="asha",
+            num_samples=3,
             cache_dir=str(tiny_trajectory_folder.parent.parent),
             storage=str(tmp_path / "sweeps"),
         )
-    assert sorted(result.trials["learning_rate"]) == [0.001, 0.003]
-    assert (result.trials["status"] == "done").all()
+    assert result.trials["sparsity_coefficient"].nunique() == 3  # Optuna drew three values
+    assert set(result.trials["status"]) <= {"done", "stopped early"} and (result.trials["status"] == "done").any()
     assert {verdict.claim for verdict in result.verdicts} >= {"transition", "emergence", "quality", "stability"}
     assert result.report and Path(result.report).is_file()
-    names = set(children(runs(store, "crosscoder-my_axis"))["tags.mlflow.runName"])
-    assert names == {"learning_rate=0.001", "learning_rate=0.003"}
+    trials = children(runs(store, "crosscoder-my_axis"))
+    # ASHA may stop a trailing trial at a checkpoint: its run then ends KILLED, tagged, never left RUNNING.
+    finished = trials["status"] == "FINISHED"
+    stopped = (trials["status"] == "KILLED") & (trials.get("tags.stopped_early") == "true")
+    assert len(trials) == 3 and (finished | stopped).all(), trials[["status", "params.sparsity_coefficient"]]
+    assert trials.loc[finished, "metrics.explained_variance"].notna().all()
+    assert all(name.startswith("sparsity_coefficient=") for name in trials["tags.mlflow.runName"])
+    tags = parent_tags(store, "crosscoder-my_axis")
+    assert (tags["search"], tags["scheduler"], tags["search_metric"]) == ("optuna", "asha", "explained_variance (max)")
 
 
 def test_a_wheel_in_a_fresh_environment_carries_the_axes(tiny_trajectory_folder, tmp_path):
