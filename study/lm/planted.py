@@ -132,82 +132,95 @@ def unit_vectors(count: int, dimension: int, generator: torch.Generator) -> torc
     return vectors / vectors.norm(dim=-1, keepdim=True)
 
 
+def token_coefficients(
+    config: PlantedConfig, frequency: torch.Tensor, appearing: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """[features, vocab] each feature's coefficient on each token (zero where it is not planted).
+
+    Each token-specific feature alone on one frequent token (a shared feature beside it would be
+    absorbed: one feature for the token's whole embedding is sparser than two, so no sparse dictionary
+    could recover the pair). Every other token one feature of each pool (present from step 0;
+    ``appearing``), the one with the least frequency mass so far (a token's mass capped at the pool's
+    size-th largest), so every shared feature fires on many tokens, about equally often. Each pool walks
+    the tokens in its own random order: its features' token sets are then independent of the other
+    pool's, and no pair of features always fires together. A token thus never loses its whole embedding
+    when features appear, so the crosscoder's per-snapshot normalisation barely rescales the features
+    already there.
+    """
+    is_appearing = torch.zeros(config.n_shared, dtype=torch.bool)
+    is_appearing[appearing] = True
+    pools = [pool for pool in (is_appearing.logical_not().nonzero().squeeze(1), appearing) if len(pool)]
+    coefficients = torch.zeros(config.n_shared + config.n_specific, len(frequency), dtype=torch.float64)
+    by_frequency = frequency.argsort(descending=True)[: int((frequency > 0).sum())]
+    first_specific = config.specific_from_rank
+    specific_tokens = by_frequency[first_specific : first_specific + config.n_specific]
+    shared_tokens = torch.cat([by_frequency[:first_specific], by_frequency[first_specific + config.n_specific :]])
+    for pool in pools:
+        cap = float(frequency[shared_tokens[min(len(pool), len(shared_tokens)) - 1]])
+        mass = torch.zeros(len(pool), dtype=torch.float64)
+        order = shared_tokens[torch.randperm(len(shared_tokens), generator=generator)]
+        for token in order.tolist():
+            chosen = int(mass.argmin())
+            coefficients[pool[chosen], token] = 1.0
+            mass[chosen] += min(float(frequency[token]), cap)
+    for offset, token in enumerate(specific_tokens.tolist()):
+        coefficients[config.n_shared + offset, token] = 1.0
+    low, high = config.coefficient_range
+    drawn = low + (high - low) * torch.rand(coefficients.shape, generator=generator, dtype=torch.float64)
+    return coefficients * drawn
+
+
+def magnitudes(config: PlantedConfig, appearing: torch.Tensor) -> torch.Tensor:
+    """[features, snapshots]: shared features grow slowly (so they peak late), appearing ones are zero
+    before their step; token-specific ones are strongest at step 0 and fade out."""
+    at, step_index = positions(config.steps), {step: index for index, step in enumerate(config.steps)}
+    magnitude = torch.zeros(config.n_shared + config.n_specific, len(at), dtype=torch.float64)
+    magnitude[: config.n_shared] = 0.6 + 0.4 * at
+    for order, feature in enumerate(appearing.tolist()):
+        magnitude[feature, : step_index[config.appear_steps[order % len(config.appear_steps)]]] = 0.0
+    gone = step_index[config.specific_gone_at]
+    fading = 1.0 - 0.5 * at / at[gone - 1]
+    magnitude[config.n_shared :, :gone] = fading[:gone]
+    return magnitude
+
+
+def planted_directions(config: PlantedConfig, generator: torch.Generator) -> torch.Tensor:
+    """[features, snapshots, d] unit directions: shared features move from their own early direction onto
+    their group's, fully at the turning step, then out to a new direction of their own; token-specific
+    ones stay put."""
+    n_features, d = config.n_shared + config.n_specific, config.hidden_size
+    at, step_index = positions(config.steps), {step: index for index, step in enumerate(config.steps)}
+    early, late = unit_vectors(n_features, d, generator), unit_vectors(n_features, d, generator)
+    groups = unit_vectors(config.n_groups, d, generator)
+    group_of = torch.arange(n_features) % config.n_groups
+    collapse_at, turn_at = float(at[step_index[config.collapse_from]]), float(at[step_index[config.turning_step]])
+    collapsing = ramp(at, collapse_at, turn_at) - ramp(at, turn_at, 1.0)  # 0 .. 1 at the turn .. 0
+    own = torch.where((at > turn_at)[None, :, None], late[:, None], early[:, None])
+    mixed = (1 - collapsing)[None, :, None] * own + collapsing[None, :, None] * groups[group_of][:, None]
+    directions = mixed / mixed.norm(dim=-1, keepdim=True)
+    directions[config.n_shared :] = early[config.n_shared :, None]
+    return directions
+
+
 class PlantedDictionary:
     """The planted features of ``config`` over the tokens whose ``frequency`` [vocab] is positive."""
 
     def __init__(self, config: PlantedConfig, frequency: torch.Tensor):
         self.config = config
-        generator = torch.Generator().manual_seed(config.seed)
-        at = positions(config.steps)
-        step_index = {step: index for index, step in enumerate(config.steps)}
-        seen = frequency.nonzero().squeeze(1)
-        n_features, d = config.n_shared + config.n_specific, config.hidden_size
         self.kinds = ["shared"] * config.n_shared + ["specific"] * config.n_specific
-
+        generator = torch.Generator().manual_seed(config.seed)
         # Shared features come in two pools: present from step 0, and appearing at one of appear_steps.
-        n_appearing = round(config.appearing_share * config.n_shared)
-        appearing = torch.randperm(config.n_shared, generator=generator)[:n_appearing]
-        is_appearing = torch.zeros(config.n_shared, dtype=torch.bool)
-        is_appearing[appearing] = True
-        pools = [pool for pool in (is_appearing.logical_not().nonzero(), appearing[:, None]) if len(pool)]
-
-        # Which tokens carry which feature. Each token-specific feature alone on one frequent token (a
-        # shared feature beside it would be absorbed: one feature for the token's whole embedding is
-        # sparser than two, so no sparse dictionary could recover the pair). Every other token one
-        # feature of each pool, the one with the least frequency mass so far (a token's mass capped at
-        # the pool's size-th largest), so every shared feature fires on many tokens, about equally
-        # often. Each pool walks the tokens in its own random order: its features' token sets are then
-        # independent of the other pool's, and no pair of features always fires together. A token thus
-        # never loses its whole embedding when features appear, so the crosscoder's per-snapshot
-        # normalisation barely rescales the features already there.
-        coefficients = torch.zeros(n_features, len(frequency), dtype=torch.float64)
-        by_frequency = frequency.argsort(descending=True)[: len(seen)]
-        first_specific = config.specific_from_rank
-        specific_tokens = by_frequency[first_specific : first_specific + config.n_specific]
-        shared_tokens = torch.cat([by_frequency[:first_specific], by_frequency[first_specific + config.n_specific :]])
-        for pool in pools:
-            pool = pool.squeeze(1)
-            cap = float(frequency[shared_tokens[min(len(pool), len(shared_tokens)) - 1]])
-            mass = torch.zeros(len(pool), dtype=torch.float64)
-            order = shared_tokens[torch.randperm(len(shared_tokens), generator=generator)]
-            for token in order.tolist():
-                chosen = int(mass.argmin())
-                coefficients[pool[chosen], token] = 1.0
-                mass[chosen] += min(float(frequency[token]), cap)
-        for offset, token in enumerate(specific_tokens.tolist()):
-            coefficients[config.n_shared + offset, token] = 1.0
-        low, high = config.coefficient_range
-        drawn = low + (high - low) * torch.rand(coefficients.shape, generator=generator, dtype=torch.float64)
-        self.coefficients = coefficients * drawn
-
-        # Magnitudes: shared features grow slowly (so they peak late), appearing ones are zero before
-        # their step; token-specific ones are strongest at step 0 and fade out.
-        magnitude = torch.zeros(n_features, len(at), dtype=torch.float64)
-        magnitude[: config.n_shared] = 0.6 + 0.4 * at
-        for order, feature in enumerate(appearing.tolist()):
-            magnitude[feature, : step_index[config.appear_steps[order % len(config.appear_steps)]]] = 0.0
-        gone = step_index[config.specific_gone_at]
-        fading = 1.0 - 0.5 * at / at[gone - 1]
-        magnitude[config.n_shared :, :gone] = fading[:gone]
-
-        # Directions: shared features move from their own early direction onto their group's, fully at
-        # the turning step, then out to a new direction of their own; token-specific ones stay put.
-        early, late = unit_vectors(n_features, d, generator), unit_vectors(n_features, d, generator)
-        groups = unit_vectors(config.n_groups, d, generator)
-        group_of = torch.arange(n_features) % config.n_groups
-        collapse_at, turn_at = float(at[step_index[config.collapse_from]]), float(at[step_index[config.turning_step]])
-        collapsing = ramp(at, collapse_at, turn_at) - ramp(at, turn_at, 1.0)  # 0 .. 1 at the turn .. 0
-        after_turn = at > turn_at
-        own = torch.where(after_turn[None, :, None], late[:, None], early[:, None])  # [F, S, d]
-        mixed = (1 - collapsing)[None, :, None] * own + collapsing[None, :, None] * groups[group_of][:, None]
-        directions = mixed / mixed.norm(dim=-1, keepdim=True)
-        directions[config.n_shared :] = early[config.n_shared :, None]
-
-        decoder = magnitude[:, :, None] * directions  # [F, S, d]
+        appearing = torch.randperm(config.n_shared, generator=generator)[
+            : round(config.appearing_share * config.n_shared)
+        ]
+        self.coefficients = token_coefficients(config, frequency, appearing, generator)
+        decoder = magnitudes(config, appearing)[:, :, None] * planted_directions(config, generator)
         # Each snapshot scaled to the same frequency-weighted mean norm, so that the crosscoder's
         # per-snapshot normalisation leaves the planted magnitudes as they are.
         weights = frequency.double() / frequency.sum()
-        norms = torch.stack([(self.coefficients.T @ decoder[:, s]).norm(dim=-1) @ weights for s in range(len(at))])
+        norms = torch.stack(
+            [(self.coefficients.T @ decoder[:, s]).norm(dim=-1) @ weights for s in range(len(config.steps))]
+        )
         self.decoder = decoder * (norms[0] / norms)[None, :, None]
 
     def embeddings(self, snapshot: int) -> torch.Tensor:
