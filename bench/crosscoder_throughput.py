@@ -1,19 +1,21 @@
-"""Crosscoder training throughput as a share of this machine's own matmul rate, measured in one run.
+"""Crosscoder training throughput: the sparse step against the dense step, measured in one run.
 
     python bench/crosscoder_throughput.py [--device cpu|cuda] [--dtypes float32,bfloat16]
-                                          [--methods jumprelu,l1,topk] [--steps 4] [--batch-size 1024]
-                                          [--firing 0.01]
+                                          [--methods jumprelu,l1] [--densities 0.01,0.05,0.1]
+                                          [--steps 2] [--shapes 8x128x1024x1024,...]
 
-For each shape (S snapshots, d_model, expansion ratio), sparsity method and dtype it times full
-training steps (``crosscoder.trainer.training_step``: forward, loss, backward, Adam) on random
-input in memory and reports tokens/s and achieved FLOP/s, counted densely as 10 * S * d_model *
-n_features per token (forward 4, backward 6), as a fraction of the dense matmul rate of the same
-dtype, measured in the same process before and after (the best of several rounds).
+For each shape (S snapshots, d_model, n_features, batch), sparsity method, dtype and share of
+(token, feature) codes that fire, it times full training steps (``crosscoder.trainer.training_step``:
+forward, loss, backward, Adam) on random input in memory three ways in the same process:
 
-JumpReLU's cost depends on how many (token, feature) pairs fire: ``--firing`` sets its initial
-thresholds so that each feature fires on that share of tokens (1 %: L0 = 1 % of n_features, as in
-a trained crosscoder; the column ``active`` shows the share measured in the timed steps). TopK
-keeps k = 1 % of n_features for the same reason.
+* dense: the dense reference step (``sparse_step_max_density=0``), every product over all F features;
+* sparse: the sparse step forced (``sparse_step_max_density=1``), to show where it stops paying;
+* auto: the default, which picks one of the two per step from the measured density.
+
+It prints tokens/s of each, auto / dense, the dense step's FLOP/s (counted as 10 * S * d * F per
+token) as a share of the dense matmul rate of the same dtype measured in the same process, and
+Adam's share of the auto step. The density is set at initialisation (JumpReLU's thresholds, l1's
+encoder bias, TopK's k) and held by a tiny learning rate: Adam's cost does not depend on it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -28,8 +31,10 @@ from crosscoder import CrossCoder, CrossCoderConfig
 from crosscoder.cpu_memory import reuse_freed_memory
 from crosscoder.trainer import make_optimizer, training_step
 
-SHAPES = [(8, 768, 8), (32, 128, 32), (2, 768, 32)]
+# The shapes of issue 18's table: (S, d_model, n_features, batch).
+SHAPES = "8x128x1024x1024,8x768x6144x1024,2x768x24576x512"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = {"dense": 0.0, "sparse": 1.0, "auto": CrossCoderConfig().sparse_step_max_density}
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,24 +59,19 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, rounds: int
     return best
 
 
-def step_seconds(
-    shape: tuple[int, int, int],
-    method: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    batch_size: int,
-    steps: int,
-    firing: float,
-) -> tuple[float, float]:
-    """Median wall time of one training step after two warm-up steps, and the share of features active."""
-    n_snapshots, d_model, ratio = shape
+def model_at_density(
+    shape: tuple[int, int, int, int], method: str, dtype: torch.dtype, device: torch.device, density: float
+) -> tuple[CrossCoder, torch.Tensor]:
+    """A crosscoder whose codes fire on about ``density`` of (token, feature) pairs, and a batch."""
+    n_snapshots, d_model, n_features, batch_size = shape
     config = CrossCoderConfig(
-        expansion_ratio=ratio,
+        expansion_ratio=n_features / d_model,
         sparsity=method,
         autocast_bf16=dtype == torch.bfloat16,
         batch_size=batch_size,
-        k=max(1, round(firing * ratio * d_model)),
-        jumprelu_initial_firing=firing,
+        k=max(1, round(density * n_features)),
+        jumprelu_initial_firing=density,
+        learning_rate=1e-9,
         n_steps=1000,
         device=str(device),
     )
@@ -79,55 +79,77 @@ def step_seconds(
     batch = torch.randn(batch_size, n_snapshots, d_model, generator=generator)
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(batch[:512], generator)
-    model.to(device)
-    batch = batch.to(device)
+    if method == "l1":  # relu fires wherever pre > 0: shift each feature's bias to its density quantile
+        with torch.no_grad():
+            pre = model.encode(model.normalise(batch))
+            model.encoder_bias.sub_(pre.quantile(1 - density, dim=0))
+    return model.to(device), batch.to(device)
+
+
+def time_steps(model: CrossCoder, batch: torch.Tensor, steps: int) -> tuple[float, float, float]:
+    """Median seconds of a training step after one warm-up, the share of pairs active, and Adam's seconds."""
+    device = batch.device
     optimizer = make_optimizer(model)
     times, active = [], []
-    for index in range(steps + 2):
+    for index in range(steps + 1):
         synchronize(device)
         started = time.perf_counter()
         result = training_step(model, optimizer, batch, step=500)  # mid-run: full learning rate and coefficient
         synchronize(device)
-        if index >= 2:
+        if index:
             times.append(time.perf_counter() - started)
             active.append(result.active.float().mean().item())
-    return statistics.median(times), statistics.mean(active)
+    started = time.perf_counter()
+    optimizer.step()  # the gradients of the last step are still there
+    synchronize(device)
+    return statistics.median(times), statistics.mean(active), time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--methods", default="jumprelu,l1,topk")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--firing", type=float, default=0.01, help="initial share of tokens each feature fires on")
+    parser.add_argument("--methods", default="jumprelu,l1")
+    parser.add_argument("--densities", default="0.01,0.05,0.1", help="shares of (token, feature) codes that fire")
+    parser.add_argument("--shapes", default=SHAPES, help="comma-separated SxDxFxBATCH")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode, after one warm-up")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         reuse_freed_memory()  # as crosscoder.train does on CPU
+    shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
     size = 2048 if device.type == "cpu" else 8192
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        f"{'S':>3} {'d':>4} {'ratio':>5} {'F':>6} {'method':>9} {'dtype':>9} {'tokens/s':>9} {'GFLOP/s':>8} "
-        f"{'matmul GFLOP/s':>14} {'share':>6} {'active':>7}"
+        f"{'S':>2} {'d':>4} {'F':>6} {'batch':>5} {'method':>8} {'dtype':>8} {'active':>6} "
+        f"{'dense tok/s':>11} {'sparse tok/s':>12} {'auto tok/s':>10} {'auto/dense':>10} "
+        f"{'dense share of matmul':>21} {'Adam share':>10}"
     )
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
-        before = matmul_rate(dtype, device, size)
-        rows = []
-        for shape in SHAPES:
+        rate = matmul_rate(dtype, device, size)
+        for shape in shapes:
+            n_snapshots, d_model, n_features, batch_size = shape
             for method in args.methods.split(","):
-                seconds, active = step_seconds(shape, method, dtype, device, args.batch_size, args.steps, args.firing)
-                rows.append((shape, method, seconds, active))
-        reference = max(before, matmul_rate(dtype, device, size))
-        for (n_snapshots, d_model, ratio), method, seconds, active in rows:
-            n_features = ratio * d_model
-            flops = 10 * n_snapshots * d_model * n_features * args.batch_size / seconds
-            print(
-                f"{n_snapshots:>3} {d_model:>4} {ratio:>5} {n_features:>6} {method:>9} {dtype_name:>9} "
-                f"{args.batch_size / seconds:>9.0f} {flops / 1e9:>8.0f} {reference / 1e9:>14.0f} {flops / reference:>6.2f} {active:>7.3f}"
-            )
+                for density in (float(value) for value in args.densities.split(",")):
+                    model, batch = model_at_density(shape, method, dtype, device, density)
+                    seconds, shares = {}, []
+                    for mode, max_density in MODES.items():
+                        timed = replace(model.config, sparse_step_max_density=max_density)
+                        trial = CrossCoder(n_snapshots, d_model, timed).to(device)
+                        trial.load_state_dict(model.state_dict())
+                        seconds[mode], active, adam = time_steps(trial, batch, args.steps)
+                        shares.append(active)
+                    flops = 10 * n_snapshots * d_model * n_features * batch_size / seconds["dense"]
+                    print(
+                        f"{n_snapshots:>2} {d_model:>4} {n_features:>6} {batch_size:>5} {method:>8} {dtype_name:>8} "
+                        f"{statistics.mean(shares):>6.3f} {batch_size / seconds['dense']:>11.0f} "
+                        f"{batch_size / seconds['sparse']:>12.0f} {batch_size / seconds['auto']:>10.0f} "
+                        f"{seconds['dense'] / seconds['auto']:>10.2f} {flops / rate:>21.2f} "
+                        f"{adam / seconds['auto']:>10.2f}",
+                        flush=True,
+                    )
+        print(f"{dtype_name} dense matmul rate: {rate / 1e9:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

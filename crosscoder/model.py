@@ -13,7 +13,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crosscoder.config import CrossCoderConfig, InputError
-from crosscoder.sparsity import batch_topk, decoder_norms, frequency_penalty, jumprelu, relu_l1, topk
+from crosscoder.sparse_codes import SparseCodes, encode, sparse_decode
+from crosscoder.sparsity import (
+    CodeEntries,
+    batch_topk_fires,
+    decoder_norms,
+    frequency_penalty,
+    jumprelu,
+    l1_penalty,
+    shared_entries,
+    topk_fires,
+)
 
 
 class CrossCoderOutput(NamedTuple):
@@ -22,7 +32,8 @@ class CrossCoderOutput(NamedTuple):
     reconstruction: torch.Tensor
     """[B, S, d_model] the crosscoder's estimate of the normalised input."""
     codes: torch.Tensor
-    """Feature activations: [S, B, F] for jumprelu (gated per snapshot), else [B, F] shared by all snapshots."""
+    """Feature activations: [S, B, F] for jumprelu (gated per snapshot), else [B, F] shared by all snapshots;
+    a torch sparse tensor when a training step decoded sparsely."""
     active: torch.Tensor
     """[B, F] bool: the feature fired at any snapshot."""
     sparsity_penalty: torch.Tensor
@@ -46,10 +57,12 @@ class SnapshotTerms(NamedTuple):
 class CrossCoder(nn.Module):
     """x_s -> pre = sum_s x_s W_E^s + b_E -> sparse f -> x_hat_s = f W_D^s + b_D^s, for S snapshots.
 
-    Parameters are laid out for speed: the encoder is one [S*d, F] matrix, so the sum over
+    Parameters are laid out for speed: the encoder is one [F, S*d] matrix, so the sum over
     snapshots is a single matmul; the decoder is stored feature-major, [F, S, d], so that a code
     shared by all snapshots decodes in one [B, F] x [F, S*d] matmul with no copy, while
-    ``decoder_weight.transpose(0, 1)`` is the papers' [S, F, d] for per-snapshot codes.
+    ``decoder_weight.transpose(0, 1)`` is the papers' [S, F, d] for per-snapshot codes. Both are
+    feature-major so that a sparse step's weight gradients are written row by row, one row per feature
+    that fired.
     """
 
     def __init__(self, n_snapshots: int, d_model: int, config: CrossCoderConfig):
@@ -61,7 +74,7 @@ class CrossCoder(nn.Module):
             )
         self.config = config
         self.n_snapshots, self.d_model, self.n_features = n_snapshots, d_model, n_features
-        self.encoder_weight = nn.Parameter(torch.zeros(n_snapshots * d_model, n_features))
+        self.encoder_weight = nn.Parameter(torch.zeros(n_features, n_snapshots * d_model))
         self.encoder_bias = nn.Parameter(torch.zeros(n_features))
         self.decoder_weight = nn.Parameter(torch.zeros(n_features, n_snapshots, d_model))
         self.decoder_bias = nn.Parameter(torch.zeros(n_snapshots, d_model))
@@ -104,36 +117,84 @@ class CrossCoder(nn.Module):
     def snapshot_preactivations(self, activations: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """[S, B, K]: the pre-activation of the K ``features`` that each snapshot's input contributes alone."""
         normalised = self.normalise(activations).transpose(0, 1)  # [S, B, d]
-        encoder = self.encoder_weight.view(self.n_snapshots, self.d_model, self.n_features)[:, :, features]
-        return torch.bmm(normalised, encoder)
+        encoder = self.encoder_weight[features].view(-1, self.n_snapshots, self.d_model)  # [K, S, d]
+        return torch.bmm(normalised, encoder.permute(1, 2, 0))
 
     def encode(self, normalised: torch.Tensor) -> torch.Tensor:
         """[B, S, d] -> pre-activation [B, F], summed over snapshots in one matmul."""
-        return torch.addmm(self.encoder_bias, normalised.flatten(1), self.encoder_weight)
+        return torch.addmm(self.encoder_bias, normalised.flatten(1), self.encoder_weight.T)
 
     def forward(self, activations: torch.Tensor) -> CrossCoderOutput:
-        """Reconstruct raw activations [B, S, d]; returns normalised reconstruction, codes and penalty."""
-        pre = self.encode(self.normalise(activations))
-        norms = decoder_norms(self.decoder_weight).T  # [S, F]
+        """Reconstruct raw activations [B, S, d]; returns normalised reconstruction, codes and penalty.
+
+        In training (grad enabled, train mode) the step decodes sparsely whenever at most
+        ``sparse_step_max_density`` of the codes are non-zero; the result is the same to float32 rounding.
+        """
         config = self.config
-        if config.sparsity == "jumprelu":
-            codes, frequency = jumprelu(pre, norms, self.log_threshold, self.jumprelu_window.item(), config.tanh_scale)
-            # Per-snapshot codes: one [B, F] x [F, d] product per snapshot.
-            decoder = self.decoder_weight.transpose(0, 1)
-            reconstruction = torch.baddbmm(self.decoder_bias[:, None, :], codes, decoder).transpose(0, 1)
-            with torch.no_grad():  # fires at some snapshot iff it fires where its decoder norm is largest
-                active = pre > self.log_threshold.exp() / norms.max(0).values
-            return CrossCoderOutput(reconstruction, codes, active, frequency_penalty(frequency, config.frequency_scale))
-        if config.sparsity == "l1":
-            codes, penalty = relu_l1(pre, norms)
+        max_density = config.sparse_step_max_density if self.training and torch.is_grad_enabled() else 0.0
+        normalised = self.normalise(activations)
+        if max_density > 0:
+            pre = encode(normalised.flatten(1), self.encoder_weight, self.encoder_bias, max_density)
         else:
-            codes = topk(pre, config.k) if config.sparsity == "topk" else batch_topk(pre, config.k)
-            penalty = pre.new_zeros(())
-        # Shared code: all snapshots decoded by one [B, F] x [F, S*d] product.
-        reconstruction = (codes @ self.decoder_weight.flatten(1)).view(
-            -1, self.n_snapshots, self.d_model
-        ) + self.decoder_bias
-        return CrossCoderOutput(reconstruction, codes, codes.detach() != 0, penalty)
+            pre = self.encode(normalised)
+        norms = decoder_norms(self.decoder_weight).T  # [S, F]
+        if config.sparsity == "jumprelu":
+            entries, frequency = jumprelu(
+                pre, norms, self.log_threshold, self.jumprelu_window.item(), config.tanh_scale
+            )
+            penalty = frequency_penalty(frequency, config.frequency_scale)
+        else:
+            if config.sparsity == "l1":
+                fires = pre > 0
+            elif config.sparsity == "topk":
+                fires = topk_fires(pre, config.k)
+            else:
+                fires = batch_topk_fires(pre, config.k)
+            entries = shared_entries(pre, fires)
+            penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
+        active = torch.zeros(pre.shape, dtype=torch.bool, device=pre.device)
+        fired = entries.values.detach() != 0
+        active[entries.tokens[fired], entries.features[fired]] = True
+        n_codes = pre.numel() * (self.n_snapshots if entries.snapshots is not None else 1)
+        if max_density > 0 and len(entries.values) <= max_density * n_codes:
+            reconstruction, codes = self.decode_sparse(entries, len(pre))
+        else:
+            reconstruction, codes = self.decode_dense(entries, len(pre))
+        return CrossCoderOutput(reconstruction, codes, active, penalty)
+
+    def decode_dense(self, entries: CodeEntries, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction [B, S, d] and the dense codes, by matmuls over all features."""
+        values = entries.values
+        if entries.snapshots is None:
+            codes = values.new_zeros((batch_size, self.n_features)).index_put((entries.tokens, entries.features), values)
+            # Shared code: all snapshots decoded by one [B, F] x [F, S*d] product.
+            flat = codes @ self.decoder_weight.flatten(1).to(codes.dtype)
+            return flat.view(-1, self.n_snapshots, self.d_model) + self.decoder_bias, codes
+        codes = values.new_zeros((self.n_snapshots, batch_size, self.n_features))
+        codes = codes.index_put((entries.snapshots, entries.tokens, entries.features), values)
+        # Per-snapshot codes: one [B, F] x [F, d] product per snapshot.
+        decoder = self.decoder_weight.transpose(0, 1)
+        return torch.baddbmm(self.decoder_bias[:, None, :], codes, decoder).transpose(0, 1), codes
+
+    def decode_sparse(self, entries: CodeEntries, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same reconstruction from the entries alone (``crosscoder.sparse_codes``), and the codes as a
+        torch sparse tensor."""
+        n_snapshots, d_model = self.n_snapshots, self.d_model
+        detached = entries.values.detach()
+        if entries.snapshots is None:
+            codes = SparseCodes(entries.values, entries.tokens, entries.features, batch_size)
+            flat = sparse_decode(codes, self.decoder_weight.flatten(1))
+            indices, size = torch.stack([entries.tokens, entries.features]), (batch_size, self.n_features)
+        else:
+            # Row b*S + s of the output reads row i*S + s of the decoder viewed as [F*S, d].
+            rows = entries.tokens * n_snapshots + entries.snapshots
+            columns = entries.features * n_snapshots + entries.snapshots
+            codes = SparseCodes(entries.values, rows, columns, batch_size * n_snapshots)
+            flat = sparse_decode(codes, self.decoder_weight.view(-1, d_model))
+            indices = torch.stack([entries.snapshots, entries.tokens, entries.features])
+            size = (n_snapshots, batch_size, self.n_features)
+        reconstruction = flat.view(batch_size, n_snapshots, d_model) + self.decoder_bias
+        return reconstruction, torch.sparse_coo_tensor(indices, detached, size, check_invariants=False)
 
     @torch.no_grad()
     def initialize(self, sample: torch.Tensor, generator: torch.Generator) -> None:
@@ -165,8 +226,8 @@ class CrossCoder(nn.Module):
 
         def set_norm(norm: float) -> None:
             self.decoder_weight.copy_(directions[:, None, :].expand(-1, self.n_snapshots, -1) * norm)
-            encoder = directions.T * (norm * self.config.encoder_init_factor / self.n_snapshots)
-            self.encoder_weight.copy_(encoder.repeat(self.n_snapshots, 1))
+            encoder = directions * (norm * self.config.encoder_init_factor / self.n_snapshots)
+            self.encoder_weight.copy_(encoder.repeat(1, self.n_snapshots))
             if self.log_threshold is not None:
                 self.log_threshold.copy_((unit_thresholds * norm * norm).clamp_min(1e-6).log())
 
@@ -184,6 +245,7 @@ class CrossCoder(nn.Module):
             "config": json.dumps(self.config.to_dict()),
             "n_snapshots": str(self.n_snapshots),
             "d_model": str(self.d_model),
+            "encoder_layout": "features_first",
         }
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         save_file(state, str(path), metadata=metadata)
@@ -197,5 +259,8 @@ class CrossCoder(nn.Module):
             int(metadata["d_model"]),
             CrossCoderConfig.from_dict(json.loads(metadata["config"])),
         )
-        model.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        if metadata.get("encoder_layout") != "features_first":  # written before the encoder was feature-major
+            state["encoder_weight"] = state["encoder_weight"].T.contiguous()
+        model.load_state_dict(state)
         return model.to(device)

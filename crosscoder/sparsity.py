@@ -1,16 +1,37 @@
-"""Sparsity functions: from the shared pre-activation [batch, F] to feature activations, with their penalty.
+"""Sparsity functions: from the shared pre-activation [batch, F] to the codes that fire, with their penalty.
 
-JumpReLU (paper 1) gates every snapshot separately, by the feature's decoder norm at that snapshot,
-so its codes are [S, batch, F]; the other methods give one code [batch, F] shared by all snapshots.
+Every method gives its codes as entries (token, feature, value), so that the model can decode them
+densely or sparsely (``crosscoder.sparse_codes``). JumpReLU (paper 1) gates every snapshot
+separately, by the feature's decoder norm at that snapshot, so its entries also name a snapshot;
+the other methods give one code shared by all snapshots.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class CodeEntries(NamedTuple):
+    """The codes of a batch that fire (and, for JumpReLU, zero codes whose gradient the threshold needs)."""
+
+    values: torch.Tensor
+    """[nnz] the codes, differentiable."""
+    tokens: torch.Tensor
+    """[nnz] their token in the batch."""
+    features: torch.Tensor
+    """[nnz] their feature."""
+    snapshots: torch.Tensor | None
+    """[nnz] the snapshot each code is for (JumpReLU), or None when one code serves all snapshots."""
 
 
 class JumpReLU(torch.autograd.Function):
     """f[s,b,i] = pre[b,i] * 1[pre[b,i] * n[s,i] > theta_i], and p_i = mean_{s,b} tanh(c f[s,b,i] n[s,i]).
+
+    The codes come out as entries (values, tokens, features, snapshots), in the order of (token,
+    feature) pairs and then snapshots: every cell that fires, and every cell inside the threshold's
+    window with code 0.
 
     The threshold theta = exp(log_threshold) gets a straight-through gradient through a rectangle
     window of width ``bandwidth`` around the jump. Only (token, feature) pairs that fire at some
@@ -23,52 +44,62 @@ class JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, decoder_norms, log_threshold, bandwidth: float, tanh_scale: float):
         # pre [B, F]; decoder_norms [S, F]; log_threshold [F]
-        threshold = log_threshold.exp()
-        cutoff = threshold / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
-        tokens, features = (pre > cutoff.min(0).values).nonzero(as_tuple=True)
-        values = pre[tokens, features]
-        active = values[:, None] > cutoff[:, features].T  # [pairs, S]
-        pair, snapshot = active.nonzero(as_tuple=True)
-        codes = pre.new_zeros((decoder_norms.shape[0], *pre.shape))
-        codes[snapshot, tokens[pair], features[pair]] = values[pair]
+        tokens, features, values, active, in_window = JumpReLU.gate(pre, decoder_norms, log_threshold, bandwidth)
         # Sums over the batch are kept in at least float32, also under bfloat16 autocast.
         accumulate = torch.promote_types(pre.dtype, torch.float32)
-        saturation = torch.zeros_like(threshold, dtype=accumulate)
+        saturation = torch.zeros(log_threshold.shape, dtype=accumulate, device=pre.device)
         scaled = values[:, None].to(accumulate) * decoder_norms[:, features].T
         saturation.index_add_(0, features, torch.where(active, torch.tanh(tanh_scale * scaled), 0.0).sum(1))
         ctx.save_for_backward(pre, decoder_norms, log_threshold)
         ctx.bandwidth, ctx.tanh_scale = bandwidth, tanh_scale
         frequency = saturation / (decoder_norms.shape[0] * pre.shape[0])
-        return codes, frequency
+        # Cells inside the window that do not fire are entries too, with code 0: the threshold's
+        # straight-through gradient needs the loss's gradient there.
+        pair, snapshot = (active | in_window).nonzero(as_tuple=True)
+        entry_tokens, entry_features = tokens[pair], features[pair]
+        ctx.mark_non_differentiable(entry_tokens, entry_features, snapshot)
+        entry_values = torch.where(active[pair, snapshot], values[pair], 0.0)
+        return entry_values, frequency, entry_tokens, entry_features, snapshot
 
     @staticmethod
-    def backward(ctx, grad_codes, grad_frequency):
+    def gate(pre, decoder_norms, log_threshold, bandwidth: float):
+        """The (token, feature) pairs that fire at some snapshot or sit in the window at some snapshot,
+        their pre-activations, and [pairs, S] masks of where each fires and where it is in the window."""
+        threshold = log_threshold.exp()
+        cutoff = threshold / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
+        window_cutoff = (threshold - bandwidth / 2) / decoder_norms
+        tokens, features = (pre > window_cutoff.min(0).values).nonzero(as_tuple=True)
+        values = pre[tokens, features]
+        active = values[:, None] > cutoff[:, features].T
+        scaled = values[:, None].to(torch.promote_types(pre.dtype, torch.float32)) * decoder_norms[:, features].T
+        in_window = (scaled - threshold[features][:, None]).abs() < bandwidth / 2
+        return tokens, features, values, active, in_window
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_frequency, *_):
         pre, decoder_norms, log_threshold = ctx.saved_tensors
         bandwidth, c = ctx.bandwidth, ctx.tanh_scale
         threshold = log_threshold.exp()
         n_snapshots, batch = decoder_norms.shape[0], pre.shape[0]
         accumulate = torch.promote_types(pre.dtype, torch.float32)
         per_element = (grad_frequency / (n_snapshots * batch)).to(accumulate)
-        cutoff = threshold / decoder_norms  # the forward's gate, recomputed bit for bit
-        window_cutoff = (threshold - bandwidth / 2) / decoder_norms
-        tokens, features = (pre > window_cutoff.min(0).values).nonzero(as_tuple=True)
-        values = pre[tokens, features]
-        active = values[:, None] > cutoff[:, features].T  # [pairs, S]
+        # The forward's gate, recomputed bit for bit.
+        tokens, features, values, active, in_window = JumpReLU.gate(pre, decoder_norms, log_threshold, bandwidth)
         wide_values = values.to(accumulate)[:, None]
         norms = decoder_norms[:, features].T.to(accumulate)
-        scaled = wide_values * norms
-        theta = threshold[features].to(accumulate)[:, None]
         # tanh'(c f n) where the feature fires; where it does not, f = 0 and tanh' = 1.
-        slope = torch.where(active, 1 - torch.tanh(c * scaled).square(), 1.0)
+        slope = torch.where(active, 1 - torch.tanh(c * wide_values * norms).square(), 1.0)
         penalty_weight = slope * (c * per_element[features])[:, None]
         grad_f = penalty_weight * norms
-        if grad_codes is not None:
-            grad_f = grad_f + grad_codes[:, tokens, features].T.to(accumulate)
+        if grad_values is not None:
+            # The forward's entries are the cells of this block that fire or sit in the window, read row by row.
+            grad_codes = torch.zeros(active.shape, dtype=accumulate, device=pre.device)
+            grad_codes[active | in_window] = grad_values.to(accumulate)
+            grad_f = grad_f + grad_codes
         grad_pre = torch.zeros(pre.shape, dtype=accumulate, device=pre.device)
         grad_pre[tokens, features] = torch.where(active, grad_f, 0.0).sum(1)
         grad_norms = torch.zeros(decoder_norms.shape[::-1], dtype=accumulate, device=pre.device)
         grad_norms.index_add_(0, features, torch.where(active, penalty_weight * wide_values, 0.0))
-        in_window = (scaled - theta).abs() < bandwidth / 2
         grad_threshold = torch.zeros_like(threshold, dtype=accumulate)
         grad_threshold.index_add_(0, features, torch.where(in_window, grad_f * wide_values, 0.0).sum(1))
         grad_log_threshold = -grad_threshold / bandwidth * threshold
@@ -103,9 +134,12 @@ def decoder_norms(decoder_weight: torch.Tensor) -> torch.Tensor:
 
 def jumprelu(
     pre: torch.Tensor, decoder_norms: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float, tanh_scale: float
-):
-    """Per-snapshot codes [S, B, F] and the tanh frequency p [F] (see ``JumpReLU``)."""
-    return JumpReLU.apply(pre, decoder_norms, log_threshold, bandwidth, tanh_scale)
+) -> tuple[CodeEntries, torch.Tensor]:
+    """Per-snapshot code entries and the tanh frequency p [F] (see ``JumpReLU``)."""
+    values, frequency, tokens, features, snapshots = JumpReLU.apply(
+        pre, decoder_norms, log_threshold, bandwidth, tanh_scale
+    )
+    return CodeEntries(values, tokens, features, snapshots), frequency
 
 
 def frequency_penalty(frequency: torch.Tensor, frequency_scale: float) -> torch.Tensor:
@@ -113,25 +147,31 @@ def frequency_penalty(frequency: torch.Tensor, frequency_scale: float) -> torch.
     return (frequency * (1 + frequency / frequency_scale)).sum()
 
 
-def relu_l1(pre: torch.Tensor, decoder_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper 2: codes relu(pre) [B, F]; penalty mean_b sum_i f_i mean_s ||W_D^{s,i}||.
+def shared_entries(pre: torch.Tensor, fires: torch.Tensor) -> CodeEntries:
+    """The codes pre[b, i] where ``fires`` [B, F], shared by all snapshots."""
+    tokens, features = fires.nonzero(as_tuple=True)
+    return CodeEntries(pre[tokens, features], tokens, features, None)
+
+
+def l1_penalty(codes: CodeEntries, decoder_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Paper 2: mean_b sum_i f_i mean_s ||W_D^{s,i}|| for relu codes.
 
     Paper 2 sums both its reconstruction error and the decoder norms over snapshots; here both are
     averaged over snapshots (the reconstruction loss is a mean over snapshots), so that one coefficient
     means the same sparsity at any snapshot count. A sum of norms against a mean error would make the
     effective coefficient grow with S.
     """
-    codes = torch.relu(pre)
-    return codes, (codes @ decoder_norms.mean(0).to(codes.dtype)).mean()
+    mean_norms = decoder_norms.mean(0).to(codes.values.dtype)
+    return (codes.values * mean_norms[codes.features]).sum() / batch_size
 
 
-def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep each token's k largest positive pre-activations."""
+def topk_fires(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, F] bool: each token's k largest pre-activations, where positive."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    return torch.zeros_like(pre, dtype=torch.bool).scatter(-1, indices, values > 0)
 
 
-def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k x batch largest positive pre-activations of the whole batch (k per token on average)."""
+def batch_topk_fires(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, F] bool: the k x batch largest pre-activations of the whole batch (k per token on average), where positive."""
     cutoff = pre.flatten().topk(k * pre.shape[0], sorted=False).values.min()
-    return torch.where(pre >= cutoff, torch.relu(pre), 0.0)
+    return (pre >= cutoff) & (pre > 0)

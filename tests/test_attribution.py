@@ -79,7 +79,7 @@ def planted(tmp_path_factory):
     crosscoder = CrossCoder(2, D_MODEL, CrossCoderConfig(expansion_ratio=1, sparsity="l1"))
     with torch.no_grad():
         for feature, direction in enumerate((task, -task, distractor)):
-            crosscoder.encoder_weight[:, feature] = direction.repeat(2) / 2  # the pre-activation sums both snapshots
+            crosscoder.encoder_weight[feature] = direction.repeat(2) / 2  # the pre-activation sums both snapshots
             crosscoder.decoder_weight[feature] = direction
         crosscoder.decoder_bias[:] = 3 * base
     return snapshots, Task(prompts, corrupted, logit_difference), crosscoder

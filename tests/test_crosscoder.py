@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
 from crosscoder.evolution import emergence
@@ -49,8 +51,9 @@ def test_planted_features_are_recovered_with_their_snapshots(planted, sparsity):
     assert result.metrics.explained_variance > 0.95
 
 
-def test_same_seed_same_weights_other_seed_other_weights(planted):
-    config = replace(SMALL, n_steps=60)
+@pytest.mark.parametrize("sparse_step_max_density", [0.0, 1.0], ids=["dense", "sparse"])
+def test_same_seed_same_weights_other_seed_other_weights(planted, sparse_step_max_density):
+    config = replace(SMALL, n_steps=60, sparse_step_max_density=sparse_step_max_density)
     first = fit(planted.activations, config).model.state_dict()
     second = fit(planted.activations, config).model.state_dict()
     other = fit(planted.activations, replace(config, seed=1)).model.state_dict()
@@ -69,7 +72,10 @@ def test_jumprelu_gradients_match_a_plain_autograd_reference():
         torch.randn(10, dtype=torch.float64),
     )
 
-    codes, frequency = jumprelu(pre, norms, log_threshold, bandwidth, c)
+    entries, frequency = jumprelu(pre, norms, log_threshold, bandwidth, c)
+    codes = torch.zeros(3, 16, 10, dtype=torch.float64).index_put(
+        (entries.snapshots, entries.tokens, entries.features), entries.values
+    )
     ((codes * upstream_codes).sum() + (frequency * upstream_frequency).sum()).backward()
     custom = [tensor.grad.clone() for tensor in (pre, norms, log_threshold)]
 
@@ -88,6 +94,35 @@ def test_jumprelu_gradients_match_a_plain_autograd_reference():
     for mine, theirs in zip(custom, (pre.grad, norms.grad, log_threshold.grad)):
         assert torch.allclose(mine, theirs, atol=1e-12)
     assert custom[2].abs().sum() > 0  # the threshold did get a gradient
+
+
+def loss_and_gradients(model: CrossCoder, batch: torch.Tensor, max_density: float):
+    model.config = replace(model.config, sparse_step_max_density=max_density)
+    model.zero_grad()
+    output = model(batch)
+    loss = (output.reconstruction - model.normalise(batch)).square().mean() + 0.1 * output.sparsity_penalty
+    loss.backward()
+    assert output.codes.is_sparse == (max_density > 0)  # the path asked for is the one taken
+    return loss.item(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize("sparsity", ["jumprelu", "l1", "topk", "batchtopk"])
+@pytest.mark.parametrize("codes", ["initial", "trained"])
+def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes):
+    config = replace(SMALL, sparsity=sparsity, k=4, n_steps=300)
+    if codes == "trained":
+        model = fit(planted.activations, config).model.train()
+    else:
+        model = CrossCoder(4, 32, config)
+        model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
+    batch = planted.activations[:512]
+    dense_loss, dense = loss_and_gradients(model, batch, 0.0)
+    sparse_loss, sparse = loss_and_gradients(model, batch, 1.0)
+    assert sparse_loss == pytest.approx(dense_loss, rel=1e-6)
+    for name, gradient in dense.items():
+        assert gradient.abs().max() > 0, name  # every parameter is tested where it has a gradient
+        error = (sparse[name] - gradient).abs().max() / gradient.abs().max()
+        assert error < 1e-5, f"{name}: relative error {error:.1e}"
 
 
 def test_killed_training_resumes_to_the_same_weights(planted, tmp_path):
@@ -164,6 +199,14 @@ def test_save_and_load_round_trip(planted, tmp_path):
     assert torch.equal(loaded(batch).reconstruction, model(batch).reconstruction)
     assert torch.equal(loaded.input_scale, model.input_scale)
 
+    # A file written before the encoder was stored feature-major ([S*d, F], no layout in its metadata).
+    with safe_open(str(tmp_path / "crosscoder.safetensors"), framework="pt") as handle:
+        metadata = {key: value for key, value in handle.metadata().items() if key != "encoder_layout"}
+        state = {name: handle.get_tensor(name) for name in handle.keys()}
+    state["encoder_weight"] = state["encoder_weight"].T.contiguous()
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=metadata)
+    assert torch.equal(CrossCoder.load(tmp_path / "old.safetensors")(batch).reconstruction, model(batch).reconstruction)
+
 
 def test_metrics_match_a_direct_computation(planted):
     result = fit(planted.activations, replace(SMALL, sparsity="topk", k=6, n_steps=200))
@@ -211,7 +254,7 @@ def test_the_loss_does_not_depend_on_the_snapshot_count(sparsity):
     for n_snapshots in (5, 17):
         model = CrossCoder(n_snapshots, d_model, CrossCoderConfig(expansion_ratio=2, sparsity=sparsity))
         with torch.no_grad():
-            model.encoder_weight.copy_((encoder / n_snapshots).repeat(n_snapshots, 1))  # the same pre-activation
+            model.encoder_weight.copy_((encoder.T / n_snapshots).repeat(1, n_snapshots))  # the same pre-activation
             model.decoder_weight.copy_(decoder[:, None].expand(-1, n_snapshots, -1))
             if model.log_threshold is not None:
                 model.log_threshold.fill_(-3.0)

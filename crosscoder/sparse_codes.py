@@ -1,0 +1,129 @@
+"""Training arithmetic that scales with the codes that fire, not with the dictionary size.
+
+Once a crosscoder is sparse, only L0 << F features fire per token, yet a dense step pays for all F
+four times out of five: the decoder's forward, its weight gradient, the gradient back into the codes
+and the encoder's weight gradient. Here each of those runs over the non-zero codes alone:
+
+* decoding is an ``embedding_bag``: each output row sums the decoder rows of its active features,
+  weighted by their codes, without building the [nnz, width] gather;
+* the decoder's weight gradient is the same bag taken the other way: each feature's row sums the
+  output gradients of the tokens it fired on;
+* the gradient of the codes is only needed where a code is non-zero: a sampled product;
+* the encoder's weight gradient is again a bag per feature over the tokens whose pre-activation
+  carries a gradient (the active ones, and for JumpReLU those inside the threshold window).
+
+Only the encoder's forward (the dense [B, F] pre-activation) and Adam's pass over all weights stay
+dense. Every sum is over the same terms as the dense product, so results agree to float32 rounding,
+and every operation here is deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# The one CSR operation used here (a sampled product) is tested against the dense product in tests/.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class SparseCodes(NamedTuple):
+    """Non-zero codes as (row, column, value) entries of an [n_rows, n_columns] code matrix."""
+
+    values: torch.Tensor
+    """[nnz] the codes, differentiable."""
+    rows: torch.Tensor
+    """[nnz] the output row each code is added to (a token, or token x S + snapshot)."""
+    columns: torch.Tensor
+    """[nnz] the decoder row it reads (a feature, or feature x S + snapshot)."""
+    n_rows: int
+    """Rows of the output."""
+
+
+def bag_offsets(sorted_keys: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Start of each bag's entries in ``sorted_keys`` (empty bags included)."""
+    return torch.searchsorted(sorted_keys, torch.arange(n_bags, device=sorted_keys.device))
+
+
+def bag_sum(keys: torch.Tensor, members: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, n_bags: int):
+    """[n_bags, width]: out[key] = sum over entries with that key of weight * table[member]."""
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    return F.embedding_bag(
+        members[order],
+        table,
+        offsets=bag_offsets(sorted_keys, n_bags),
+        per_sample_weights=weights[order].to(table.dtype),
+        mode="sum",
+    )
+
+
+class SparseDecode(torch.autograd.Function):
+    """out[r] = sum_{(r, c, v)} v * decoder[c]: codes given as entries, decoder [n_columns, width]."""
+
+    @staticmethod
+    def forward(ctx, values, decoder, rows, columns, n_rows: int):
+        ctx.save_for_backward(values, decoder, rows, columns)
+        return bag_sum(rows, columns, values, decoder, n_rows)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        values, decoder, rows, columns = ctx.saved_tensors
+        grad_values = grad_decoder = None
+        if ctx.needs_input_grad[0]:
+            # <grad_output[r], decoder[c]> at each entry only: a product sampled at the code's pattern.
+            order = torch.argsort(rows, stable=True)
+            sorted_rows = rows[order]
+            pattern = torch.sparse_csr_tensor(
+                bag_offsets(sorted_rows, grad_output.shape[0] + 1),
+                columns[order],
+                torch.zeros(len(rows), dtype=grad_output.dtype, device=grad_output.device),  # beta = 0 still reads it
+                size=(grad_output.shape[0], decoder.shape[0]),
+                check_invariants=False,
+            )
+            sampled = torch.sparse.sampled_addmm(pattern, grad_output, decoder.T.to(grad_output.dtype), beta=0.0)
+            grad_values = torch.empty_like(values, dtype=grad_output.dtype)
+            grad_values[order] = sampled.values()
+            grad_values = grad_values.to(values.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_decoder = bag_sum(columns, rows, values, grad_output.to(decoder.dtype), decoder.shape[0])
+        return grad_values, grad_decoder, None, None, None
+
+
+def sparse_decode(codes: SparseCodes, decoder: torch.Tensor) -> torch.Tensor:
+    """[n_rows, width] = (the codes as a sparse [n_rows, n_columns] matrix) @ decoder [n_columns, width]."""
+    return SparseDecode.apply(codes.values, decoder, codes.rows, codes.columns, codes.n_rows)
+
+
+class Encode(torch.autograd.Function):
+    """pre = x @ W_E^T + b_E [B, F] for a feature-major W_E [F, width], whose weight gradient skips the
+    features with no gradient.
+
+    The gradient reaching the pre-activation is zero wherever a code is zero (outside JumpReLU's
+    window), so when few entries are non-zero the weight gradient x^T @ grad_pre is a bag per
+    feature over its tokens; above ``max_density`` it is the dense product grad_pre^T @ x.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, max_density: float):
+        ctx.save_for_backward(inputs, weight)
+        ctx.max_density = max_density
+        return torch.addmm(bias, inputs, weight.T)
+
+    @staticmethod
+    def backward(ctx, grad_pre):
+        inputs, weight = ctx.saved_tensors
+        grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
+        tokens, features = grad_pre.nonzero(as_tuple=True)
+        if len(tokens) <= ctx.max_density * grad_pre.numel():
+            grad_weight = bag_sum(features, tokens, grad_pre[tokens, features], inputs.to(weight.dtype), weight.shape[0])
+        else:
+            grad_weight = (grad_pre.T @ inputs.to(grad_pre.dtype)).to(weight.dtype)
+        return grad_inputs, grad_weight, grad_pre.sum(0).to(weight.dtype), None
+
+
+def encode(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, max_density: float) -> torch.Tensor:
+    """The encoder's pre-activation, with a weight gradient that scales with the non-zero gradients."""
+    return Encode.apply(inputs, weight, bias, max_density)
