@@ -152,9 +152,11 @@ class CrossCoder(nn.Module):
                 fires = batch_topk_fires(pre, config.k)
             entries = shared_entries(pre, fires)
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
-        active = torch.zeros(pre.shape, dtype=torch.bool, device=pre.device)
-        fired = entries.values.detach() != 0
-        active[entries.tokens[fired], entries.features[fired]] = True
+        # A pair is active when its code is non-zero at any snapshot (JumpReLU's entries include zeros).
+        fired = (entries.values.detach() != 0).to(torch.int32)
+        active = pre.new_zeros(pre.shape, dtype=torch.int32).index_put_(
+            (entries.tokens, entries.features), fired, accumulate=True
+        ) > 0
         n_codes = pre.numel() * (self.n_snapshots if entries.snapshots is not None else 1)
         if max_density > 0 and len(entries.values) <= max_density * n_codes:
             reconstruction, codes = self.decode_sparse(entries, len(pre))

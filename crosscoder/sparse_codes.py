@@ -65,30 +65,34 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values, decoder, rows, columns, n_rows: int):
-        ctx.save_for_backward(values, decoder, rows, columns)
-        return bag_sum(rows, columns, values, decoder, n_rows)
+        # Zero codes (JumpReLU's window) add nothing here nor to the decoder's gradient; they are
+        # entries only for their own gradient.
+        fired = (values != 0).nonzero().squeeze(1)
+        fired_rows, fired_columns, fired_values = rows[fired], columns[fired], values[fired]
+        ctx.save_for_backward(decoder, rows, columns, fired_rows, fired_columns, fired_values)
+        return bag_sum(fired_rows, fired_columns, fired_values, decoder, n_rows)
 
     @staticmethod
     def backward(ctx, grad_output):
-        values, decoder, rows, columns = ctx.saved_tensors
+        decoder, rows, columns, fired_rows, fired_columns, fired_values = ctx.saved_tensors
         grad_values = grad_decoder = None
         if ctx.needs_input_grad[0]:
             # <grad_output[r], decoder[c]> at each entry only: a product sampled at the code's pattern.
             order = torch.argsort(rows, stable=True)
-            sorted_rows = rows[order]
             pattern = torch.sparse_csr_tensor(
-                bag_offsets(sorted_rows, grad_output.shape[0] + 1),
+                bag_offsets(rows[order], grad_output.shape[0] + 1),
                 columns[order],
                 torch.zeros(len(rows), dtype=grad_output.dtype, device=grad_output.device),  # beta = 0 still reads it
                 size=(grad_output.shape[0], decoder.shape[0]),
                 check_invariants=False,
             )
             sampled = torch.sparse.sampled_addmm(pattern, grad_output, decoder.T.to(grad_output.dtype), beta=0.0)
-            grad_values = torch.empty_like(values, dtype=grad_output.dtype)
+            grad_values = torch.empty(len(rows), dtype=grad_output.dtype, device=grad_output.device)
             grad_values[order] = sampled.values()
-            grad_values = grad_values.to(values.dtype)
+            grad_values = grad_values.to(fired_values.dtype)
         if ctx.needs_input_grad[1]:
-            grad_decoder = bag_sum(columns, rows, values, grad_output.to(decoder.dtype), decoder.shape[0])
+            output_gradient = grad_output.to(decoder.dtype)
+            grad_decoder = bag_sum(fired_columns, fired_rows, fired_values, output_gradient, decoder.shape[0])
         return grad_values, grad_decoder, None, None, None
 
 
