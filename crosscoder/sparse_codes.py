@@ -122,7 +122,9 @@ class Encode(torch.autograd.Function):
         grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
         tokens, features = grad_pre.nonzero(as_tuple=True)
         if len(tokens) <= ctx.max_density * grad_pre.numel():
-            grad_weight = bag_sum(features, tokens, grad_pre[tokens, features], inputs.to(weight.dtype), weight.shape[0])
+            grad_weight = bag_sum(
+                features, tokens, grad_pre[tokens, features], inputs.to(weight.dtype), weight.shape[0]
+            )
         else:
             grad_weight = (grad_pre.T @ inputs.to(grad_pre.dtype)).to(weight.dtype)
         return grad_inputs, grad_weight, grad_pre.sum(0).to(weight.dtype), None

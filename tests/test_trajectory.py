@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import pytest
 import torch
 from conftest import mirror_as_hub_cache
@@ -88,3 +91,21 @@ def test_folder_without_checkpoints_is_refused(tmp_path):
         directory_trajectory(tmp_path)
     with pytest.raises(StudyInputError, match="is not a directory"):
         directory_trajectory(tmp_path / "missing")
+
+
+def test_a_snapshot_is_loaded_once_until_its_checkpoint_changes(tiny_trajectory_folder, tmp_path):
+    source = tiny_trajectory_folder / "step16"
+    copy = tmp_path / "step16"
+    shutil.copytree(source, copy)
+    snapshot = directory_trajectory(tmp_path).snapshot(16)
+    first = load_model(snapshot)
+    assert load_model(snapshot) is first  # the trial's second visit costs nothing
+    assert load_model(snapshot, dtype=torch.bfloat16) is not first
+
+    # The checkpoint is re-written in place: the next load reads it.
+    model = load_model(directory_trajectory(tiny_trajectory_folder).snapshot(0))
+    time.sleep(0.01)  # a modification time the file system can tell apart
+    model.save_pretrained(copy)
+    reloaded = load_model(directory_trajectory(tmp_path).snapshot(16))
+    assert reloaded is not first
+    assert torch.equal(reloaded.gpt_neox.embed_in.weight, model.gpt_neox.embed_in.weight)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,14 +216,34 @@ def explained_load_errors(snapshot: Snapshot) -> Iterator[None]:
         ) from None
 
 
+# A trial visits every snapshot four times (spliced loss: capture, then splice; causal statistics:
+# task activations, then attribution). The models loaded last stay in memory up to this many bytes of
+# weights, so that on the embedded trajectory each is loaded once per process; a Pythia-160M
+# snapshot (650 MB) fills it three times over, so at that size the cache only spares adjacent reloads.
+LOADED_MODELS_BYTES = 2 * 2**30
+_loaded_models: OrderedDict[tuple, PreTrainedModel] = OrderedDict()
+
+
 def load_model(
     snapshot: Snapshot, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
-    """The snapshot's causal LM in eval mode, on ``device``."""
+    """The snapshot's causal LM in eval mode, on ``device``. The object is shared with later calls for
+    the same snapshot: callers may add hooks (and remove them) but must not change its weights."""
+    key = (snapshot.source, snapshot.revision, snapshot_fingerprint(snapshot), dtype, str(device))
+    if key in _loaded_models:
+        _loaded_models.move_to_end(key)
+        return _loaded_models[key]
     disable_progress_bar()  # one bar per snapshot load would bury the sweep's own lines
     with explained_load_errors(snapshot):
         model = AutoModelForCausalLM.from_pretrained(snapshot.source, revision=snapshot.revision, dtype=dtype)
-    return model.eval().to(device)
+    _loaded_models[key] = model.eval().to(device)
+    while len(_loaded_models) > 1 and sum(map(weight_bytes, _loaded_models.values())) > LOADED_MODELS_BYTES:
+        _loaded_models.popitem(last=False)
+    return _loaded_models[key]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
 
 
 def load_tokenizer(snapshot: Snapshot) -> PreTrainedTokenizerBase:
