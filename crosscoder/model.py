@@ -67,20 +67,26 @@ class CrossCoder(nn.Module):
     that fired.
     """
 
-    def __init__(self, n_snapshots: int, d_model: int, config: CrossCoderConfig):
+    def __init__(self, n_snapshots: int, d_model: int, config: CrossCoderConfig, features: range | None = None):
+        """``features``: the range of features this instance holds when it is one shard of a crosscoder
+        split over ranks (``crosscoder.sharded``); None holds them all."""
         super().__init__()
-        n_features = config.n_features(d_model)
-        if config.sparsity in ("topk", "batchtopk") and config.k >= n_features:
+        total_features = config.n_features(d_model)
+        if config.sparsity in ("topk", "batchtopk") and config.k >= total_features:
             raise InputError(
-                f"k = {config.k} must be below n_features = {n_features}; lower k or raise expansion_ratio"
+                f"k = {config.k} must be below n_features = {total_features}; lower k or raise expansion_ratio"
             )
+        features = features if features is not None else range(total_features)
         self.config = config
-        self.n_snapshots, self.d_model, self.n_features = n_snapshots, d_model, n_features
-        self.encoder_weight = nn.Parameter(torch.zeros(n_features, n_snapshots * d_model))
-        self.encoder_bias = nn.Parameter(torch.zeros(n_features))
-        self.decoder_weight = nn.Parameter(torch.zeros(n_features, n_snapshots, d_model))
+        self.n_snapshots, self.d_model = n_snapshots, d_model
+        self.n_features, self.total_features = len(features), total_features
+        # Set by crosscoder.sharded.shard_of: the ranks the other features live on.
+        self.process_group: torch.distributed.ProcessGroup | None = None
+        self.encoder_weight = nn.Parameter(torch.zeros(self.n_features, n_snapshots * d_model))
+        self.encoder_bias = nn.Parameter(torch.zeros(self.n_features))
+        self.decoder_weight = nn.Parameter(torch.zeros(self.n_features, n_snapshots, d_model))
         self.decoder_bias = nn.Parameter(torch.zeros(n_snapshots, d_model))
-        self.log_threshold = nn.Parameter(torch.zeros(n_features)) if config.sparsity == "jumprelu" else None
+        self.log_threshold = nn.Parameter(torch.zeros(self.n_features)) if config.sparsity == "jumprelu" else None
         # sqrt(d_model) / E||x_s||: the dataset-wise normalisation, estimated from data and saved with the model.
         self.register_buffer("input_scale", torch.ones(n_snapshots))
         # JumpReLU's straight-through window in units of the gated quantity, fixed at initialisation.
@@ -149,9 +155,9 @@ class CrossCoder(nn.Module):
             if config.sparsity == "l1":
                 fires = pre > 0
             elif config.sparsity == "topk":
-                fires = topk_fires(pre, config.k)
+                fires = topk_fires(pre, config.k, self.process_group)
             else:
-                fires = batch_topk_fires(pre, config.k)
+                fires = batch_topk_fires(pre, config.k, self.process_group)
             entries = shared_entries(pre, fires)
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
         # A pair is active when its code is non-zero at any snapshot (JumpReLU's entries include zeros).

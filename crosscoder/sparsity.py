@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 
 class CodeEntries(NamedTuple):
@@ -165,13 +166,28 @@ def l1_penalty(codes: CodeEntries, decoder_norms: torch.Tensor, batch_size: int)
     return (codes.values * mean_norms[codes.features]).sum() / batch_size
 
 
-def topk_fires(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, F] bool: each token's k largest pre-activations, where positive."""
+def topk_fires(pre: torch.Tensor, k: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[B, F] bool: each token's k largest pre-activations, where positive. With a process group, ``pre``
+    is this rank's share of the features and the k are the largest over all ranks'."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(pre, dtype=torch.bool).scatter(-1, indices, values > 0)
-
-
-def batch_topk_fires(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, F] bool: the k x batch largest pre-activations of the whole batch (k per token on average), where positive."""
-    cutoff = pre.flatten().topk(k * pre.shape[0], sorted=False).values.min()
+    if group is None:
+        return torch.zeros_like(pre, dtype=torch.bool).scatter(-1, indices, values > 0)
+    # The global k largest are among the ranks' own k largest.
+    cutoff = gather(values, group, dim=1).topk(k, dim=-1, sorted=False).values.min(-1, keepdim=True).values
     return (pre >= cutoff) & (pre > 0)
+
+
+def batch_topk_fires(pre: torch.Tensor, k: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[B, F] bool: the k x batch largest pre-activations of the whole batch (k per token on average), where
+    positive; with a process group, over the features of all ranks."""
+    values = pre.flatten().topk(k * pre.shape[0], sorted=False).values
+    if group is not None:
+        values = gather(values, group, dim=0).topk(k * pre.shape[0], sorted=False).values
+    return (pre >= values.min()) & (pre > 0)
+
+
+def gather(tensor: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """Every rank's ``tensor`` (equal shapes), concatenated along ``dim``."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -21,8 +22,10 @@ from crosscoder.cpu_memory import reuse_freed_memory
 from crosscoder.data import Activations, array_batches, as_tensor, iterable_batches, take_sample
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
+from crosscoder.sharded import gather_model, shard_of, sum_over_ranks, total
 
-CHECKPOINT_NAME = re.compile(r"^step(\d+)\.safetensors$")
+# step<N>.safetensors, or step<N>.rank<R>.safetensors for one shard of a crosscoder split over ranks.
+CHECKPOINT_NAME = re.compile(r"^step(\d+)(?:\.rank(\d+))?\.safetensors$")
 
 
 class TrainResult(NamedTuple):
@@ -75,13 +78,37 @@ def sparsity_factor(step: int, config: CrossCoderConfig) -> float:
     return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def latest_checkpoint(folder: str | Path | None) -> Path | None:
+def checkpoint_rank(model: CrossCoder) -> int | None:
+    """The rank whose shard ``model`` is, or None for a whole crosscoder."""
+    return None if model.process_group is None else dist.get_rank(model.process_group)
+
+
+def checkpoints(folder: str | Path | None, rank: int | None = None) -> dict[int, Path]:
+    """This rank's checkpoint files in ``folder`` (a whole crosscoder's when ``rank`` is None), by step."""
     if not folder or not Path(folder).is_dir():
-        return None
-    found = [
-        (int(match.group(1)), path) for path in Path(folder).iterdir() if (match := CHECKPOINT_NAME.match(path.name))
-    ]
-    return max(found)[1] if found else None
+        return {}
+    found = {}
+    for path in Path(folder).iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and (None if match.group(2) is None else int(match.group(2))) == rank:
+            found[int(match.group(1))] = path
+    return found
+
+
+def latest_checkpoint(folder: str | Path | None, rank: int | None = None) -> Path | None:
+    found = checkpoints(folder, rank)
+    return found[max(found)] if found else None
+
+
+def resumable_checkpoint(folder: str | Path | None, model: CrossCoder) -> Path | None:
+    """The newest checkpoint to resume from; for a shard, the newest step every rank wrote."""
+    rank = checkpoint_rank(model)
+    if rank is None:
+        return latest_checkpoint(folder)
+    found = checkpoints(folder, rank)
+    step = torch.tensor(max(found) if found else -1)
+    dist.all_reduce(step, op=dist.ReduceOp.MIN, group=model.process_group)
+    return found.get(int(step))
 
 
 def save_checkpoint(
@@ -92,7 +119,8 @@ def save_checkpoint(
     tokens_since_fired: torch.Tensor,
     history: list,
 ) -> Path:
-    """Weights, Adam's moments and the dead-feature counters at ``step``, written atomically."""
+    """Weights, Adam's moments and the dead-feature counters at ``step``, written atomically (one file
+    per rank for a shard). Older checkpoints stay until ``remove_older_checkpoints``."""
     tensors = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     for index, parameter in enumerate(optimizer_parameters(optimizer)):
         state = optimizer.state.get(parameter)
@@ -103,14 +131,24 @@ def save_checkpoint(
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     metadata = {"step": str(step), "config": json.dumps(model.config.to_dict()), "history": json.dumps(history)}
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step{step}.safetensors"
-    partial = folder / f".step{step}.partial"
+    rank = checkpoint_rank(model)
+    name = f"step{step}" if rank is None else f"step{step}.rank{rank}"
+    path = folder / f"{name}.safetensors"
+    partial = folder / f".{name}.partial"
     save_file(tensors, str(partial), metadata=metadata)
     os.replace(partial, path)
-    for older in folder.iterdir():
-        if CHECKPOINT_NAME.match(older.name) and older != path:
-            older.unlink()
     return path
+
+
+def remove_older_checkpoints(path: Path, model: CrossCoder) -> None:
+    """Delete this rank's checkpoints older than ``path``; for a shard, only once every rank has written
+    its own, so that a crash in between still leaves one step all ranks can resume from."""
+    rank = checkpoint_rank(model)
+    if rank is not None:
+        dist.barrier(group=model.process_group)
+    for older in checkpoints(path.parent, rank).values():
+        if older != path:
+            older.unlink()
 
 
 def load_checkpoint(
@@ -160,7 +198,10 @@ class StepResult(NamedTuple):
 
 
 def training_step(model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.Tensor, step: int) -> StepResult:
-    """Schedules for ``step``, forward, loss, backward and Adam update on one batch [B, S, d]."""
+    """Schedules for ``step``, forward, loss, backward and Adam update on one batch [B, S, d].
+
+    For a shard (``crosscoder.sharded``) the reconstruction is summed over ranks, and the loss, its
+    penalty and the returned figures are the whole crosscoder's; ``active`` is this shard's features."""
     config = model.config
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * group["lr_scale"] * schedule_factor(step, config)
@@ -168,15 +209,22 @@ def training_step(model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.T
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
     with autocast:
         output = model(batch)
-        mse = (output.reconstruction.float() - model.normalise(batch)).square().sum(-1).mean() / model.d_model
-        loss = mse + coefficient * output.sparsity_penalty.float()
+        reconstruction = output.reconstruction.float()
+        if model.process_group is not None:
+            features_part = reconstruction - model.decoder_bias  # the bias is replicated: added once
+            reconstruction = sum_over_ranks(features_part, model.process_group) + model.decoder_bias
+        mse = (reconstruction - model.normalise(batch)).square().sum(-1).mean() / model.d_model
+        # Each rank's penalty is over its own features; their sum is the whole crosscoder's.
+        local_loss = mse + coefficient * output.sparsity_penalty.float()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    local_loss.backward()
+    sparsity_penalty = total(output.sparsity_penalty.detach().float(), model.process_group)
+    loss = mse.detach() + coefficient * sparsity_penalty
     if config.grad_clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
     if torch.isfinite(loss):  # a step on a non-finite loss would spoil the weights the caller may still save
         optimizer.step()
-    return StepResult(loss.detach(), mse.detach(), output.sparsity_penalty.detach(), output.active)
+    return StepResult(loss, mse.detach(), sparsity_penalty, output.active)
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -189,12 +237,19 @@ def train(
     eval_activations: Activations | None = None,
     progress: bool = False,
     on_checkpoint: Callable[[Path, CrossCoder], None] | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> TrainResult:
     """Train a crosscoder on [tokens, S, d_model] activations (an array, or an iterable of batches).
 
     Resumes from the newest checkpoint in ``config.checkpoint_dir`` when one is there;
     ``on_checkpoint`` gets each checkpoint file as it is written (to copy it somewhere safer) and the
     model as it stands (to measure progress).
+
+    With a ``process_group``, every rank of it calls ``train`` with the same data and configuration
+    and trains one shard of the features (``crosscoder.sharded``); each writes its own checkpoint
+    files, and each gets the whole trained crosscoder back, assembled at the end. The whole model is
+    initialised on every rank before it is split, so that the shards start exactly where one
+    process would.
     """
     config = config or CrossCoderConfig()
     device = resolve_device(config.device)
@@ -209,14 +264,19 @@ def train(
                 f"eval_activations are [*, {eval_activations.shape[1]}, {eval_activations.shape[2]}], training data [*, {n_snapshots}, {d_model}]"
             )
 
+    if process_group is not None and config.grad_clip_norm is not None:
+        raise InputError("grad_clip_norm is not supported for a crosscoder split over ranks; set it to None")
+
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(sample, torch.Generator().manual_seed(config.seed))
     initial_model = copy.deepcopy(model).eval()
+    if process_group is not None:
+        model = shard_of(model, process_group)
     model.to(device)
     optimizer = make_optimizer(model)
 
     start_step, tokens_since_fired, history = 0, torch.zeros(model.n_features, device=device), []
-    last_checkpoint = latest_checkpoint(config.checkpoint_dir)
+    last_checkpoint = resumable_checkpoint(config.checkpoint_dir, model)
     if last_checkpoint is not None:
         start_step, tokens_since_fired, history = load_checkpoint(last_checkpoint, model, optimizer, device)
 
@@ -255,10 +315,13 @@ def train(
                     "loss": result.loss.item(),
                     "mse": result.mse.item(),
                     "sparsity_penalty": result.sparsity_penalty.item(),
-                    "l0": result.active.float().sum(-1).mean().item(),
+                    "l0": total(result.active.float().sum(-1).mean(), model.process_group).item(),
                     "learning_rate": config.learning_rate * schedule_factor(step, config),
                     "sparsity_coefficient": config.lambda_ * sparsity_factor(step, config),
-                    "dead_fraction": (tokens_since_fired >= config.dead_window_tokens).float().mean().item(),
+                    "dead_fraction": total(
+                        (tokens_since_fired >= config.dead_window_tokens).float().sum(), model.process_group
+                    ).item()
+                    / model.total_features,
                 }
             )
             bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.0f}")
@@ -266,9 +329,12 @@ def train(
             last_checkpoint = save_checkpoint(
                 Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history
             )
+            remove_older_checkpoints(last_checkpoint, model)
             if on_checkpoint is not None:
                 on_checkpoint(last_checkpoint, model)
 
+    if model.process_group is not None:
+        model = gather_model(model)
     model.eval()
     metrics = evaluate(model, eval_activations if eval_activations is not None else sample)
     return TrainResult(model, metrics, history, initial_model.to(device))

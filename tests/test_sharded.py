@@ -1,0 +1,114 @@
+"""One crosscoder split by features over two Ray Train workers (gloo on CPU): the same weights as one
+process, half the state per worker, and a worker killed mid-run resumed from the sharded checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from crosscoder import CrossCoderConfig, fit
+from crosscoder.synthetic import planted_features
+
+CONFIG = CrossCoderConfig(
+    expansion_ratio=4, batch_size=256, n_steps=120, log_every=20, checkpoint_every=30, device="cpu", k=8
+)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Each Ray Train worker: train its shard of the one crosscoder; rank 0 saves the whole result. With
+    ``kill_at``, rank 1 dies once right after writing that step's checkpoint."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    out = Path(loop_config["out"])
+    marker = out / "killed"
+
+    def die_once(path: Path, model) -> None:
+        if rank == 1 and path.name.startswith(f"step{loop_config['kill_at']}.") and not marker.exists():
+            marker.touch()
+            os._exit(1)  # as a lost process: no clean-up, no exception
+
+    torch.set_num_threads(1)
+    result = fit(
+        torch.load(loop_config["data"]),
+        CrossCoderConfig.from_dict(loop_config["crosscoder"]),
+        on_checkpoint=die_once if loop_config.get("kill_at") else None,
+        process_group=dist.group.WORLD,
+    )
+    if rank == 0:
+        result.model.save(out / "crosscoder.safetensors")
+        torch.save(result.history, out / "history.pt")
+
+
+def run_sharded(ray_cluster, tmp_path: Path, name: str, data: Path, config: CrossCoderConfig, kill_at=None) -> Path:
+    from ray import cloudpickle
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+
+    out = tmp_path / name
+    out.mkdir()
+    config = replace(config, checkpoint_dir=str(out / "checkpoints"))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"data": str(data), "crosscoder": config.to_dict(), "out": str(out), "kill_at": kill_at},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=name, storage_path=str(tmp_path / "ray_train"), failure_config=FailureConfig(max_failures=1)
+        ),
+    )
+    trainer.fit()
+    return out
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    planted = planted_features(n_tokens=8_000, n_snapshots=3, d_model=16, n_features=24, seed=0)
+    path = tmp_path_factory.mktemp("sharded") / "activations.pt"
+    torch.save(planted.activations, path)
+    return path
+
+
+@pytest.mark.parametrize("sparsity", ["jumprelu", "topk"])
+def test_two_workers_train_the_weights_of_one(ray_cluster, tmp_path, data, sparsity):
+    config = replace(CONFIG, sparsity=sparsity)
+    single = fit(torch.load(data), replace(config, checkpoint_dir=str(tmp_path / "single")))
+    out = run_sharded(ray_cluster, tmp_path, "sharded", data, config)
+    sharded = load_state(out / "crosscoder.safetensors")
+    for name, tensor in single.model.state_dict().items():
+        # Float32 sums over the features in two parts instead of one: rounding (measured: at most 6e-8).
+        assert torch.allclose(sharded[name], tensor, rtol=0, atol=1e-6), name
+    assert not torch.equal(sharded["decoder_weight"], single.initial_model.decoder_weight)  # it did train
+    history = torch.load(out / "history.pt")
+    assert history[-1]["l0"] == pytest.approx(single.history[-1]["l0"], rel=0.02)
+
+    # What each worker holds: its checkpoint file has its weights and Adam's moments, nothing else.
+    whole = sum(tensor.numel() for tensor in load_state(tmp_path / "single" / "step120.safetensors").values())
+    for rank in (0, 1):
+        held = sum(
+            tensor.numel() for tensor in load_state(out / "checkpoints" / f"step120.rank{rank}.safetensors").values()
+        )
+        assert 0.45 < held / whole < 0.55, f"rank {rank} holds {held / whole:.3f} of the state"
+
+
+def test_a_killed_worker_resumes_from_the_sharded_checkpoint(ray_cluster, tmp_path, data):
+    config = replace(CONFIG, sparsity="jumprelu")
+    clean = run_sharded(ray_cluster, tmp_path, "clean", data, config)
+    killed = run_sharded(ray_cluster, tmp_path, "killed", data, config, kill_at=60)
+    assert (killed / "killed").exists()  # the worker did die
+    resumed, uninterrupted = load_state(killed / "crosscoder.safetensors"), load_state(clean / "crosscoder.safetensors")
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
