@@ -128,9 +128,7 @@ def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes
 def test_killed_training_resumes_to_the_same_weights(planted, tmp_path):
     data = tmp_path / "planted.pt"
     torch.save(planted.activations[:8192], data)
-    config = replace(
-        SMALL, sparsity="jumprelu", n_steps=800, checkpoint_every=25, checkpoint_dir=str(tmp_path / "run")
-    )
+    config = replace(SMALL, sparsity="jumprelu", n_steps=800, checkpoint_every=25, checkpoint_dir=str(tmp_path / "run"))
     script = textwrap.dedent(
         f"""
         import torch

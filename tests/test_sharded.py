@@ -15,9 +15,9 @@ from safetensors import safe_open
 from crosscoder import CrossCoderConfig, fit
 from crosscoder.synthetic import planted_features
 
-CONFIG = CrossCoderConfig(
-    expansion_ratio=4, batch_size=256, n_steps=120, log_every=20, checkpoint_every=30, device="cpu", k=8
-)
+# checkpoint_dir is set per run.
+CONFIG = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=120, log_every=20, device="cpu", k=8)
+CHECKPOINT_EVERY = 30
 
 
 def train_loop(loop_config: dict) -> None:
@@ -55,7 +55,7 @@ def run_sharded(ray_cluster, tmp_path: Path, name: str, data: Path, config: Cros
 
     out = tmp_path / name
     out.mkdir()
-    config = replace(config, checkpoint_dir=str(out / "checkpoints"))
+    config = replace(config, checkpoint_every=CHECKPOINT_EVERY, checkpoint_dir=str(out / "checkpoints"))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"data": str(data), "crosscoder": config.to_dict(), "out": str(out), "kill_at": kill_at},
@@ -82,11 +82,24 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def sharded_runs(ray_cluster, tmp_path_factory, data):
+    """Two-worker runs, done once: (sparsity -> output folder); the JumpReLU one is also the uninterrupted twin
+    of the killed run."""
+    folder = tmp_path_factory.mktemp("sharded_runs")
+    return {
+        sparsity: run_sharded(ray_cluster, folder, sparsity, data, replace(CONFIG, sparsity=sparsity))
+        for sparsity in ("jumprelu", "topk")
+    }
+
+
 @pytest.mark.parametrize("sparsity", ["jumprelu", "topk"])
-def test_two_workers_train_the_weights_of_one(ray_cluster, tmp_path, data, sparsity):
+def test_two_workers_train_the_weights_of_one(sharded_runs, tmp_path, data, sparsity):
     config = replace(CONFIG, sparsity=sparsity)
-    single = fit(torch.load(data), replace(config, checkpoint_dir=str(tmp_path / "single")))
-    out = run_sharded(ray_cluster, tmp_path, "sharded", data, config)
+    single = fit(
+        torch.load(data), replace(config, checkpoint_every=CHECKPOINT_EVERY, checkpoint_dir=str(tmp_path / "single"))
+    )
+    out = sharded_runs[sparsity]
     sharded = load_state(out / "crosscoder.safetensors")
     for name, tensor in single.model.state_dict().items():
         # Float32 sums over the features in two parts instead of one: rounding (measured: at most 6e-8).
@@ -104,11 +117,9 @@ def test_two_workers_train_the_weights_of_one(ray_cluster, tmp_path, data, spars
         assert 0.45 < held / whole < 0.55, f"rank {rank} holds {held / whole:.3f} of the state"
 
 
-def test_a_killed_worker_resumes_from_the_sharded_checkpoint(ray_cluster, tmp_path, data):
-    config = replace(CONFIG, sparsity="jumprelu")
-    clean = run_sharded(ray_cluster, tmp_path, "clean", data, config)
-    killed = run_sharded(ray_cluster, tmp_path, "killed", data, config, kill_at=60)
+def test_a_killed_worker_resumes_from_the_sharded_checkpoint(ray_cluster, sharded_runs, tmp_path, data):
+    killed = run_sharded(ray_cluster, tmp_path, "killed", data, replace(CONFIG, sparsity="jumprelu"), kill_at=60)
     assert (killed / "killed").exists()  # the worker did die
-    resumed, uninterrupted = load_state(killed / "crosscoder.safetensors"), load_state(clean / "crosscoder.safetensors")
-    for name, tensor in uninterrupted.items():
+    resumed = load_state(killed / "crosscoder.safetensors")
+    for name, tensor in load_state(sharded_runs["jumprelu"] / "crosscoder.safetensors").items():
         assert torch.equal(resumed[name], tensor), name
