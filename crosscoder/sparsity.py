@@ -43,9 +43,11 @@ class JumpReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre, decoder_norms, log_threshold, bandwidth: float, tanh_scale: float):
+    def forward(ctx, pre, decoder_norms, log_threshold, bandwidth: float, tanh_scale: float, with_window: bool):
         # pre [B, F]; decoder_norms [S, F]; log_threshold [F]
-        tokens, features, values, active, in_window = JumpReLU.gate(pre, decoder_norms, log_threshold, bandwidth)
+        tokens, features, values, active, in_window = JumpReLU.gate(
+            pre, decoder_norms, log_threshold, bandwidth, with_window
+        )
         # Sums over the batch are kept in at least float32, also under bfloat16 autocast.
         accumulate = torch.promote_types(pre.dtype, torch.float32)
         saturation = torch.zeros(log_threshold.shape, dtype=accumulate, device=pre.device)
@@ -63,18 +65,19 @@ class JumpReLU(torch.autograd.Function):
         return entry_values, frequency, entry_tokens, entry_features, snapshot
 
     @staticmethod
-    def gate(pre, decoder_norms, log_threshold, bandwidth: float):
-        """The (token, feature) pairs that fire at some snapshot or sit in the window at some snapshot,
-        their pre-activations, and [pairs, S] masks of where each fires and where it is in the window."""
+    def gate(pre, decoder_norms, log_threshold, bandwidth: float, with_window: bool = True):
+        """The (token, feature) pairs that fire at some snapshot or (``with_window``) sit in the window at
+        some snapshot, their pre-activations, and [pairs, S] masks of where each fires and where it is in
+        the window (all False without ``with_window``: no gradient will be asked for)."""
         threshold = log_threshold.exp()
         cutoff = threshold / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
-        window_cutoff = (threshold - bandwidth / 2) / decoder_norms
-        tokens, features = (pre > window_cutoff.min(0).values).nonzero(as_tuple=True)
+        lowest = (threshold - bandwidth / 2) / decoder_norms if with_window else cutoff
+        tokens, features = (pre > lowest.min(0).values).nonzero(as_tuple=True)
         values = pre[tokens, features]
         active = values[:, None] > cutoff[:, features].T
         scaled = values[:, None].to(torch.promote_types(pre.dtype, torch.float32)) * decoder_norms[:, features].T
         in_window = (scaled - threshold[features][:, None]).abs() < bandwidth / 2
-        return tokens, features, values, active, in_window
+        return tokens, features, values, active, in_window & with_window
 
     @staticmethod
     def backward(ctx, grad_values, grad_frequency, *_):
@@ -110,6 +113,7 @@ class JumpReLU(torch.autograd.Function):
             grad_log_threshold.to(log_threshold.dtype),
             None,
             None,
+            None,
         )
 
 
@@ -137,8 +141,12 @@ def jumprelu(
     pre: torch.Tensor, decoder_norms: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float, tanh_scale: float
 ) -> tuple[CodeEntries, torch.Tensor]:
     """Per-snapshot code entries and the tanh frequency p [F] (see ``JumpReLU``)."""
+    # Without a gradient to come (evaluation, initialisation), the window's zero codes are left out.
+    with_window = torch.is_grad_enabled() and any(
+        tensor.requires_grad for tensor in (pre, decoder_norms, log_threshold)
+    )
     values, frequency, tokens, features, snapshots = JumpReLU.apply(
-        pre, decoder_norms, log_threshold, bandwidth, tanh_scale
+        pre, decoder_norms, log_threshold, bandwidth, tanh_scale, with_window
     )
     return CodeEntries(values, tokens, features, snapshots), frequency
 
