@@ -103,12 +103,3 @@ def total(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     summed = value.detach().clone()
     dist.all_reduce(summed, group=group)
     return summed
-
-
-def parameter_share(shard: CrossCoder) -> float:
-    """Share of the whole crosscoder's parameters this shard holds."""
-    held = sum(parameter.numel() for parameter in shard.parameters())
-    full_size = held + (shard.total_features - shard.n_features) * sum(
-        parameter[0].numel() for name, parameter in shard.named_parameters() if name in FEATURE_MAJOR
-    )
-    return held / full_size
