@@ -95,20 +95,16 @@ def checkpoints(folder: str | Path | None, rank: int | None = None) -> dict[int,
     return found
 
 
-def latest_checkpoint(folder: str | Path | None, rank: int | None = None) -> Path | None:
-    found = checkpoints(folder, rank)
-    return found[max(found)] if found else None
-
-
 def resumable_checkpoint(folder: str | Path | None, model: CrossCoder) -> Path | None:
     """The newest checkpoint to resume from; for a shard, the newest step every rank wrote."""
     rank = checkpoint_rank(model)
-    if rank is None:
-        return latest_checkpoint(folder)
     found = checkpoints(folder, rank)
-    step = torch.tensor(max(found) if found else -1)
-    dist.all_reduce(step, op=dist.ReduceOp.MIN, group=model.process_group)
-    return found.get(int(step))
+    step = max(found, default=-1)
+    if rank is not None:
+        newest = torch.tensor(step)
+        dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=model.process_group)
+        step = int(newest)
+    return found.get(step)
 
 
 def save_checkpoint(
