@@ -55,17 +55,39 @@ def store_lock(uri: str):
     return nullcontext()
 
 
-def parent_run(experiment: str, sweep_name: str, params: dict, tags: dict) -> tuple[str, str]:
-    """(experiment id, parent run id): the sweep's run, created on first use, reused on resume."""
+def check_artifact_location(experiment: str, artifacts: str | None) -> None:
+    """``--artifacts`` can only place a new experiment's artifacts: MLflow fixes the location at creation."""
+    if artifacts is None:
+        return
+    mlflow.set_tracking_uri(tracking_uri())
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is not None and found.artifact_location.rstrip("/") != artifacts.rstrip("/"):
+        raise StudyInputError(
+            f"experiment '{experiment}' keeps its artifacts at {found.artifact_location}; drop --artifacts "
+            "or name a new experiment with --experiment"
+        )
+
+
+def parent_run(
+    experiment: str, sweep_name: str, params: dict, tags: dict, artifacts: str | None = None
+) -> tuple[str, str]:
+    """(experiment id, parent run id): the sweep's run, created on first use, reused on resume; a new
+    experiment keeps its artifacts at ``artifacts`` (a URI such as s3://bucket/mlflow) when given."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):
-        return _parent_run(MlflowClient(), experiment, sweep_name, params, tags)
+        return _parent_run(MlflowClient(), experiment, sweep_name, params, tags, artifacts)
 
 
-def _parent_run(client: MlflowClient, experiment: str, sweep_name: str, params: dict, tags: dict) -> tuple[str, str]:
+def _parent_run(
+    client: MlflowClient, experiment: str, sweep_name: str, params: dict, tags: dict, artifacts: str | None
+) -> tuple[str, str]:
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    )
     if found and not EXPERIMENT_KIND.items() <= found.tags.items():  # made before the tag was set
         for key, value in EXPERIMENT_KIND.items():
             client.set_experiment_tag(experiment_id, key, value)

@@ -1,7 +1,7 @@
 """Run by tests/test_cluster.py in a process of its own (a pytest session holds one Ray already):
 a sweep on a real multi-node Ray cluster on this machine, one worker node removed mid-sweep.
 
-    python tests/multinode_sweep.py RESULT.json STORAGE_FOLDER SWEEP_ARGUMENT...
+    python tests/multinode_sweep.py RESULT.json STORAGE_URI SWEEP_ARGUMENT...
 
 The head node has no CPU, so trials can only land on the two worker nodes (one CPU each). As soon as
 a running trial has handed Tune a checkpoint, the worker node it runs on is killed. Writes what
@@ -17,10 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
+from study.storage import Location
 from study.sweep.cli import main
 
 WORKER_NODES = 2
@@ -38,12 +40,23 @@ def running_trial_nodes() -> dict[str, str]:
     }
 
 
-def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, storage: Path, removed: dict) -> None:
+def checkpointed_trials(storage: Location) -> set[str]:
+    """Names of the trial folders under ``storage`` (a folder or an object-store URI) holding a checkpoint."""
+    try:
+        listed = storage.filesystem.get_file_info(pafs.FileSelector(storage.path, recursive=True))
+    except FileNotFoundError:  # Tune has not written there yet
+        return set()
+    # An object store lists files only, so the trial folder is read off each file's path.
+    parts = [info.path.split("/") for info in listed]
+    return {path[i - 1] for path in parts for i in range(1, len(path)) if path[i].startswith("checkpoint_")}
+
+
+def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, storage: Location, removed: dict) -> None:
     """Kill the worker node that runs a trial which has already handed Tune a checkpoint."""
     by_id = {worker.node_id: worker for worker in workers}
     deadline = time.time() + DEADLINE_SECONDS
     while time.time() < deadline:
-        checkpointed = {path.parent.name for path in storage.rglob("checkpoint_*") if path.is_dir()}
+        checkpointed = checkpointed_trials(storage)
         for trial_id, node_id in running_trial_nodes().items() if checkpointed else ():
             if node_id in by_id and any(trial_id in name for name in checkpointed):
                 cluster.remove_node(by_id[node_id], allow_graceful=False)
@@ -52,7 +65,7 @@ def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, stor
         time.sleep(0.2)
 
 
-def run(result_path: Path, storage: Path, arguments: list[str]) -> None:
+def run(result_path: Path, storage: Location, arguments: list[str]) -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     cluster = Cluster(
         initialize_head=True,
@@ -77,4 +90,4 @@ def run(result_path: Path, storage: Path, arguments: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])
+    run(Path(sys.argv[1]), Location.of(sys.argv[2]), sys.argv[3:])

@@ -1,4 +1,4 @@
-"""Cluster behaviour: a sweep on several Ray nodes that loses one, storage behind pyarrow.fs URIs,
+"""Cluster behaviour: a sweep on several Ray nodes that loses one, with its cache and storage on S3,
 and the cache's publication seen by a concurrent reader."""
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ import threading
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs as pafs
 import pytest
 
 from study.activations.cache import ActivationCache
 from study.activations.extraction import ActivationRequest, ensure_activations
 from study.lm.trajectory import directory_trajectory
+from study.record import CROSSCODER_ARTIFACT
 from study.storage import Location
 
 REPO = Path(__file__).parent.parent
 
 
-def test_sweep_survives_a_lost_node_with_cache_and_storage_behind_file_uris(tiny_trajectory_folder, tmp_path):
-    storage, cache, store = tmp_path / "sweeps", tmp_path / "cache", tmp_path / "mlflow.db"
+def test_sweep_survives_a_lost_node_with_cache_and_storage_on_s3(tiny_trajectory_folder, tmp_path, s3_bucket):
+    cache, storage, store = f"{s3_bucket}/nodes-cache", f"{s3_bucket}/nodes-sweeps", tmp_path / "mlflow.db"
+    artifacts = f"{s3_bucket}/nodes-mlflow"
     arguments = [
         "expansion_ratio",
         "--experiment",
@@ -44,17 +47,20 @@ def test_sweep_survives_a_lost_node_with_cache_and_storage_behind_file_uris(tiny
         "--tokens",
         "4400",
         "--cache-dir",
-        f"file://{cache}",
+        cache,
         "--storage",
-        f"file://{storage}",
+        storage,
+        "--artifacts",
+        artifacts,
     ]
+    # The S3 endpoint and its credentials come from the environment (conftest), as a user's would.
     environment = dict(
         os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}", CROSSCODER_STUDY_CACHE=str(tmp_path / "local-cache")
     )
     environment.pop("RAY_ADDRESS", None)
     result_file = tmp_path / "result.json"
     finished = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "multinode_sweep.py"), str(result_file), str(storage), *arguments],
+        [sys.executable, str(REPO / "tests" / "multinode_sweep.py"), str(result_file), storage, *arguments],
         cwd=tmp_path,
         env=environment,
         capture_output=True,
@@ -78,10 +84,19 @@ def test_sweep_survives_a_lost_node_with_cache_and_storage_behind_file_uris(tiny
     assert len(resumed) >= 1, "no trial was restarted from a checkpoint"
     assert (resumed["tags.resumed_from_step"].astype(int) > 0).all() and (resumed["tags.ray_node_id"] == survivor).all()
     assert result["removed"]["trial_id"] in set(resumed["tags.tune_trial_id"])
-    # The storage URIs hold the cache (published by its manifest), Tune's state and the report.
-    assert len(list((cache / "activations").glob("*/manifest.json"))) == 1
-    assert (storage / "nodes-expansion_ratio" / "report" / "report.html").is_file()
+    # The bucket holds the cache (published by its manifest), Tune's state, checkpoints and the report;
+    # nothing of the activations went to the local cache.
+    manifests = [child / "manifest.json" for child in Location.of(f"{cache}/activations").children()]
+    assert sum(manifest.is_file() for manifest in manifests) == 1
+    sweep = Location.of(f"{storage}/nodes-expansion_ratio")
+    names = [info.path for info in sweep.filesystem.get_file_info(pafs.FileSelector(sweep.path, recursive=True))]
+    assert any("checkpoint_" in name for name in names)
+    assert (sweep / "report" / "report.html").is_file()
     assert not (tmp_path / "local-cache" / "activations").exists()
+    # MLflow's artifacts too: each trial's crosscoder, read back by the stability tasks and the report.
+    assert trials["artifact_uri"].str.startswith(artifacts).all()
+    for uri in trials["artifact_uri"]:
+        assert (Location.of(uri) / CROSSCODER_ARTIFACT).is_file(), uri
 
 
 def test_location_round_trip_and_atomic_rewrite_under_a_reader(tmp_path):

@@ -408,6 +408,24 @@ def test_a_store_that_is_no_database_is_one_line_and_left_as_it_was(
     assert not (tmp_path / "sweeps").exists()
 
 
+def test_artifacts_elsewhere_for_an_existing_experiment_is_one_line_and_its_runs_stay(
+    tiny_trajectory_folder, tmp_path, store, capsys
+):
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment_id = client.create_experiment("placed")
+    kept = client.create_run(experiment_id).info.run_id
+    capsys.readouterr()  # MLflow's own log of creating the store
+    arguments = ["seed", "--experiment", "placed", "--artifacts", "s3://elsewhere/mlflow", "--set", "n_snapshots=4"]
+    arguments += ["--trajectory", str(tiny_trajectory_folder), "--storage", str(tmp_path / "sweeps")]
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: sys.exit(main(arguments)))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exited.value.code == 2 and len(errors) == 1, errors
+    assert "experiment 'placed' keeps its artifacts at" in errors[0] and "drop --artifacts" in errors[0]
+    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [kept]
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_two_sweeps_at_once_lose_no_run(tiny_trajectory_folder, tmp_path, store, ray_cluster):
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     processes = [

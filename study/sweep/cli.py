@@ -30,7 +30,7 @@ from study.sweep.prepare import prepare_sweep
 from study.sweep.search_space import available_axes
 from study.sweep.summary import summarise
 from study.sweep.trial import PROGRESS_METRICS
-from study.tracking import check_store, tracking_uri, ui_instructions
+from study.tracking import check_artifact_location, check_store, tracking_uri, ui_instructions
 
 SEARCHES = ("grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -87,6 +87,7 @@ def run(
     storage: str = "sweeps",
     resume: bool = False,
     cache_dir: str | None = None,
+    artifacts: str | None = None,
     dry_run: bool = False,
 ) -> SweepResult:
     """Run a sweep from Python, e.g. ``run("seed", {"n_steps": 300}, experiment="mine")``: the same as
@@ -104,9 +105,10 @@ def run(
             pd.DataFrame([{key: trial[key] for key in plan.swept} for trial in plan.trials]), [], None, None
         )
     check_resumable(options, plan.sweep_name)
+    check_artifact_location(plan.experiment, artifacts)
 
     search_tags = {"search": search, "scheduler": scheduler, "search_metric": f"{metric} ({mode})"}
-    context = prepare_sweep(plan, cache_dir, search_tags)
+    context = prepare_sweep(plan, cache_dir, search_tags, artifacts)
     table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
     report_folder = experiment_path(options, plan.sweep_name) / "report"
     failed, verdicts, report_ok = summarise(context.parent_run_id, table, report_folder)
@@ -169,6 +171,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default="sweeps",
         help="Tune's experiment state and the report: a folder every node sees, or a URI such as s3://bucket/sweeps (default ./sweeps)",
     )
+    parser.add_argument(
+        "--artifacts",
+        help="where a new experiment keeps its MLflow artifacts (crosscoders, plots, report), e.g. s3://bucket/mlflow; "
+        "default: beside the tracking store",
+    )
     return parser.parse_args(argv)
 
 
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         storage=args.storage,
         resume=args.resume,
         cache_dir=args.cache_dir,
+        artifacts=args.artifacts,
         dry_run=args.dry_run,
     )
     failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())

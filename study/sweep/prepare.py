@@ -71,9 +71,12 @@ def log_model_curves(parent_run_id: str, curve_sets: list[tuple[Trajectory, str]
             mlflow.log_artifact(str(Path(folder) / MODEL_CURVES_ARTIFACT))
 
 
-def prepare_sweep(plan: SweepPlan, cache_dir: str | None, search_tags: dict[str, str]) -> SweepContext:
+def prepare_sweep(
+    plan: SweepPlan, cache_dir: str | None, search_tags: dict[str, str], artifacts: str | None = None
+) -> SweepContext:
     """Extract every activation set (Ray Data), open the parent run (reused on resume, tagged with how
-    the trials are searched: ``search_tags``) and log the model-level curves once."""
+    the trials are searched: ``search_tags``; a new experiment's artifacts at ``artifacts``) and log the
+    model-level curves once."""
     ensure_ray()
     caches = {
         key: str(ensure_activations(chosen.request, cache_dir).folder) for key, chosen in plan.activation_sets.items()
@@ -87,7 +90,7 @@ def prepare_sweep(plan: SweepPlan, cache_dir: str | None, search_tags: dict[str,
         **{f"version.{package}": version(package) for package in ("torch", "ray", "mlflow", "transformers")},
     }
     params = {"axis": plan.axis, **{f"base.{key}": value for key, value in base.items()}}
-    experiment_id, parent_run_id = parent_run(plan.experiment, plan.sweep_name, params, tags)
+    experiment_id, parent_run_id = parent_run(plan.experiment, plan.sweep_name, params, tags, artifacts)
     if not any(
         name.startswith(MODEL_PREFIX) for name in MlflowClient().get_run(parent_run_id).data.metrics
     ):  # once per sweep, also on resume
