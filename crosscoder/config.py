@@ -37,7 +37,8 @@ class CrossCoderConfig:
     """lambda of the sparsity penalty; None takes the method's default (unused by topk / batchtopk)."""
 
     k: int = 32
-    """Active features per token for topk and batchtopk (batchtopk: k x batch over the batch)."""
+    """Active features per token for topk and batchtopk (batchtopk: k x batch over the batch). Choose it near the
+    data's own L0 (an l1 crosscoder's): far above it features split into partial copies at a high EV."""
 
     jumprelu_bandwidth: float = 0.5
     """Width eps of the threshold's straight-through window, as a fraction of the median initial threshold."""
