@@ -7,6 +7,9 @@ CACHE_FOLDER is one cache (``<cache>/activations/<key>``, the folder holding ``m
 Reads every shard of its first layer three ways: ``np.load`` on the paths (no checksum), the
 cache reader on the local path (pyarrow's local filesystem, SHA-256 of every file), and the
 reader on a URI (``file://`` of the same folder by default, or ``--uri``, e.g. an ``s3://`` copy).
+Then what a request for the complete cache costs (``ActivationCache.incomplete_units``, the check
+``ensure_activations`` makes before returning it): its time against one full read, and how many
+bytes of file bodies it reads (every ``Location.read_bytes`` call counted).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from study.activations.cache import ActivationCache
+from study.storage import Location
 
 
 def rows_per_second(read: Callable[[], int]) -> tuple[float, int]:
@@ -57,6 +61,28 @@ def main() -> None:
         speed, rows = rows_per_second(through(spec))
         assert rows == cache.n_tokens
         print(f"{name:<28} {speed:12,.0f} rows/s = {speed / baseline:.2f} x bare")
+
+    body_bytes = 0
+    read_bytes = Location.read_bytes
+
+    def counted(location: Location) -> bytes:
+        nonlocal body_bytes
+        data = read_bytes(location)
+        body_bytes += len(data)
+        return data
+
+    Location.read_bytes = counted
+    started = time.perf_counter()
+    incomplete = ActivationCache(args.uri or str(folder)).incomplete_units()
+    check_seconds = time.perf_counter() - started
+    Location.read_bytes = read_bytes
+    total_bytes = sum(cache.manifest["sizes"].values())
+    full_read_seconds = cache.n_tokens / rows_per_second(through(str(folder)))[0] * len(cache.layers)
+    print(
+        f"request for the complete cache ({total_bytes / 1e9:.2f} GB in {len(cache.manifest['files'])} files): "
+        f"{check_seconds:.3f} s = {check_seconds / full_read_seconds:.4f} x one full read; file bodies read: "
+        f"{body_bytes:,} bytes (the manifest); {len(incomplete)} incomplete units"
+    )
 
 
 if __name__ == "__main__":
