@@ -1,8 +1,9 @@
 """Activations generated from a known sparse dictionary over snapshots, to check that training finds it.
 
 ``planted_features`` draws a dictionary whose features exist from the start, appear later or fade out,
-with directions drifting between snapshots; ``hard_planted_features`` is the set every sparsity method
-must recover at its defaults (more features than dimensions, Zipf-distributed frequencies, noise), and
+with directions drifting between snapshots; ``hard_planted_features`` is the set each sparsity method is
+judged on at its defaults (more features than dimensions, Zipf-distributed frequencies, noise;
+``bench/hard_planted.py`` prints how much each recovers), and
 ``planted_recovery`` scores a trained crosscoder against the truth.
 """
 
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from crosscoder.evolution import EMERGENCE_FRACTION, emergence
+from crosscoder.evolution import EMERGENCE_FRACTION
 from crosscoder.matching import match_features
 
 RECOVERED_COSINE = 0.9
@@ -48,8 +49,8 @@ def planted_features(
 ) -> PlantedFeatures:
     """A third of the features exist from the first snapshot on, a third appear at a later snapshot,
     a third fade out before the last. Directions drift a little between snapshots; each token fires
-    feature i with a probability proportional to (i + 1) ** -zipf_exponent whose mean over features is
-    ``firing_probability``, at a magnitude in [0.5, 1.5].
+    feature i with a probability proportional to (r_i + 1) ** -zipf_exponent, r_i its drawn frequency rank,
+    whose mean over features is ``firing_probability``, at a magnitude in [0.5, 1.5].
     """
     # numpy's generator, not torch's: a crosscoder initialised with torch.manual_seed(seed) would
     # otherwise draw the very same normal numbers for its initial directions and start on the truth.
@@ -110,12 +111,11 @@ class PlantedRecovery(NamedTuple):
 
 
 def present_range(decoder_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last snapshot where each feature's decoder norm reaches EMERGENCE_FRACTION of its maximum."""
+    """First (the emergence index of ``crosscoder.evolution``) and last snapshot where each feature's
+    decoder norm reaches EMERGENCE_FRACTION of its maximum."""
     present = decoder_norms >= EMERGENCE_FRACTION * decoder_norms.max(1, keepdim=True).values
     snapshot = torch.arange(decoder_norms.shape[1])
-    first = emergence(decoder_norms, list(range(decoder_norms.shape[1]))).emergence_index
-    last = torch.where(present, snapshot, -1).max(1).values
-    return first, last
+    return present.float().argmax(1), torch.where(present, snapshot, -1).max(1).values
 
 
 def planted_recovery(planted: PlantedFeatures, decoder: torch.Tensor) -> PlantedRecovery:
