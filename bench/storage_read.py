@@ -57,10 +57,11 @@ def main() -> None:
     )
     baseline, _ = rows_per_second(bare)
     print(f"bare np.load, no checksum:   {baseline:12,.0f} rows/s")
+    speeds = {}
     for name, spec in (("reader, local path", str(folder)), ("reader, URI", args.uri or f"file://{folder}")):
-        speed, rows = rows_per_second(through(spec))
+        speeds[name], rows = rows_per_second(through(spec))
         assert rows == cache.n_tokens
-        print(f"{name:<28} {speed:12,.0f} rows/s = {speed / baseline:.2f} x bare")
+        print(f"{name:<28} {speeds[name]:12,.0f} rows/s = {speeds[name] / baseline:.2f} x bare")
 
     body_bytes = 0
     read_bytes = Location.read_bytes
@@ -72,12 +73,15 @@ def main() -> None:
         return data
 
     Location.read_bytes = counted
-    started = time.perf_counter()
-    incomplete = ActivationCache(args.uri or str(folder)).incomplete_units()
-    check_seconds = time.perf_counter() - started
-    Location.read_bytes = read_bytes
+    try:
+        started = time.perf_counter()
+        incomplete = ActivationCache(args.uri or str(folder)).incomplete_units()
+        check_seconds = time.perf_counter() - started
+    finally:
+        Location.read_bytes = read_bytes
     total_bytes = sum(cache.manifest["sizes"].values())
-    full_read_seconds = cache.n_tokens / rows_per_second(through(str(folder)))[0] * len(cache.layers)
+    # One full read: every layer at the local reader's rate measured above.
+    full_read_seconds = cache.n_tokens / speeds["reader, local path"] * len(cache.layers)
     print(
         f"request for the complete cache ({total_bytes / 1e9:.2f} GB in {len(cache.manifest['files'])} files): "
         f"{check_seconds:.3f} s = {check_seconds / full_read_seconds:.4f} x one full read; file bodies read: "
