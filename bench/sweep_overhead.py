@@ -7,6 +7,11 @@ Both sides train the same crosscoders on the same cached activations and compute
 statistics (``study.sweep.trial.train_and_measure``), one trial at a time on one CPU thread, so the ratio
 is what Ray Tune, MLflow logging, the model curves, the sweep's robustness analysis and its report
 add. The activation cache and the model curves are built before either side is timed.
+
+Where the difference goes: the sweep's stages are timed as they run (prepare: Ray, parent run, model
+curves; trials: Tune; summary: robustness analysis and report), and inside the trials stage each
+trial's MLflow run (training, statistics and logging) against the same trial in the bare loop; the
+rest of that stage is Tune's (trial processes, scheduling, checkpoints handed to storage).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlflow
 import torch
 
+import study.sweep.cli as sweep_cli
 from study.activations.extraction import ensure_activations
 from study.analysis.model_curves import model_curves
-from study.sweep.cli import main as sweep_main
 from study.sweep.plan import plan_sweep
 from study.sweep.prepare import snapshots_for_model_curves
 from study.sweep.trial import train_and_measure
@@ -73,22 +79,46 @@ def main() -> None:
         ]
         if args.cache_dir:
             arguments += ["--cache-dir", args.cache_dir]
+        stage_seconds = time_stages()
         started = time.perf_counter()
-        exit_code = sweep_main(arguments)
+        exit_code = sweep_cli.main(arguments)
         sweep_seconds = time.perf_counter() - started
+        runs = mlflow.search_runs(experiment_names=["overhead"])
+        runs = runs[runs["tags.mlflow.parentRunId"].notna()]  # the trials' runs, not the sweep's own
+        trial_run_seconds = sorted(((runs["end_time"] - runs["start_time"]).dt.total_seconds()).tolist())
     print(
         json.dumps(
             {
                 "trials": args.trials,
-                "bare_loop_trial_seconds": [round(seconds, 1) for seconds in trial_seconds],
+                "bare_loop_trial_seconds": sorted(round(seconds, 1) for seconds in trial_seconds),
                 "bare_loop_seconds": round(loop_seconds, 1),
                 "sweep_seconds": round(sweep_seconds, 1),
+                "sweep_stage_seconds": {name: round(seconds, 1) for name, seconds in stage_seconds.items()},
+                "sweep_trial_run_seconds": [round(seconds, 1) for seconds in trial_run_seconds],
+                "trials_stage_outside_trial_runs": round(stage_seconds["trials"] - sum(trial_run_seconds), 1),
                 "sweep_exit_code": exit_code,
                 "sweep_over_loop": round(sweep_seconds / loop_seconds, 3),
             },
             indent=1,
         )
     )
+
+
+def time_stages() -> dict[str, float]:
+    """Wrap the sweep command's three stages so that each one's seconds land in the returned dict."""
+    seconds: dict[str, float] = {}
+    for name, attribute in (("prepare", "prepare_sweep"), ("trials", "run_trials"), ("summary", "summarise")):
+        stage = getattr(sweep_cli, attribute)
+
+        def timed(*args, stage=stage, name=name, **kwargs):
+            started = time.perf_counter()
+            try:
+                return stage(*args, **kwargs)
+            finally:
+                seconds[name] = time.perf_counter() - started
+
+        setattr(sweep_cli, attribute, timed)
+    return seconds
 
 
 if __name__ == "__main__":

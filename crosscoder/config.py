@@ -8,11 +8,12 @@ from typing import Literal
 SparsityMethod = Literal["jumprelu", "l1", "topk", "batchtopk"]
 SPARSITY_METHODS = ("jumprelu", "l1", "topk", "batchtopk")
 
-# Sparsity coefficients that give L0 in the tens to low hundreds on normalised activations; the
-# reconstruction loss is divided by d_model and both it and every penalty are averaged over snapshots,
-# so these carry over between model widths and snapshot counts. (l1's 9e-3 is the 1e-3 it was when its
-# penalty summed decoder norms over snapshots, at the default 9 snapshots.)
-DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 3e-4, "l1": 9e-3, "topk": 0.0, "batchtopk": 0.0}
+# Sparsity coefficients; the reconstruction loss is divided by d_model, JumpReLU's tanh reads codes in
+# units of sqrt(d_model), and every penalty is averaged over snapshots, so these carry over between model
+# widths and snapshot counts. jumprelu's 1e-2 recovers the planted dictionaries of crosscoder.synthetic
+# (bench/hard_planted.py); the former 3e-4, with c = 4 on raw codes, left the penalty without a gradient.
+# (l1's 9e-3 is the 1e-3 it was when its penalty summed decoder norms over snapshots, at 9 snapshots.)
+DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 1e-2, "l1": 9e-3, "topk": 0.0, "batchtopk": 0.0}
 
 
 class InputError(ValueError):
@@ -47,13 +48,15 @@ class CrossCoderConfig:
     """Share of tokens each feature fires on at initialisation; sets each feature's initial threshold."""
 
     tanh_scale: float = 4.0
-    """c in the penalty tanh(c * f * ||W_D||): how fast a feature's contribution saturates."""
+    """c in the penalty tanh(c * f * ||W_D|| / sqrt(d_model)): how fast a feature's contribution saturates,
+    with f * ||W_D|| read in units of the normalised input's mean norm, sqrt(d_model)."""
 
     frequency_scale: float = 0.01
     """s_f in the penalty p (1 + p / s_f): above this activation frequency the quadratic term dominates."""
 
-    threshold_lr_multiplier: float = 0.1
-    """The threshold learns at this fraction of the learning rate."""
+    threshold_lr_multiplier: float = 1.0
+    """The threshold learns at this fraction of the learning rate (paper 1: 0.1, which leaves L0 where
+    initialisation put it on the planted sets)."""
 
     learning_rate: float = 1e-3
     """Peak Adam learning rate."""
@@ -101,6 +104,11 @@ class CrossCoderConfig:
     initialization_tokens: int = 4096
     """Tokens (of those) on which the initial decoder norm and the JumpReLU thresholds are chosen."""
 
+    resample_dead_every: int | None = 250
+    """Steps between resamplings: features that fired on none of the last this-many steps' tokens get the
+    error of a badly reconstructed token as their new direction (crosscoder.resampling); none during the
+    cool-down. None never resamples."""
+
     dead_window_tokens: int = 1_000_000
     """A feature that has not fired over this many training tokens counts as dead."""
 
@@ -131,6 +139,8 @@ class CrossCoderConfig:
             raise InputError(f"jumprelu_initial_firing must lie in (0, 1), got {self.jumprelu_initial_firing}")
         if not 0 <= self.sparse_step_max_density <= 1:
             raise InputError(f"sparse_step_max_density must lie in [0, 1], got {self.sparse_step_max_density}")
+        if self.resample_dead_every is not None and self.resample_dead_every <= 0:
+            raise InputError(f"resample_dead_every must be a positive integer or None, got {self.resample_dead_every}")
         if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
             raise InputError(f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient}")
 

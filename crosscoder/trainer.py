@@ -22,6 +22,7 @@ from crosscoder.cpu_memory import reuse_freed_memory
 from crosscoder.data import Activations, array_batches, as_tensor, iterable_batches, take_sample
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
+from crosscoder.resampling import resample_dead
 from crosscoder.sharded import gather_model, shard_of, sum_over_ranks, total
 
 # step<N>.safetensors, or step<N>.rank<R>.safetensors for one shard of a crosscoder split over ranks.
@@ -76,6 +77,14 @@ def schedule_factor(step: int, config: CrossCoderConfig) -> float:
 def sparsity_factor(step: int, config: CrossCoderConfig) -> float:
     warmup = config.sparsity_warmup_fraction * config.n_steps
     return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def resamples_at(step: int, config: CrossCoderConfig) -> bool:
+    """Whether dead features are resampled after ``step``: every ``resample_dead_every`` steps, before the
+    learning rate's cool-down (a feature re-aimed then would have no time to settle)."""
+    every = config.resample_dead_every
+    cooldown_start = config.n_steps * (1 - config.lr_cooldown_fraction)
+    return every is not None and (step + 1) % every == 0 and step + 1 < cooldown_start
 
 
 def checkpoint_rank(model: CrossCoder) -> int | None:
@@ -262,6 +271,8 @@ def train(
 
     if process_group is not None and config.grad_clip_norm is not None:
         raise InputError("grad_clip_norm is not supported for a crosscoder split over ranks; set it to None")
+    if process_group is not None and config.resample_dead_every is not None:
+        raise InputError("resample_dead_every is not supported for a crosscoder split over ranks; set it to None")
 
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(sample, torch.Generator().manual_seed(config.seed))
@@ -304,6 +315,11 @@ def train(
                 f"loss became {result.loss.item()} at step {step}; {where}; lower learning_rate or sparsity_coefficient"
             )
         tokens_since_fired = torch.where(result.active.any(0), 0.0, tokens_since_fired + batch.shape[0])
+        if resamples_at(step, config):
+            dead = tokens_since_fired >= config.resample_dead_every * config.batch_size
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            if resample_dead(model, optimizer, batch, dead, generator):
+                tokens_since_fired = torch.where(dead, 0.0, tokens_since_fired)
         if (step + 1) % config.log_every == 0 or step + 1 == config.n_steps:
             history.append(
                 {

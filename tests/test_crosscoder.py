@@ -16,8 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
+from crosscoder.resampling import resample_dead
 from crosscoder.sparsity import jumprelu
 from crosscoder.synthetic import planted_features, planted_recovery
+from crosscoder.trainer import make_optimizer
 
 SMALL = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=1200, log_every=100)
 
@@ -27,20 +29,7 @@ def planted():
     return planted_features(n_tokens=30_000, n_snapshots=4, d_model=32, n_features=48, seed=0)
 
 
-@pytest.mark.parametrize(
-    "sparsity",
-    [
-        pytest.param(
-            "jumprelu",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 18: at its defaults JumpReLU reconstructs well (EV 0.997) but recovers about 21 % "
-                "of the planted features; its L0 stays near where initialisation put it",
-            ),
-        ),
-        "l1",
-    ],
-)
+@pytest.mark.parametrize("sparsity", ["jumprelu", "l1"])
 def test_planted_features_are_recovered_with_their_snapshots(planted, sparsity):
     result = fit(planted.activations, replace(SMALL, sparsity=sparsity))
     recovery = planted_recovery(planted, result.model.decoder_weight)
@@ -59,9 +48,39 @@ def test_the_untrained_crosscoder_does_not_start_on_the_planted_directions(plant
     assert (planted.first_snapshot > 0).any() and (planted.last_snapshot < 3).any()
 
 
+@pytest.mark.parametrize("sparsity", ["jumprelu", "l1"])
+def test_resampled_dead_features_fire_on_the_worst_reconstructed_tokens(planted, sparsity):
+    model = fit(planted.activations, replace(SMALL, sparsity=sparsity, n_steps=200)).model.train()
+    optimizer = make_optimizer(model)
+    batch = planted.activations[:512]
+    model(batch).reconstruction.square().sum().backward()
+    optimizer.step()  # Adam's moments now exist for every weight
+    dead = torch.zeros(model.n_features, dtype=torch.bool)
+    dead[:5] = True
+    with torch.no_grad():  # silence five features: they fire on no token
+        model.encoder_weight[dead] = 0.0
+        model.encoder_bias[dead] = -1.0
+    assert not model.feature_activations(batch)[:, dead].any()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        errors = (model.normalise(batch) - model(batch).reconstruction).square().sum((1, 2))
+
+    assert resample_dead(model, optimizer, batch, dead, torch.Generator().manual_seed(0)) == 5
+    fires = model.feature_activations(batch)[:, dead] > 0
+    assert fires.any(0).all()  # each new feature fires on some token of the batch it was drawn from
+    # Its tokens include one the crosscoder reconstructed badly: above the batch's median error.
+    assert all(errors[fires[:, index]].max() > errors.median() for index in range(5))
+    after = model.state_dict()
+    assert all(torch.equal(before[name][~dead], after[name][~dead]) for name in ("encoder_weight", "decoder_weight"))
+    for parameter in (model.encoder_weight, model.decoder_weight):
+        state = optimizer.state[parameter]
+        assert state["exp_avg"][dead].abs().sum() == 0 and state["exp_avg"][~dead].abs().sum() > 0
+
+
 @pytest.mark.parametrize("sparse_step_max_density", [0.0, 1.0], ids=["dense", "sparse"])
 def test_same_seed_same_weights_other_seed_other_weights(planted, sparse_step_max_density):
-    config = replace(SMALL, n_steps=60, sparse_step_max_density=sparse_step_max_density)
+    # Resampling every 20 steps: its token draw is seeded too.
+    config = replace(SMALL, n_steps=60, sparse_step_max_density=sparse_step_max_density, resample_dead_every=20)
     first = fit(planted.activations, config).model.state_dict()
     second = fit(planted.activations, config).model.state_dict()
     other = fit(planted.activations, replace(config, seed=1)).model.state_dict()

@@ -16,7 +16,9 @@ from crosscoder import CrossCoderConfig, fit
 from crosscoder.synthetic import planted_features
 
 # checkpoint_dir is set per run.
-CONFIG = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=120, log_every=20, device="cpu", k=8)
+CONFIG = CrossCoderConfig(
+    expansion_ratio=4, batch_size=256, n_steps=120, log_every=20, device="cpu", k=8, resample_dead_every=None
+)
 CHECKPOINT_EVERY = 30
 
 

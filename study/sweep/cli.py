@@ -129,7 +129,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m study.sweep",
         description=__doc__.split("\n\n")[0],
-        epilog=f"shipped axes: {', '.join(available_axes())}",
+        epilog=f"shipped axes: {', '.join(available_axes())}. For sparsity=topk or batchtopk, choose k near the "
+        "data's own L0 (an l1 trial's, e.g. --set k=8): far above it features split into partial copies at a high EV.",
     )
     parser.add_argument("axis", help="a shipped axis (see below) or a path to your own YAML file")
     parser.add_argument(

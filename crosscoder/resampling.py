@@ -1,0 +1,66 @@
+"""Dead features re-aimed at what the crosscoder misses (Bricken et al. 2023's resampling, per snapshot).
+
+A feature that stops firing early gets no gradient again, so a rare feature of the data that no live
+feature covered by then is never learned: on the hard planted set, JumpReLU's misses were such
+features (firing on about 1 % of tokens, present at only some snapshots). Resampling gives each dead
+feature the reconstruction error of a token the crosscoder explains worst, drawn with probability
+proportional to the squared error: its decoder takes that error's profile over snapshots (so a
+feature the data holds at some snapshots only starts out that way), its encoder the same direction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crosscoder.model import CrossCoder
+
+ENCODER_SCALE = 0.2
+"""New encoder rows are this fraction of the mean live encoder row's norm, so a new feature joins
+without taking over the reconstruction of the tokens it was aimed at."""
+
+
+@torch.no_grad()
+def resample_dead(
+    model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.Tensor, dead: torch.Tensor, generator: torch.Generator
+) -> int:
+    """Re-initialise the ``dead`` features [F] bool from ``batch`` [B, S, d]; returns how many were.
+
+    Adam's moments of every re-initialised row are cleared, so the new weights start their own."""
+    dead_features = dead.nonzero().flatten()
+    live = ~dead
+    if len(dead_features) == 0 or not live.any():
+        return 0
+    normalised = model.normalise(batch)
+    error = normalised - model(batch).reconstruction.float()  # [B, S, d]
+    loss = error.square().sum((1, 2))
+    count = min(len(dead_features), int((loss > 0).sum()))
+    if count == 0:
+        return 0
+    dead_features = dead_features[:count]
+    tokens = torch.multinomial(loss.square().cpu(), count, replacement=False, generator=generator).to(batch.device)
+    chosen = error[tokens]  # [n, S, d]
+
+    decoder_size = model.decoder_weight[live].norm(dim=-1).amax(-1).mean()
+    snapshot_norms = chosen.norm(dim=-1, keepdim=True)  # [n, S, 1]
+    model.decoder_weight[dead_features] = chosen / snapshot_norms.amax(1, keepdim=True) * decoder_size
+    direction = chosen.flatten(1) / chosen.flatten(1).norm(dim=-1, keepdim=True)
+    encoder_size = model.encoder_weight[live].norm(dim=-1).mean()
+    model.encoder_weight[dead_features] = direction * (ENCODER_SCALE * encoder_size)
+    model.encoder_bias[dead_features] = 0.0
+    if model.log_threshold is not None:
+        # Fire on the chosen token at the snapshot it is strongest: gate half its gated pre-activation there.
+        pre = (normalised[tokens].flatten(1) * model.encoder_weight[dead_features]).sum(-1)
+        gated = pre * model.decoder_weight[dead_features].norm(dim=-1).amax(-1)
+        model.log_threshold[dead_features] = (gated.clamp_min(1e-6) / 2).log()
+
+    for parameter, rows in (
+        (model.encoder_weight, dead_features),
+        (model.encoder_bias, dead_features),
+        (model.decoder_weight, dead_features),
+        (model.log_threshold, dead_features),
+    ):
+        state = optimizer.state.get(parameter) if parameter is not None else None
+        if state:
+            state["exp_avg"][rows] = 0.0
+            state["exp_avg_sq"][rows] = 0.0
+    return count
