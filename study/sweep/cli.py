@@ -108,7 +108,9 @@ def run(
     check_artifact_location(plan.experiment, artifacts)
 
     search_tags = {"search": search, "scheduler": scheduler, "search_metric": f"{metric} ({mode})"}
-    context = prepare_sweep(plan, cache_dir, search_tags, artifacts)
+    context = prepare_sweep(
+        plan, cache_dir, search_tags, artifacts, judged_while_training=options.judged_while_training
+    )
     table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
     report_folder = experiment_path(options, plan.sweep_name) / "report"
     failed, verdicts, report_ok = summarise(context.parent_run_id, table, report_folder)

@@ -87,6 +87,11 @@ class RunOptions(NamedTuple):
     scheduler: str = "fifo"
     """fifo runs every trial to the end; asha stops trials that trail on ``metric`` at a checkpoint."""
 
+    @property
+    def judged_while_training(self) -> bool:
+        """Whether a searcher or scheduler reads ``metric`` at every checkpoint (not so for grid and fifo)."""
+        return self.search != "grid" or self.scheduler != "fifo"
+
 
 def experiment_path(options: RunOptions, sweep_name: str) -> Location:
     return Location.of(options.storage) / sweep_name
@@ -130,8 +135,9 @@ def build_tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=options.metric,
-            mode=options.mode,
+            # Without a reader, Tune would insist on the metric in every checkpoint's report.
+            metric=options.metric if options.judged_while_training else None,
+            mode=options.mode if options.judged_while_training else None,
             num_samples=options.num_samples,
             max_concurrent_trials=options.max_concurrent or None,
             search_alg=search_alg,

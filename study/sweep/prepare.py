@@ -72,11 +72,16 @@ def log_model_curves(parent_run_id: str, curve_sets: list[tuple[Trajectory, str]
 
 
 def prepare_sweep(
-    plan: SweepPlan, cache_dir: str | None, search_tags: dict[str, str], artifacts: str | None = None
+    plan: SweepPlan,
+    cache_dir: str | None,
+    search_tags: dict[str, str],
+    artifacts: str | None = None,
+    judged_while_training: bool = True,
 ) -> SweepContext:
     """Extract every activation set (Ray Data), open the parent run (reused on resume, tagged with how
     the trials are searched: ``search_tags``; a new experiment's artifacts at ``artifacts``) and log the
-    model-level curves once."""
+    model-level curves once. ``judged_while_training``: a searcher or scheduler reads held-out metrics
+    at every checkpoint."""
     ensure_ray()
     caches = {
         key: str(ensure_activations(chosen.request, cache_dir).folder) for key, chosen in plan.activation_sets.items()
@@ -95,4 +100,6 @@ def prepare_sweep(
         name.startswith(MODEL_PREFIX) for name in MlflowClient().get_run(parent_run_id).data.metrics
     ):  # once per sweep, also on resume
         log_model_curves(parent_run_id, snapshots_for_model_curves(list(plan.activation_sets.values())), cache_dir)
-    return SweepContext(tracking_uri(), experiment_id, parent_run_id, caches, snapshots, tuple(plan.swept))
+    return SweepContext(
+        tracking_uri(), experiment_id, parent_run_id, caches, snapshots, tuple(plan.swept), judged_while_training
+    )

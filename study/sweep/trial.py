@@ -66,6 +66,9 @@ class SweepContext(NamedTuple):
     """Activation set -> the snapshots its crosscoder spans."""
     swept: tuple[str, ...] = ()
     """The keys that vary across trials: a trial's run is named by its values of them."""
+    judged_while_training: bool = True
+    """Whether a searcher or scheduler reads PROGRESS_METRICS at every checkpoint; when not (grid search,
+    fifo), checkpoints carry their step alone and the trial skips those held-out evaluations."""
 
 
 def run_name(config: dict, swept: tuple[str, ...]) -> str | None:
@@ -143,11 +146,13 @@ def train_and_measure(
     snapshots: list[Snapshot],
     checkpoint_dir: Path,
     on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None,
+    measure_progress: bool = True,
 ) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
     statistic on the held-out ones. ``on_checkpoint`` gets each checkpoint with the crosscoder's
-    PROGRESS_METRICS on the held-out shards at that point. Knows nothing of Tune or MLflow (``bench/``
-    times it bare)."""
+    PROGRESS_METRICS on the held-out shards at that point (nothing with ``measure_progress`` False: an
+    evaluation per checkpoint is about 6 % of a large trial). Knows nothing of Tune or MLflow
+    (``bench/`` times it bare)."""
     cache = ActivationCache(cache_folder)
     layer, held_out_count = trial.layer, trial.held_out_shards
     if held_out_count >= cache.n_shards:
@@ -161,6 +166,9 @@ def train_and_measure(
     )
 
     def measured_checkpoint(path: Path, model: CrossCoder) -> None:
+        if not measure_progress:
+            on_checkpoint(path, {})
+            return
         metrics = evaluate(model, held_out)
         on_checkpoint(path, {name: getattr(metrics, name) for name in PROGRESS_METRICS})
 
@@ -291,7 +299,12 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
                 mlflow.set_tag("resumed_from_step", str(resumed_from))
             key = activation_set(config)
             outcome = train_and_measure(
-                trial, sweep.caches[key], sweep.snapshots[key], checkpoints, on_checkpoint=report_checkpoint
+                trial,
+                sweep.caches[key],
+                sweep.snapshots[key],
+                checkpoints,
+                on_checkpoint=report_checkpoint,
+                measure_progress=sweep.judged_while_training,
             )
             log_outcome(outcome)
         except Exception as error:
