@@ -53,14 +53,9 @@ def resample_dead(
         gated = pre * model.decoder_weight[dead_features].norm(dim=-1).amax(-1)
         model.log_threshold[dead_features] = (gated.clamp_min(1e-6) / 2).log()
 
-    for parameter, rows in (
-        (model.encoder_weight, dead_features),
-        (model.encoder_bias, dead_features),
-        (model.decoder_weight, dead_features),
-        (model.log_threshold, dead_features),
-    ):
+    for parameter in (model.encoder_weight, model.encoder_bias, model.decoder_weight, model.log_threshold):
         state = optimizer.state.get(parameter) if parameter is not None else None
         if state:
-            state["exp_avg"][rows] = 0.0
-            state["exp_avg_sq"][rows] = 0.0
+            state["exp_avg"][dead_features] = 0.0
+            state["exp_avg_sq"][dead_features] = 0.0
     return count
