@@ -96,6 +96,23 @@ def sum_over_ranks(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     return SumOverRanks.apply(tensor, group)
 
 
+def whole_reconstruction(model: CrossCoder, reconstruction: torch.Tensor) -> torch.Tensor:
+    """The whole crosscoder's reconstruction from a shard's own (which carries the replicated decoder
+    bias once); unchanged for a crosscoder that is not split."""
+    if model.process_group is None:
+        return reconstruction
+    return sum_over_ranks(reconstruction - model.decoder_bias, model.process_group) + model.decoder_bias
+
+
+def all_counts(count: int, group: dist.ProcessGroup | None) -> list[int]:
+    """``count`` of every rank, in rank order (``[count]`` without a group)."""
+    if group is None:
+        return [count]
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([count]), group=group)
+    return [int(value) for value in counts]
+
+
 def total(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """A detached value summed over ranks (a penalty, a count); unchanged without a group."""
     if group is None:

@@ -23,7 +23,7 @@ from crosscoder.data import Activations, array_batches, as_tensor, iterable_batc
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
 from crosscoder.resampling import resample_dead
-from crosscoder.sharded import gather_model, shard_of, sum_over_ranks, total
+from crosscoder.sharded import gather_model, shard_of, total, whole_reconstruction
 
 # step<N>.safetensors, or step<N>.rank<R>.safetensors for one shard of a crosscoder split over ranks.
 CHECKPOINT_NAME = re.compile(r"^step(\d+)(?:\.rank(\d+))?\.safetensors$")
@@ -214,10 +214,7 @@ def training_step(model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.T
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
     with autocast:
         output = model(batch)
-        reconstruction = output.reconstruction.float()
-        if model.process_group is not None:
-            features_part = reconstruction - model.decoder_bias  # the bias is replicated: added once
-            reconstruction = sum_over_ranks(features_part, model.process_group) + model.decoder_bias
+        reconstruction = whole_reconstruction(model, output.reconstruction.float())
         mse = (reconstruction - model.normalise(batch)).square().sum(-1).mean() / model.d_model
         # Each rank's penalty is over its own features; their sum is the whole crosscoder's.
         local_loss = mse + coefficient * output.sparsity_penalty.float()
@@ -271,8 +268,6 @@ def train(
 
     if process_group is not None and config.grad_clip_norm is not None:
         raise InputError("grad_clip_norm is not supported for a crosscoder split over ranks; set it to None")
-    if process_group is not None and config.resample_dead_every is not None:
-        raise InputError("resample_dead_every is not supported for a crosscoder split over ranks; set it to None")
 
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(sample, torch.Generator().manual_seed(config.seed))
