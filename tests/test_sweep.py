@@ -19,8 +19,10 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from safetensors import safe_open
 
 from study.errors import run_cli
 from study.lm.trajectory import resolve_trajectory
@@ -334,6 +336,46 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
     assert table_rows and all("FAILED" in row for row in table_rows)
 
 
+def test_a_trial_split_over_two_workers_trains_the_same_crosscoder(
+    finished_sweep, tiny_trajectory_folder, tmp_path, monkeypatch
+):
+    """--workers-per-trial 2: two Ray Train workers (gloo) each hold half the features of the trial's
+    crosscoder; the trial logs one MLflow run whose crosscoder is the one-process trial's of the same seed."""
+    arguments = sweep_arguments(
+        tiny_trajectory_folder,
+        tmp_path,
+        "--experiment",
+        "er-workers",
+        "--set",
+        "expansion_ratio=4",
+        "--workers-per-trial",
+        "2",
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{finished_sweep.store}")  # beside the one-process sweep
+    assert main(arguments) == 0
+    client = MlflowClient(f"sqlite:///{finished_sweep.store}")
+    split = children(runs(finished_sweep.store, "er-workers"))
+    assert len(split) == 1 and split["status"].iloc[0] == "FINISHED"
+    assert {"transition_found", "initial_share", "explained_variance"} <= set(
+        client.get_run(split["run_id"].iloc[0]).data.metrics
+    )
+    single = children(runs(finished_sweep.store, "er"))
+    single = single[single["params.expansion_ratio"].astype(float) == 4.0]
+    weights = {}
+    for name, frame in (("split", split), ("single", single)):
+        path = client.download_artifacts(frame["run_id"].iloc[0], "crosscoder.safetensors", str(tmp_path / name))
+        with safe_open(path, framework="pt") as handle:
+            weights[name] = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert weights["split"].keys() == weights["single"].keys()
+    for key, value in weights["single"].items():
+        # Two ranks sum their halves of each reconstruction: float32 reduction order, no more.
+        torch.testing.assert_close(weights["split"][key], value, atol=1e-5, rtol=1e-4, msg=key)
+    # Each worker kept its own half of every sharded checkpoint in the sweep's storage.
+    shard_files = sorted((tmp_path / "sweeps" / "er-workers-expansion_ratio" / "workers").rglob("step*.rank*"))
+    sizes = {path.name.split(".")[1]: path.stat().st_size for path in shard_files}
+    assert set(sizes) == {"rank0", "rank1"} and 0.9 < sizes["rank0"] / sizes["rank1"] < 1.1
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -361,6 +403,27 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
         (["seed", "--revisions", "step0,step16"], "revisions name hub commits, but trajectory"),
         (["seed", "--search", "optuna", "--num-samples", "0"], "--num-samples must be >= 1"),
         (["./no/such/axis.yaml"], "axis file ./no/such/axis.yaml does not exist"),
+        (["seed", "--workers-per-trial", "0"], "--workers-per-trial must be >= 1"),
+        (
+            [
+                "seed",
+                "--set",
+                "n_snapshots=4",
+                "--set",
+                "sparsity=topk",
+                "--set",
+                "k=16",
+                "--set",
+                "expansion_ratio=1",
+                "--workers-per-trial",
+                "4",
+            ],
+            "k = 16 is more than the 8 features each of 4 workers holds; lower k or --workers-per-trial",
+        ),
+        (
+            ["seed", "--workers-per-trial", "2", "--scheduler", "asha"],
+            "--scheduler asha cannot stop a trial split over workers",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(

@@ -62,6 +62,16 @@ def check_options(options: RunOptions) -> None:
     """The Tune options, before anything runs."""
     if options.num_samples < 1 or options.gpus_per_trial < 0 or options.max_concurrent < 0:
         raise StudyInputError("--num-samples must be >= 1, --gpus-per-trial >= 0 and --max-concurrent >= 0")
+    if options.workers_per_trial < 1:
+        raise StudyInputError("--workers-per-trial must be >= 1")
+    if options.workers_per_trial > 1 and options.gpus_per_trial not in (0, 1):
+        raise StudyInputError(
+            "with --workers-per-trial each worker takes one whole GPU: set --gpus-per-trial 1 (or 0 for one CPU each)"
+        )
+    if options.workers_per_trial > 1 and options.scheduler == "asha":
+        raise StudyInputError(
+            "--scheduler asha cannot stop a trial split over workers; use fifo or --workers-per-trial 1"
+        )
     for name, value, allowed in (
         ("search", options.search, SEARCHES),
         ("scheduler", options.scheduler, SCHEDULERS),
@@ -88,15 +98,18 @@ def run(
     resume: bool = False,
     cache_dir: str | None = None,
     artifacts: str | None = None,
+    workers_per_trial: int = 1,
     dry_run: bool = False,
 ) -> SweepResult:
     """Run a sweep from Python, e.g. ``run("seed", {"n_steps": 300}, experiment="mine")``: the same as
     ``python -m study.sweep``, with the overrides as ``--set``. Bad input raises ``StudyInputError``
     before Ray starts or anything is written."""
-    options = RunOptions(search, num_samples, gpus_per_trial, max_concurrent, storage, resume, metric, mode, scheduler)
+    options = RunOptions(
+        search, num_samples, gpus_per_trial, max_concurrent, storage, resume, metric, mode, scheduler, workers_per_trial
+    )
     check_options(options)
     check_store(tracking_uri())
-    plan = plan_sweep(axis, as_overrides(overrides), experiment, cache_dir)
+    plan = plan_sweep(axis, as_overrides(overrides), experiment, cache_dir, workers_per_trial)
     headline, *details = describe(plan, num_samples).splitlines()
     print(headline)
     if dry_run:
@@ -161,6 +174,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, default="max")
     parser.add_argument("--num-samples", type=int, default=1, help="repeats of the grid, or Optuna trials")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="fraction of a GPU per trial (0 on CPU)")
+    parser.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=1,
+        help="split each trial's crosscoder by features over N Ray Train workers (one GPU each with "
+        "--gpus-per-trial 1, else one CPU each): for dictionaries larger than one device holds",
+    )
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as many as resources allow)")
     parser.add_argument("--experiment", help="MLflow experiment (default crosscoder-AXIS)")
     parser.add_argument("--resume", action="store_true", help="require an earlier run of this sweep to continue")
@@ -211,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         cache_dir=args.cache_dir,
         artifacts=args.artifacts,
+        workers_per_trial=args.workers_per_trial,
         dry_run=args.dry_run,
     )
     failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())

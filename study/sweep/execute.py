@@ -8,16 +8,20 @@ import os
 from typing import NamedTuple
 
 import pandas as pd
+import ray
 from ray import tune
 
 from study.errors import StudyInputError
 from study.storage import Location
 from study.sweep.search_space import to_tune
 from study.sweep.trial import CHECKPOINTS_PER_TRIAL, SweepContext, run_trial
+from study.sweep.workers import WorkerPlan
 from study.tracking import close_stopped_run
 
 MAX_FAILURES = 2
 """Restarts of a trial (node lost, worker killed) before it counts as failed."""
+DRIVER_MEMORY = 256 * 1024**2
+"""Bytes a trial asks for when its crosscoder is trained by Ray Train workers (it holds no CPU)."""
 COST_KEYS = ("expansion_ratio", "n_snapshots", "n_steps", "batch_size", "n_tokens")
 """Keys whose larger values make a trial slower."""
 TABLE_METRICS = ("explained_variance", "l0", "dead_fraction")
@@ -86,6 +90,8 @@ class RunOptions(NamedTuple):
     """max or min of ``metric``."""
     scheduler: str = "fifo"
     """fifo runs every trial to the end; asha stops trials that trail on ``metric`` at a checkpoint."""
+    workers_per_trial: int = 1
+    """Ray Train workers that share each trial's crosscoder (split by features); 1 trains it in the trial."""
 
     @property
     def judged_while_training(self) -> bool:
@@ -109,10 +115,19 @@ def build_tuner(
     space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: RunOptions
 ) -> tune.Tuner:
     """A new Tuner over the search space, or the sweep's earlier one restored from the storage."""
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=context), {"cpu": 1, "gpu": options.gpus_per_trial}
-    )
     path = experiment_path(options, sweep_name)
+    resources = {"cpu": 1, "gpu": options.gpus_per_trial}
+    max_concurrent = options.max_concurrent or None
+    if options.workers_per_trial > 1:
+        use_gpu = options.gpus_per_trial > 0
+        context = context._replace(workers=WorkerPlan(options.workers_per_trial, use_gpu, (path / "workers").uri))
+        # The trial only drives its workers, which hold the CPUs or GPUs; it asks for memory alone (it
+        # loads the assembled crosscoder to measure it), as Tune refuses a request for nothing. Without
+        # a cap Tune would start every trial at once and their trainers would queue for workers.
+        resources = {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY}
+        units = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
+        max_concurrent = max_concurrent or max(1, units // options.workers_per_trial)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context), resources)
     if tune.Tuner.can_restore(path.uri):
         print(f"continuing {sweep_name} from {path}")
         return tune.Tuner.restore(path.uri, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -139,7 +154,7 @@ def build_tuner(
             metric=options.metric if options.judged_while_training else None,
             mode=options.mode if options.judged_while_training else None,
             num_samples=options.num_samples,
-            max_concurrent_trials=options.max_concurrent or None,
+            max_concurrent_trials=max_concurrent,
             search_alg=search_alg,
             scheduler=scheduler,
             # A trial's process imports torch, transformers, MLflow and Ray (about 8 s on 2 cores) and

@@ -152,18 +152,28 @@ def resolve(point: dict, cache_dir: str | None, resolved: dict[tuple, Resolved])
     return trajectory
 
 
-def check_dictionary(config: TrialConfig, d_model: int) -> None:
-    """TopK and BatchTopK keep k of n_features: k must be smaller, at the model's width."""
+def check_dictionary(config: TrialConfig, d_model: int, workers_per_trial: int = 1) -> None:
+    """TopK and BatchTopK keep k of n_features: k must be smaller, at the model's width, and (as each
+    worker offers its own best k) no more than the features one worker holds."""
     crosscoder = config.crosscoder
+    if crosscoder.sparsity not in ("topk", "batchtopk"):
+        return
     n_features = crosscoder.n_features(d_model)
-    if crosscoder.sparsity in ("topk", "batchtopk") and crosscoder.k >= n_features:
+    if crosscoder.k >= n_features:
         raise StudyInputError(
             f"k = {crosscoder.k} is not below n_features = {n_features} (expansion_ratio {crosscoder.expansion_ratio} "
             f"x d_model {d_model}) for {crosscoder.sparsity}; lower k or raise expansion_ratio"
         )
+    if crosscoder.k > n_features // workers_per_trial:
+        raise StudyInputError(
+            f"k = {crosscoder.k} is more than the {n_features // workers_per_trial} features each of "
+            f"{workers_per_trial} workers holds; lower k or --workers-per-trial"
+        )
 
 
-def plan_sweep(axis: str, overrides: list[str], experiment: str | None, cache_dir: str | None) -> SweepPlan:
+def plan_sweep(
+    axis: str, overrides: list[str], experiment: str | None, cache_dir: str | None, workers_per_trial: int = 1
+) -> SweepPlan:
     """Everything that can be wrong is checked here, before anything is written to the MLflow store."""
     space = load_space(axis, overrides)
     trials = grid_points(space)
@@ -177,7 +187,7 @@ def plan_sweep(axis: str, overrides: list[str], experiment: str | None, cache_di
         trajectory = resolve(point, cache_dir, resolved)
         activation_sets[activation_set(point)] = ActivationSet(point, trajectory, activation_request(point, trajectory))
     for point, config in configs:
-        check_dictionary(config, resolved[trajectory_spec(point)].d_model)
+        check_dictionary(config, resolved[trajectory_spec(point)].d_model, workers_per_trial)
     name = axis_name(axis)
     experiment = experiment or f"crosscoder-{name}"
     return SweepPlan(

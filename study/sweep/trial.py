@@ -44,6 +44,7 @@ from study.record import (  # noqa: E402
 )
 from study.sweep.search_space import activation_set  # noqa: E402
 from study.sweep.trial_config import TrialConfig  # noqa: E402
+from study.sweep.workers import TrainingData, WorkerPlan, train_on_workers  # noqa: E402
 from study.tracking import child_run  # noqa: E402
 
 SPLICED_CONTEXTS = 32
@@ -69,6 +70,8 @@ class SweepContext(NamedTuple):
     judged_while_training: bool = True
     """Whether a searcher or scheduler reads PROGRESS_METRICS at every checkpoint; when not (grid search,
     fifo), checkpoints carry their step alone and the trial skips those held-out evaluations."""
+    workers: WorkerPlan | None = None
+    """Split each trial's crosscoder over several Ray Train workers; None trains it in the trial's process."""
 
 
 def run_name(config: dict, swept: tuple[str, ...]) -> str | None:
@@ -147,12 +150,15 @@ def train_and_measure(
     checkpoint_dir: Path,
     on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None,
     measure_progress: bool = True,
+    workers: WorkerPlan | None = None,
+    run_name: str = "",
 ) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
     statistic on the held-out ones. ``on_checkpoint`` gets each checkpoint with the crosscoder's
     PROGRESS_METRICS on the held-out shards at that point (nothing with ``measure_progress`` False: an
-    evaluation per checkpoint is about 6 % of a large trial). Knows nothing of Tune or MLflow
-    (``bench/`` times it bare)."""
+    evaluation per checkpoint is about 6 % of a large trial). With ``workers``, the crosscoder is split
+    over that many Ray Train workers (Ray Train run ``run_name``; they report to Tune themselves).
+    Otherwise knows nothing of Tune or MLflow (``bench/`` times it bare)."""
     cache = ActivationCache(cache_folder)
     layer, held_out_count = trial.layer, trial.held_out_shards
     if held_out_count >= cache.n_shards:
@@ -161,23 +167,30 @@ def train_and_measure(
         )
     first_held_out = cache.n_shards - held_out_count
     held_out = torch.cat([cache.shard(layer, index) for index in range(first_held_out, cache.n_shards)]).float()
-    batches = cache.batches(
-        layer, trial.crosscoder.batch_size, trial.crosscoder.seed, shards=list(range(first_held_out))
-    )
+    config = crosscoder_config(trial, checkpoint_dir)
 
-    def measured_checkpoint(path: Path, model: CrossCoder) -> None:
-        if not measure_progress:
-            on_checkpoint(path, {})
-            return
-        metrics = evaluate(model, held_out)
-        on_checkpoint(path, {name: getattr(metrics, name) for name in PROGRESS_METRICS})
+    if workers is not None:
+        data = TrainingData(
+            cache_folder, layer, list(range(first_held_out)), list(range(first_held_out, cache.n_shards))
+        )
+        result = train_on_workers(config, data, workers, run_name, measure_progress)
+        result = result._replace(metrics=evaluate(result.model, held_out))
+    else:
 
-    result = fit(
-        batches,
-        crosscoder_config(trial, checkpoint_dir),
-        eval_activations=held_out,
-        on_checkpoint=measured_checkpoint if on_checkpoint is not None else None,
-    )
+        def measured_checkpoint(path: Path, model: CrossCoder) -> None:
+            if not measure_progress:
+                on_checkpoint(path, {})
+                return
+            metrics = evaluate(model, held_out)
+            on_checkpoint(path, {name: getattr(metrics, name) for name in PROGRESS_METRICS})
+
+        batches = cache.batches(layer, config.batch_size, config.seed, shards=list(range(first_held_out)))
+        result = fit(
+            batches,
+            config,
+            eval_activations=held_out,
+            on_checkpoint=measured_checkpoint if on_checkpoint is not None else None,
+        )
 
     model = result.model.eval()
     device = model.decoder_weight.device
@@ -305,6 +318,8 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
                 checkpoints,
                 on_checkpoint=report_checkpoint,
                 measure_progress=sweep.judged_while_training,
+                workers=sweep.workers,
+                run_name=context.get_trial_id(),
             )
             log_outcome(outcome)
         except Exception as error:
