@@ -6,7 +6,9 @@ same files, measured in one run on this machine.
 CACHE_FOLDER is one cache (``<cache>/activations/<key>``, the folder holding ``manifest.json``).
 Reads every shard of its first layer three ways: ``np.load`` on the paths (no checksum), the
 cache reader on the local path (pyarrow's local filesystem, SHA-256 of every file), and the
-reader on a URI (``file://`` of the same folder by default, or ``--uri``, e.g. an ``s3://`` copy).
+reader on a URI (``file://`` of the same folder by default, or ``--uri``, e.g. an ``s3://`` copy),
+and the reader on that URI with a node-local stage (``--local-cache``): its first pass, which fills
+the stage, and a later pass, which reads the staged copies.
 Then what a request for the complete cache costs (``ActivationCache.incomplete_units``, the check
 ``ensure_activations`` makes before returning it): its time against one full read, and how many
 bytes of file bodies it reads (every ``Location.read_bytes`` call counted).
@@ -15,6 +17,7 @@ bytes of file bodies it reads (every ``Location.read_bytes`` call counted).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +52,12 @@ def main() -> None:
             rows += len(columns[0])
         return rows
 
-    def through(spec: str) -> Callable[[], int]:
-        return lambda: sum(len(ActivationCache(spec).shard(layer, index)) for index in range(cache.n_shards))
+    def through(spec: str, stage: Path | None = None) -> Callable[[], int]:
+        def read() -> int:  # one reader per pass, as a trial opens its cache once
+            reader = ActivationCache(spec, stage=stage)
+            return sum(len(reader.shard(layer, index)) for index in range(cache.n_shards))
+
+        return read
 
     print(
         f"{cache.n_tokens} rows x {len(cache.steps)} snapshots x d_model {cache.d_model}, layer {layer}, {cache.n_shards} shards"
@@ -62,6 +69,16 @@ def main() -> None:
         speeds[name], rows = rows_per_second(through(spec))
         assert rows == cache.n_tokens
         print(f"{name:<28} {speeds[name]:12,.0f} rows/s = {speeds[name] / baseline:.2f} x bare")
+    uri = args.uri or f"file://{folder}"
+    with tempfile.TemporaryDirectory() as stage:
+        started = time.perf_counter()
+        filled = through(uri, Path(stage))()
+        fill_speed = filled / (time.perf_counter() - started)
+        staged_speed, _ = rows_per_second(through(uri, Path(stage)))
+    for name, speed in (("reader, URI, filling stage", fill_speed), ("reader, URI, staged", staged_speed)):
+        print(
+            f"{name:<28} {speed:12,.0f} rows/s = {speed / baseline:.2f} x bare = {speed / speeds['reader, URI']:.2f} x URI"
+        )
 
     body_bytes = 0
     read_bytes = Location.read_bytes

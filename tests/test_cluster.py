@@ -52,6 +52,8 @@ def test_sweep_survives_a_lost_node_with_cache_and_storage_on_s3(tiny_trajectory
         storage,
         "--artifacts",
         artifacts,
+        "--local-cache",
+        str(tmp_path / "node-stage"),
     ]
     # The S3 endpoint and its credentials come from the environment (conftest), as a user's would.
     environment = dict(
@@ -93,6 +95,8 @@ def test_sweep_survives_a_lost_node_with_cache_and_storage_on_s3(tiny_trajectory
     assert any("checkpoint_" in name for name in names)
     assert (sweep / "report" / "report.html").is_file()
     assert not (tmp_path / "local-cache" / "activations").exists()
+    # Trials read the bucket's shards once into the nodes' stage (one folder: the nodes share this disk).
+    assert len(list((tmp_path / "node-stage").rglob("shard*.npy"))) >= 3
     # MLflow's artifacts too: each trial's crosscoder, read back by the stability tasks and the report.
     assert trials["artifact_uri"].str.startswith(artifacts).all()
     for uri in trials["artifact_uri"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,13 +42,21 @@ def stored_digest(location: Location) -> str | None:
 
 
 class ActivationCache:
-    """A complete cache (one with a manifest) written by ``ensure_activations``, at a local path or URI."""
+    """A complete cache (one with a manifest) written by ``ensure_activations``, at a local path or URI.
 
-    def __init__(self, folder: str | Path | Location):
+    With ``stage``, a local folder (``--local-cache``), every file read is also kept there, under the
+    cache's key and build, and later reads on this node take that copy: a shared folder or object
+    store is read once per node, not once per trial and epoch. Staged copies are checked against the
+    manifest like any read; a bad one is fetched again.
+    """
+
+    def __init__(self, folder: str | Path | Location, stage: str | Path | None = None):
         self.folder = folder if isinstance(folder, Location) else Location.of(folder)
         self.manifest = json.loads((self.folder / MANIFEST).read_text())
         # Caches from before builds had their own folder keep their files beside the manifest.
         self.files = self.folder / self.manifest["build"] if "build" in self.manifest else self.folder
+        # A rebuilt cache has a new build folder, so a stage never serves files of an older build.
+        self.staged = Path(stage) / self.folder.name / self.files.name if stage is not None else None
 
     @property
     def steps(self) -> list[int]:
@@ -82,6 +91,10 @@ class ActivationCache:
         return self._read_verified("positions.npy", self.manifest["token_files"]["positions.npy"])
 
     def _read_verified(self, relative: str, digest: str) -> np.ndarray:
+        if self.staged is not None and (copy := self.staged / relative).is_file():
+            data = copy.read_bytes()
+            if hashlib.sha256(data).hexdigest() == digest:
+                return np.load(io.BytesIO(data))
         location = self.files / relative
         try:
             data = location.read_bytes()
@@ -92,6 +105,13 @@ class ActivationCache:
                 f"{location} is missing or does not match its checksum; delete it and run again: the extraction "
                 "rebuilds missing shards"
             )
+        if self.staged is not None:
+            # Written aside and renamed, so a trial on the same node never reads a half-written copy.
+            copy = self.staged / relative
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            partial = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
+            partial.write_bytes(data)
+            os.replace(partial, copy)
         return np.load(io.BytesIO(data))
 
     def shard(self, layer: int, index: int, snapshots: list[int] | None = None) -> torch.Tensor:

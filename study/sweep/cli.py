@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
@@ -99,6 +100,7 @@ def run(
     cache_dir: str | None = None,
     artifacts: str | None = None,
     workers_per_trial: int = 1,
+    local_cache: str | None = None,
     dry_run: bool = False,
 ) -> SweepResult:
     """Run a sweep from Python, e.g. ``run("seed", {"n_steps": 300}, experiment="mine")``: the same as
@@ -108,6 +110,8 @@ def run(
         search, num_samples, gpus_per_trial, max_concurrent, storage, resume, metric, mode, scheduler, workers_per_trial
     )
     check_options(options)
+    if local_cache is not None and "://" in local_cache:
+        raise StudyInputError(f"--local-cache {local_cache} is a URI; give a folder on each node's own disk")
     check_store(tracking_uri())
     plan = plan_sweep(axis, as_overrides(overrides), experiment, cache_dir, workers_per_trial)
     headline, *details = describe(plan, num_samples).splitlines()
@@ -122,7 +126,12 @@ def run(
 
     search_tags = {"search": search, "scheduler": scheduler, "search_metric": f"{metric} ({mode})"}
     context = prepare_sweep(
-        plan, cache_dir, search_tags, artifacts, judged_while_training=options.judged_while_training
+        plan,
+        cache_dir,
+        search_tags,
+        artifacts,
+        judged_while_training=options.judged_while_training,
+        local_cache=None if local_cache is None else str(Path(local_cache).resolve()),
     )
     table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
     report_folder = experiment_path(options, plan.sweep_name) / "report"
@@ -190,6 +199,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="cache of trajectories and activations (a URI such as s3://bucket/cache holds the activations only)",
     )
     parser.add_argument(
+        "--local-cache",
+        metavar="DIR",
+        help="a folder on each node's own disk where trials keep copies of the activation files they read, "
+        "so a shared folder or object store is read once per node",
+    )
+    parser.add_argument(
         "--storage",
         default="sweeps",
         help="Tune's experiment state and the report: a folder every node sees, or a URI such as s3://bucket/sweeps (default ./sweeps)",
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         artifacts=args.artifacts,
         workers_per_trial=args.workers_per_trial,
+        local_cache=args.local_cache,
         dry_run=args.dry_run,
     )
     failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())

@@ -77,11 +77,13 @@ def prepare_sweep(
     search_tags: dict[str, str],
     artifacts: str | None = None,
     judged_while_training: bool = True,
+    local_cache: str | None = None,
 ) -> SweepContext:
     """Extract every activation set (Ray Data), open the parent run (reused on resume, tagged with how
     the trials are searched: ``search_tags``; a new experiment's artifacts at ``artifacts``) and log the
     model-level curves once. ``judged_while_training``: a searcher or scheduler reads held-out metrics
-    at every checkpoint."""
+    at every checkpoint. ``local_cache``: a folder on each node where trials keep copies of the shards
+    they read."""
     ensure_ray()
     caches = {
         key: str(ensure_activations(chosen.request, cache_dir).folder) for key, chosen in plan.activation_sets.items()
@@ -101,5 +103,12 @@ def prepare_sweep(
     ):  # once per sweep, also on resume
         log_model_curves(parent_run_id, snapshots_for_model_curves(list(plan.activation_sets.values())), cache_dir)
     return SweepContext(
-        tracking_uri(), experiment_id, parent_run_id, caches, snapshots, tuple(plan.swept), judged_while_training
+        tracking_uri(),
+        experiment_id,
+        parent_run_id,
+        caches,
+        snapshots,
+        tuple(plan.swept),
+        judged_while_training,
+        local_cache=local_cache,
     )

@@ -72,6 +72,8 @@ class SweepContext(NamedTuple):
     fifo), checkpoints carry their step alone and the trial skips those held-out evaluations."""
     workers: WorkerPlan | None = None
     """Split each trial's crosscoder over several Ray Train workers; None trains it in the trial's process."""
+    local_cache: str | None = None
+    """A folder on each node where trials keep copies of the cache files they read (None: read the cache)."""
 
 
 def run_name(config: dict, swept: tuple[str, ...]) -> str | None:
@@ -152,14 +154,16 @@ def train_and_measure(
     measure_progress: bool = True,
     workers: WorkerPlan | None = None,
     run_name: str = "",
+    local_cache: str | None = None,
 ) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
     statistic on the held-out ones. ``on_checkpoint`` gets each checkpoint with the crosscoder's
     PROGRESS_METRICS on the held-out shards at that point (nothing with ``measure_progress`` False: an
     evaluation per checkpoint is about 6 % of a large trial). With ``workers``, the crosscoder is split
     over that many Ray Train workers (Ray Train run ``run_name``; they report to Tune themselves).
-    Otherwise knows nothing of Tune or MLflow (``bench/`` times it bare)."""
-    cache = ActivationCache(cache_folder)
+    Otherwise knows nothing of Tune or MLflow (``bench/`` times it bare). ``local_cache``: stage the
+    files read there (``ActivationCache``'s ``stage``)."""
+    cache = ActivationCache(cache_folder, stage=local_cache)
     layer, held_out_count = trial.layer, trial.held_out_shards
     if held_out_count >= cache.n_shards:
         raise ValueError(
@@ -171,7 +175,7 @@ def train_and_measure(
 
     if workers is not None:
         data = TrainingData(
-            cache_folder, layer, list(range(first_held_out)), list(range(first_held_out, cache.n_shards))
+            cache_folder, layer, list(range(first_held_out)), list(range(first_held_out, cache.n_shards)), local_cache
         )
         result = train_on_workers(config, data, workers, run_name, measure_progress)
         result = result._replace(metrics=evaluate(result.model, held_out))
@@ -320,6 +324,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
                 measure_progress=sweep.judged_while_training,
                 workers=sweep.workers,
                 run_name=context.get_trial_id(),
+                local_cache=sweep.local_cache,
             )
             log_outcome(outcome)
         except Exception as error:

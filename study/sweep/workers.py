@@ -52,6 +52,8 @@ class TrainingData(NamedTuple):
     """The training shards (the held-out ones excluded)."""
     held_out: list[int]
     """The held-out shards, on which progress is measured when a searcher or scheduler reads it."""
+    stage: str | None = None
+    """A folder on each node where the cache files read are kept (``--local-cache``)."""
 
 
 def restore_own_shard(checkpoint_dir: Path) -> None:
@@ -89,7 +91,7 @@ def train_worker(loop_config: dict) -> None:
     local = Path(tempfile.mkdtemp(prefix="crosscoder-shard-"))
     config = replace(CrossCoderConfig.from_dict(loop_config["crosscoder"]), checkpoint_dir=str(local / "checkpoints"))
     restore_own_shard(local / "checkpoints")
-    cache = ActivationCache(data.cache)
+    cache = ActivationCache(data.cache, stage=data.stage)
     held_out = torch.cat([cache.shard(data.layer, index) for index in data.held_out]).float() if rank == 0 else None
 
     def report(path: Path, shard: CrossCoder) -> None:
