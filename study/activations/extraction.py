@@ -13,9 +13,11 @@ s3://bucket/prefix``; see ``study.storage``). Layout under ``<cache>/activations
     <key>/<build>/layer<L>/step<N>/shard<K>.npy [rows of shard K, d_model] float16 (bfloat16 as uint16)
     <key>/<build>/units/<snapshot>-<shard>.json a finished unit's files and digests (a killed build resumes)
     <key>.lock                                  on filesystems: one builder at a time, the others reuse its result
+    <key>.lease                                 on object stores: the same, by a renewed lease (``lease.py``)
 
-Each build writes under its own folder (``build-<random>``), so that builders that cannot share
-a lock (object stores) never mix files; whichever manifest lands last wins, and both are whole.
+Each build writes under its own folder (``build-<random>``), so that should two builders ever
+run at once (a lease taken over from a builder that was only slow) they never mix files; whichever
+manifest lands last wins, and both are whole.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import os
 import socket
 import time
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,7 @@ from transformers import AutoConfig
 
 from study.activations.cache import MANIFEST, ActivationCache, dtype_of, stored_digest
 from study.activations.contexts import corpus_fingerprint, sample_contexts
+from study.activations.lease import ObjectLease
 from study.activations.residual import check_layers, residual_stream
 from study.errors import StudyInputError
 from study.lm.trajectory import (
@@ -307,13 +309,13 @@ def write_manifest(
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def build_lock(root: Location, key: str):
-    """One builder at a time where the cache is on a filesystem; object stores have no lock, and
-    two builders there each write their own build folder (the same bytes) and the same manifest."""
+def build_lock(root: Location, key: str) -> FileLock | ObjectLease:
+    """One builder at a time: a file lock where the cache is on a filesystem, a lease object beside
+    the cache's folder on an object store (``study.activations.lease``)."""
     if root.is_local:
         root.filesystem.create_dir(root.path, recursive=True)
         return FileLock(f"{root.path}/{key}.lock")
-    return nullcontext()
+    return ObjectLease(root / f"{key}.lease")
 
 
 def unfinished_build(folder: Location) -> Location:
