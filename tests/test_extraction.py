@@ -205,16 +205,18 @@ def test_layer_beyond_the_model_is_refused_before_writing(trajectory, ray_cluste
 
 
 def test_streaming_mode_yields_the_rows_the_cache_holds(trajectory, ray_cluster, tmp_path):
-    from study.activations.streaming import cache_bytes, stream_activations
+    from study.activations.streaming import StreamedActivations, cache_bytes
 
     request = small_request(trajectory, layers=(1,))
     cache = ensure_activations(request, tmp_path, progress=False)
     assert cache_bytes(request, cache.d_model) == 1500 * len(trajectory.snapshots) * cache.d_model * 2
-    n_batches = cache.n_tokens // 31
-    streamed = torch.cat(
-        [batch for _, batch in zip(range(n_batches), stream_activations(request, 1, batch_size=31, seed=0))]
-    )
-    cached = cache.load(1)
-    # Same rows, in float32 rather than float16: each streamed row rounds to a cached one.
-    streamed_rows = torch.unique(streamed.half().float().flatten(1), dim=0)
-    assert torch.equal(streamed_rows, torch.unique(cached.flatten(1), dim=0))
+    streamed = StreamedActivations(request)
+    assert streamed.manifest["rows_per_shard"] == cache.manifest["rows_per_shard"]
+    assert (streamed.n_tokens, streamed.d_model, streamed.steps) == (cache.n_tokens, cache.d_model, cache.steps)
+    assert np.array_equal(streamed.token_ids(), cache.token_ids())
+    assert np.array_equal(streamed.positions(), cache.positions())
+    # The same rows bit for bit, in the same shuffled batches.
+    assert torch.equal(streamed.shard(1, 2), cache.shard(1, 2))
+    shards = [0, 1, 2]
+    pairs = zip(range(12), streamed.batches(1, 64, seed=3, shards=shards), cache.batches(1, 64, seed=3, shards=shards))
+    assert all(torch.equal(from_stream, from_cache) for _, from_stream, from_cache in pairs)

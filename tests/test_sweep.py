@@ -336,11 +336,12 @@ def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder,
     assert table_rows and all("FAILED" in row for row in table_rows)
 
 
-def test_a_trial_split_over_two_workers_trains_the_same_crosscoder(
+def test_a_trial_split_over_two_workers_on_streamed_activations_trains_the_same_crosscoder(
     finished_sweep, tiny_trajectory_folder, tmp_path, monkeypatch
 ):
     """--workers-per-trial 2: two Ray Train workers (gloo) each hold half the features of the trial's
-    crosscoder; the trial logs one MLflow run whose crosscoder is the one-process trial's of the same seed."""
+    crosscoder; with activation_mode stream each computes the activations itself and nothing is
+    extracted. The trial logs one MLflow run whose crosscoder is the one-process cached trial's."""
     arguments = sweep_arguments(
         tiny_trajectory_folder,
         tmp_path,
@@ -348,8 +349,12 @@ def test_a_trial_split_over_two_workers_trains_the_same_crosscoder(
         "er-workers",
         "--set",
         "expansion_ratio=4",
+        "--set",
+        "activation_mode=stream",
         "--workers-per-trial",
         "2",
+        "--cache-dir",
+        str(tmp_path / "fresh-cache"),
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{finished_sweep.store}")  # beside the one-process sweep
     assert main(arguments) == 0
@@ -374,6 +379,7 @@ def test_a_trial_split_over_two_workers_trains_the_same_crosscoder(
     shard_files = sorted((tmp_path / "sweeps" / "er-workers-expansion_ratio" / "workers").rglob("step*.rank*"))
     sizes = {path.name.split(".")[1]: path.stat().st_size for path in shard_files}
     assert set(sizes) == {"rank0", "rank1"} and 0.9 < sizes["rank0"] / sizes["rank1"] < 1.1
+    assert not (tmp_path / "fresh-cache" / "activations").exists()  # streamed: no cache was built
 
 
 @pytest.mark.parametrize(

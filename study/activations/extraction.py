@@ -127,6 +127,20 @@ def unit_name(snapshot: int, shard: int) -> str:
     return f"{UNITS}/{snapshot}-{shard}.json"
 
 
+def shard_rows(
+    model: torch.nn.Module, contexts: torch.Tensor, layers: list[int], batch_size: int, device: str
+) -> dict[int, torch.Tensor]:
+    """Per layer, float32 [contexts x (context_length - 1), d_model]: one shard's rows of one snapshot,
+    the first position of each context left out. Extraction and streaming both call it, so a streamed
+    shard is the cached one bit for bit."""
+    pieces: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in range(0, len(contexts), batch_size):
+        states = residual_stream(model, contexts[start : start + batch_size].to(device), layers)
+        for layer in layers:
+            pieces[layer].append(states[layer][:, 1:].flatten(0, 1).float().cpu())
+    return {layer: torch.cat(rows) for layer, rows in pieces.items()}
+
+
 class ShardExtractor:
     """Ray Data actor: runs (snapshot, shard) units, keeping the last snapshot's model loaded."""
 
@@ -160,15 +174,10 @@ class ShardExtractor:
         per_shard = request["contexts_per_shard"]
         contexts = self.contexts[shard * per_shard : (shard + 1) * per_shard]
         model = self.model_for(snapshot_index)
-        pieces: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        for start in range(0, len(contexts), request["batch_size"]):
-            states = residual_stream(model, contexts[start : start + request["batch_size"]].to(self.device), layers)
-            for layer in layers:
-                pieces[layer].append(states[layer][:, 1:].flatten(0, 1).float().cpu())
+        by_layer = shard_rows(model, contexts, layers, request["batch_size"], self.device)
         step = self.snapshots[snapshot_index].step
         files, sizes, norm_sums = {}, {}, {}
-        for layer in layers:
-            rows = torch.cat(pieces[layer])
+        for layer, rows in by_layer.items():
             data = npy_bytes(rows.to(dtype_of(request["dtype"])))
             relative = shard_path(layer, step, shard)
             (self.build / relative).write_bytes(data)

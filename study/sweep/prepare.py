@@ -86,7 +86,10 @@ def prepare_sweep(
     they read."""
     ensure_ray()
     caches = {
-        key: str(ensure_activations(chosen.request, cache_dir).folder) for key, chosen in plan.activation_sets.items()
+        key: chosen.request
+        if chosen.point["activation_mode"] == "stream"
+        else str(ensure_activations(chosen.request, cache_dir).folder)
+        for key, chosen in plan.activation_sets.items()
     }
     snapshots = {key: list(chosen.request.trajectory.snapshots) for key, chosen in plan.activation_sets.items()}
     base = {key: str(value) for key, value in plan.space.items()}

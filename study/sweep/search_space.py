@@ -27,6 +27,7 @@ ACTIVATION_KEYS = (
     "n_tokens",
     "context_length",
     "data_seed",
+    "activation_mode",
 )
 """Keys that change the activations: fixed, grid_search or choice only, so each set is extracted once."""
 SAMPLERS: dict[str, Callable[..., Any]] = {

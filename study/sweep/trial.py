@@ -25,6 +25,8 @@ from ray import tune  # noqa: E402
 from crosscoder import CrossCoder, CrossCoderConfig, TrainResult, evaluate, fit, loss_drop_last_fifth  # noqa: E402
 from study.activations.cache import ActivationCache  # noqa: E402
 from study.activations.contexts import sample_contexts  # noqa: E402
+from study.activations.extraction import ActivationRequest  # noqa: E402
+from study.activations.streaming import open_activations  # noqa: E402
 from study.analysis.attribution import agreement_task  # noqa: E402
 from study.analysis.causal_statistics import causal_statistics  # noqa: E402
 from study.analysis.claim_statistics import ClaimStatistics, claim_statistics  # noqa: E402
@@ -61,8 +63,9 @@ class SweepContext(NamedTuple):
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    caches: dict[str, str]
-    """Activation set (``search_space.activation_set``) -> its cache folder or URI."""
+    caches: dict[str, str | ActivationRequest]
+    """Activation set (``search_space.activation_set``) -> its cache folder or URI, or its request where
+    the set is streamed (``activation_mode: stream``)."""
     snapshots: dict[str, list[Snapshot]]
     """Activation set -> the snapshots its crosscoder spans."""
     swept: tuple[str, ...] = ()
@@ -147,7 +150,7 @@ class TrialOutcome(NamedTuple):
 
 def train_and_measure(
     trial: TrialConfig,
-    cache_folder: str,
+    activations: str | ActivationRequest,
     snapshots: list[Snapshot],
     checkpoint_dir: Path,
     on_checkpoint: Callable[[Path, dict[str, float]], None] | None = None,
@@ -157,13 +160,14 @@ def train_and_measure(
     local_cache: str | None = None,
 ) -> TrialOutcome:
     """Train on the trial's activation set (all shards but the held-out ones) and measure every claim
-    statistic on the held-out ones. ``on_checkpoint`` gets each checkpoint with the crosscoder's
+    statistic on the held-out ones (``activations``: the cache's folder or URI, or the request of
+    streamed activations). ``on_checkpoint`` gets each checkpoint with the crosscoder's
     PROGRESS_METRICS on the held-out shards at that point (nothing with ``measure_progress`` False: an
     evaluation per checkpoint is about 6 % of a large trial). With ``workers``, the crosscoder is split
     over that many Ray Train workers (Ray Train run ``run_name``; they report to Tune themselves).
     Otherwise knows nothing of Tune or MLflow (``bench/`` times it bare). ``local_cache``: stage the
     files read there (``ActivationCache``'s ``stage``)."""
-    cache = ActivationCache(cache_folder, stage=local_cache)
+    cache = open_activations(activations, local_cache)
     layer, held_out_count = trial.layer, trial.held_out_shards
     if held_out_count >= cache.n_shards:
         raise ValueError(
@@ -175,7 +179,7 @@ def train_and_measure(
 
     if workers is not None:
         data = TrainingData(
-            cache_folder, layer, list(range(first_held_out)), list(range(first_held_out, cache.n_shards)), local_cache
+            activations, layer, list(range(first_held_out)), list(range(first_held_out, cache.n_shards)), local_cache
         )
         result = train_on_workers(config, data, workers, run_name, measure_progress)
         result = result._replace(metrics=evaluate(result.model, held_out))

@@ -44,6 +44,7 @@ STUDY_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_tokens": (lambda v: _integer(v, 1), "a positive integer"),
     "context_length": (lambda v: _integer(v, 2), "an integer >= 2"),
     "data_seed": (lambda v: _integer(v, 0), "an integer >= 0"),
+    "activation_mode": (lambda v: v in ("cache", "stream"), "cache or stream"),
     "held_out_shards": (lambda v: _integer(v, 1), "a positive integer"),
     "task_items": (lambda v: _integer(v, 1), "a positive integer"),
     "attribution_baseline": (lambda v: v in BASELINES, " or ".join(BASELINES)),
@@ -76,6 +77,8 @@ class TrialConfig:
     """Tokens per packed context."""
     data_seed: int
     """Seed of the token sample."""
+    activation_mode: str
+    """cache: extracted once by Ray Data and read from disk; stream: computed in the trial, never written."""
     held_out_shards: int
     """Shards of the activation cache kept out of training for the metrics and statistics."""
     task_items: int

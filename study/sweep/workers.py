@@ -25,6 +25,7 @@ from pyarrow import fs
 
 from crosscoder import CrossCoder, CrossCoderConfig, TrainResult, evaluate, fit
 from crosscoder.sharded import gather_model
+from study.activations.extraction import ActivationRequest
 
 FINAL_CHECKPOINT = "final"
 """Name of the checkpoint holding the assembled crosscoder (the others are ``step<N>``)."""
@@ -45,8 +46,8 @@ class WorkerPlan(NamedTuple):
 class TrainingData(NamedTuple):
     """What every worker reads: the same batches, so that their summed reconstructions are one crosscoder's."""
 
-    cache: str
-    """The activation cache's folder or URI."""
+    cache: str | ActivationRequest
+    """The activation cache's folder or URI, or the request of streamed activations."""
     layer: int
     shards: list[int]
     """The training shards (the held-out ones excluded)."""
@@ -82,7 +83,7 @@ def train_worker(loop_config: dict) -> None:
     first worker) the assembled result."""
     import ray.train
 
-    from study.activations.cache import ActivationCache
+    from study.activations.streaming import open_activations
     from study.sweep.trial import PROGRESS_METRICS
 
     rank = dist.get_rank()
@@ -91,7 +92,7 @@ def train_worker(loop_config: dict) -> None:
     local = Path(tempfile.mkdtemp(prefix="crosscoder-shard-"))
     config = replace(CrossCoderConfig.from_dict(loop_config["crosscoder"]), checkpoint_dir=str(local / "checkpoints"))
     restore_own_shard(local / "checkpoints")
-    cache = ActivationCache(data.cache, stage=data.stage)
+    cache = open_activations(data.cache, data.stage)
     held_out = torch.cat([cache.shard(data.layer, index) for index in data.held_out]).float() if rank == 0 else None
 
     def report(path: Path, shard: CrossCoder) -> None:
