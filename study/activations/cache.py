@@ -139,12 +139,13 @@ class ActivationCache:
 
     def incomplete_units(self) -> list[tuple[int, int]]:
         """(snapshot, shard) units with a file that is missing or not of its recorded size: reads no file body,
-        so a complete cache of any size is checked in one metadata call per file."""
+        and lists the build folder once, so a complete cache of any size costs one listing."""
         sizes = self.manifest.get("sizes", {})  # caches written before sizes were recorded: presence only
+        stored = self.files.file_sizes()
         bad = {
             self.unit_of(relative)
             for relative in self.manifest["files"]
-            if (size := (self.files / relative).size()) is None or size != sizes.get(relative, size)
+            if (size := stored.get(relative)) is None or size != sizes.get(relative, size)
         }
         return sorted(bad)
 

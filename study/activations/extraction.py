@@ -222,10 +222,11 @@ def completed_units(build: Location) -> dict[tuple[int, int], dict]:
     written after its files, so a present file of the right size is a whole one; checksums are checked on
     reading)."""
     done = {}
+    stored = build.file_sizes()  # one listing, not a metadata call per file
     for unit in (build / UNITS).children():
         record = json.loads(unit.read_text())
         if "sizes" in record:
-            whole = all((build / path).size() == size for path, size in record["sizes"].items())
+            whole = all(stored.get(path) == size for path, size in record["sizes"].items())
         else:  # a unit from before sizes were recorded: its files' digests
             whole = all(stored_digest(build / path) == digest for path, digest in record["files"].items())
         if whole:
@@ -339,7 +340,7 @@ def ensure_activations(
     request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True
 ) -> ActivationCache:
     """The request's cache, extracted first where missing, resumed where partial, repaired where a file is
-    missing or of the wrong size. A complete cache costs one metadata call per file: no shard is read here
+    missing or of the wrong size. A complete cache costs one listing of its build folder: no shard is read here
     (readers check each shard's checksum as they read it)."""
     root = cache_location(cache_dir) / "activations"
     key = request.cache_key()
