@@ -115,9 +115,9 @@ def test_two_requests_on_s3_build_once_under_a_lease(tiny_trajectory_folder, s3_
 
 def test_a_killed_build_on_s3_is_taken_over_when_its_lease_expires(tiny_trajectory_folder, s3_bucket, ray_cluster):
     cache_uri = f"{s3_bucket}/killed"
-    request = leased_request(tiny_trajectory_folder, 2)
+    request = leased_request(tiny_trajectory_folder, 4)
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    script = extraction_script(tiny_trajectory_folder, cache_uri, contexts_per_shard=2, lease_seconds=6.0)
+    script = extraction_script(tiny_trajectory_folder, cache_uri, contexts_per_shard=4, lease_seconds=6.0)
     process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=environment)
     deadline, finished = time.time() + 180, []
     while time.time() < deadline and process.poll() is None:
