@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -220,3 +221,31 @@ def test_streaming_mode_yields_the_rows_the_cache_holds(trajectory, ray_cluster,
     shards = [0, 1, 2]
     pairs = zip(range(12), streamed.batches(1, 64, seed=3, shards=shards), cache.batches(1, 64, seed=3, shards=shards))
     assert all(torch.equal(from_stream, from_cache) for _, from_stream, from_cache in pairs)
+
+
+def read_a_shard_split_by_snapshot(rank: int, world_size: int, port: int, request: ActivationRequest, out: Path):
+    """One rank of a gloo group streaming ``request``'s shard 1 together with the others."""
+    import torch.distributed as dist
+
+    from study.activations.streaming import StreamedActivations
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    streamed = StreamedActivations(request, group=dist.group.WORLD)
+    shard = streamed.shard(1, 1)
+    assert sorted(streamed.models) == list(range(rank, len(request.trajectory.snapshots), world_size))
+    torch.save(shard, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_streaming_split_over_ranks_by_snapshot_gives_the_cache_rows(trajectory, ray_cluster, tmp_path):
+    """Three ranks over the trajectory's snapshots (not a multiple of 3): each loads and runs only its
+    own snapshots, and every rank ends with the cached shard, bit for bit."""
+    request = small_request(trajectory, layers=(1,))
+    cache = ensure_activations(request, tmp_path, progress=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert len(trajectory.snapshots) % 3
+    torch.multiprocessing.spawn(read_a_shard_split_by_snapshot, args=(3, port, request, tmp_path), nprocs=3)
+    for rank in range(3):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), cache.shard(1, 1)), rank

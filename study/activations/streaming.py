@@ -3,14 +3,18 @@ that fit no disk.
 
 ``StreamedActivations`` is a cache reader whose shards are never written: each is computed from its
 contexts when read, by the same function as extraction, so it holds the cache's rows bit for bit
-(and ``batches`` shuffles them exactly as the cache's reader would). It keeps every snapshot's model
-loaded (memory: S x model size) and pays the forward passes every epoch instead of once.
+(and ``batches`` shuffles them exactly as the cache's reader would). It keeps the snapshots' models
+loaded and pays the forward passes every epoch instead of once. Given a process group (the Ray
+Train workers of one crosscoder, which all read the same rows), each rank computes every
+world-size-th snapshot and the columns are all-gathered: each worker holds S / N models and pays
+S / N of the forward passes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig
 
 from study.activations.cache import ActivationCache, dtype_of
@@ -25,10 +29,11 @@ def cache_bytes(request: ActivationRequest, d_model: int) -> int:
 
 
 class StreamedActivations(ActivationCache):
-    """The reader of ``request``'s cache, computing each shard when it is read."""
+    """The reader of ``request``'s cache, computing each shard when it is read (with ``group``, a
+    collective: every rank reads the same shards in the same order)."""
 
-    def __init__(self, request: ActivationRequest, device: str = "cpu"):
-        self.request, self.device = request, device
+    def __init__(self, request: ActivationRequest, device: str = "cpu", group: dist.ProcessGroup | None = None):
+        self.request, self.device, self.group = request, device, group
         snapshots = request.trajectory.snapshots
         self.contexts = sample_contexts(
             load_tokenizer(snapshots[-1]), request.corpus, request.context_length, request.n_tokens, request.seed
@@ -65,11 +70,29 @@ class StreamedActivations(ActivationCache):
             raise ValueError(f"layer {layer} is not in this request (layers {self.layers})")
         per_shard = self.request.contexts_per_shard
         contexts = self.contexts[index * per_shard : (index + 1) * per_shard]
+        chosen = list(snapshots) if snapshots is not None else list(range(len(self.steps)))
+        rank, world_size = (
+            (0, 1) if self.group is None else (dist.get_rank(self.group), dist.get_world_size(self.group))
+        )
         columns = [
             shard_rows(self.model(snapshot), contexts, [layer], self.request.batch_size, self.device)[layer]
-            for snapshot in (snapshots if snapshots is not None else range(len(self.steps)))
+            for snapshot in chosen[rank::world_size]
         ]
+        if world_size > 1:
+            columns = self.gather_columns(columns, index, len(chosen), world_size)
         return torch.stack(columns, dim=1).to(dtype_of(self.request.dtype))
+
+    def gather_columns(self, mine: list[torch.Tensor], index: int, count: int, world_size: int) -> list[torch.Tensor]:
+        """Every rank's columns (rank r holds snapshots r, r + N, ...), in snapshot order. Ranks hold at
+        most one column fewer than the first, so each pads to the first's count for the all-gather."""
+        per_rank = -(-count // world_size)
+        on = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        padded = torch.zeros(per_rank, self.manifest["rows_per_shard"][index], self.d_model, device=on)
+        if mine:  # a rank beyond the snapshot count computes none
+            padded[: len(mine)] = torch.stack(mine).to(on)
+        gathered = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        return [gathered[position % world_size][position // world_size].cpu() for position in range(count)]
 
     def token_ids(self) -> np.ndarray:
         return self.contexts[:, 1:].reshape(-1).numpy().astype(np.int32)
@@ -78,9 +101,12 @@ class StreamedActivations(ActivationCache):
         return np.tile(np.arange(1, self.request.context_length, dtype=np.int16), len(self.contexts))
 
 
-def open_activations(source: str | ActivationRequest, stage: str | None = None) -> ActivationCache:
+def open_activations(
+    source: str | ActivationRequest, stage: str | None = None, group: dist.ProcessGroup | None = None
+) -> ActivationCache:
     """The reader of a trial's activations: its cache folder or URI (staged in ``stage`` if given), or
-    its request where the sweep streams them (on the GPU where there is one)."""
+    its request where the sweep streams them (on the GPU where there is one; split over ``group``'s
+    ranks by snapshot)."""
     if isinstance(source, ActivationRequest):
-        return StreamedActivations(source, "cuda" if torch.cuda.is_available() else "cpu")
+        return StreamedActivations(source, "cuda" if torch.cuda.is_available() else "cpu", group)
     return ActivationCache(source, stage=stage)

@@ -92,8 +92,11 @@ def train_worker(loop_config: dict) -> None:
     local = Path(tempfile.mkdtemp(prefix="crosscoder-shard-"))
     config = replace(CrossCoderConfig.from_dict(loop_config["crosscoder"]), checkpoint_dir=str(local / "checkpoints"))
     restore_own_shard(local / "checkpoints")
-    cache = open_activations(data.cache, data.stage)
-    held_out = torch.cat([cache.shard(data.layer, index) for index in data.held_out]).float() if rank == 0 else None
+    cache = open_activations(data.cache, data.stage, dist.group.WORLD)
+    # Every rank reads the held-out shards: streamed, each read is a collective.
+    held_out = (
+        torch.cat([cache.shard(data.layer, index) for index in data.held_out]).float() if measure_progress else None
+    )
 
     def report(path: Path, shard: CrossCoder) -> None:
         step = path.name.split(".")[0]
