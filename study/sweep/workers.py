@@ -1,8 +1,9 @@
 """One trial's crosscoder trained by several Ray Train workers (``--workers-per-trial N``).
 
 The Tune trial becomes the driver of a ``TorchTrainer``: N workers (one GPU each, NCCL; or one CPU
-each, gloo) each hold a slice of the features (``crosscoder.sharded``), read the same batches from
-the activation cache, and sum their reconstructions every step. Every checkpoint is sharded: each
+each, gloo) each hold a slice of the features (``crosscoder.sharded``), read the same batches (from
+the activation cache, or streamed: each worker computes its share of the snapshots and they gather
+the rest), and sum their reconstructions every step. Every checkpoint is sharded: each
 worker reports its own file, and Ray Train gathers them into one folder of the sweep's storage, so a
 lost worker (Ray Train restarts the group) or a lost trial (Tune restarts it, and the trainer of the
 same name restores from its storage) resumes from the newest step every worker wrote. At the end the
