@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="4,8,16")
     parser.add_argument("--steps", default="500,1500")
     parser.add_argument("--cooldown", type=float, default=None, help="lr_cooldown_fraction (default: the trial's)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="(default: the trial's)")
     parser.add_argument("--cache-dir", help="trajectory and activation cache (default: the harness's)")
     args = parser.parse_args()
     plan = plan_sweep("expansion_ratio", [], "convergence", args.cache_dir)
@@ -41,6 +42,8 @@ def main() -> None:
             config = replace(trial.crosscoder, expansion_ratio=ratio, n_steps=steps, device="auto")
             if args.cooldown is not None:
                 config = replace(config, lr_cooldown_fraction=args.cooldown)
+            if args.learning_rate is not None:
+                config = replace(config, learning_rate=args.learning_rate)
             batches = cache.batches(trial.layer, config.batch_size, config.seed, shards=training_shards)
             started = time.perf_counter()
             result = fit(batches, config, eval_activations=held_out.float())

@@ -106,14 +106,14 @@ class CrossCoderConfig:
 
     resample_dead_every: int | None = 250
     """Steps between resamplings: features that fired on none of the last this-many steps' tokens get the
-    error of a badly reconstructed token as their new direction (crosscoder.resampling); none during the
-    cool-down. None never resamples."""
+    error of a badly reconstructed token as their new direction (crosscoder.resampling); none in the cool-down
+    or the last two fifths of the steps. None never resamples."""
 
     dead_window_tokens: int = 1_000_000
     """A feature that has not fired over this many training tokens counts as dead."""
 
     log_every: int = 50
-    """Steps between entries of the training history."""
+    """Steps between entries of the training history; each entry's losses are means over those steps."""
 
     checkpoint_every: int | None = None
     """Steps between safetensors checkpoints in checkpoint_dir; None writes none."""

@@ -43,7 +43,8 @@ class TrainResult(NamedTuple):
 
 def loss_drop_last_fifth(history: list[dict[str, float]]) -> float:
     """How much the training loss still fell over the last fifth of the steps, relative to the final loss:
-    (loss at 80 % of the steps - final loss) / final loss, from the logged entries nearest those steps.
+    (loss at 80 % of the steps - final loss) / final loss, from the logged entries nearest those steps
+    (each the mean loss over its ``log_every`` steps).
     Near 0 for a run that reached a flat loss; nan when the history is too short to tell."""
     if len(history) < 2:
         return float("nan")
@@ -80,11 +81,13 @@ def sparsity_factor(step: int, config: CrossCoderConfig) -> float:
 
 
 def resamples_at(step: int, config: CrossCoderConfig) -> bool:
-    """Whether dead features are resampled after ``step``: every ``resample_dead_every`` steps, before the
-    learning rate's cool-down (a feature re-aimed then would have no time to settle)."""
+    """Whether dead features are resampled after ``step``: every ``resample_dead_every`` steps, and neither in
+    the learning rate's cool-down nor in the last two fifths of the steps. A re-aimed feature needs time to
+    settle, and the last fifth is where ``loss_drop_last_fifth`` reads whether the loss has flattened: a
+    resampling just before it measured the recovery from the resampling instead."""
     every = config.resample_dead_every
-    cooldown_start = config.n_steps * (1 - config.lr_cooldown_fraction)
-    return every is not None and (step + 1) % every == 0 and step + 1 < cooldown_start
+    last_resampling = config.n_steps * min(1 - config.lr_cooldown_fraction, 0.6)
+    return every is not None and (step + 1) % every == 0 and step + 1 < last_resampling
 
 
 def checkpoint_rank(model: CrossCoder) -> int | None:
@@ -294,12 +297,15 @@ def train(
         initial=start_step,
         total=config.n_steps,
     )
+    window_sums, window_steps = torch.zeros(3, device=device), 0
     for step in bar:
         try:
             batch = next(batches).to(device, non_blocking=True).float()
         except StopIteration:
             break
         result = training_step(model, optimizer, batch, step)
+        window_sums += torch.stack([result.loss, result.mse, result.sparsity_penalty]).detach()
+        window_steps += 1
         if not torch.isfinite(result.loss):
             where = (
                 f"last good checkpoint: {last_checkpoint}"
@@ -316,12 +322,16 @@ def train(
             if resample_dead(model, optimizer, batch, dead, generator):
                 tokens_since_fired = torch.where(dead, 0.0, tokens_since_fired)
         if (step + 1) % config.log_every == 0 or step + 1 == config.n_steps:
+            # Means over the steps since the last entry: one batch's loss varies by a few per cent, more
+            # than the convergence figure (loss_drop_last_fifth) it would be read for.
+            loss, mse, sparsity_penalty = (window_sums / window_steps).tolist()
+            window_sums, window_steps = torch.zeros_like(window_sums), 0
             history.append(
                 {
                     "step": step + 1,
-                    "loss": result.loss.item(),
-                    "mse": result.mse.item(),
-                    "sparsity_penalty": result.sparsity_penalty.item(),
+                    "loss": loss,
+                    "mse": mse,
+                    "sparsity_penalty": sparsity_penalty,
                     "l0": total(result.active.float().sum(-1).mean(), model.process_group).item(),
                     "learning_rate": config.learning_rate * schedule_factor(step, config),
                     "sparsity_coefficient": config.lambda_ * sparsity_factor(step, config),

@@ -19,7 +19,7 @@ from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, 
 from crosscoder.resampling import resample_dead
 from crosscoder.sparsity import jumprelu
 from crosscoder.synthetic import planted_features, planted_recovery
-from crosscoder.trainer import make_optimizer
+from crosscoder.trainer import make_optimizer, resamples_at
 
 SMALL = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=1200, log_every=100)
 
@@ -289,3 +289,25 @@ def test_the_loss_does_not_depend_on_the_snapshot_count(sparsity):
         losses.append((mse.item(), output.sparsity_penalty.item()))
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert losses[0][1] > 0  # the penalty is not trivially zero
+
+
+def test_history_entries_are_means_over_their_logging_window(planted):
+    """Each entry's losses average the steps since the previous entry: one batch's loss is too noisy for
+    the convergence figure read off them."""
+    config = replace(SMALL, n_steps=12, device="cpu")
+    every_step = fit(planted.activations, replace(config, log_every=1), progress=False).history
+    windowed = fit(planted.activations, replace(config, log_every=4), progress=False).history
+    assert [entry["step"] for entry in windowed] == [4, 8, 12]
+    for entry in windowed:
+        window = every_step[entry["step"] - 4 : entry["step"]]
+        for key in ("loss", "mse", "sparsity_penalty"):
+            assert entry[key] == pytest.approx(sum(step[key] for step in window) / 4, rel=1e-5)
+    assert windowed[0]["loss"] != pytest.approx(every_step[3]["loss"], rel=1e-5)  # not the last step's alone
+
+
+def test_no_resampling_in_the_cooldown_or_the_last_two_fifths():
+    """A feature re-aimed just before the last fifth would make loss_drop_last_fifth measure its recovery."""
+    config = replace(SMALL, n_steps=1000, resample_dead_every=250, lr_cooldown_fraction=0.2)
+    assert [step + 1 for step in range(1000) if resamples_at(step, config)] == [250, 500]
+    longer_cooldown = replace(config, lr_cooldown_fraction=0.5)
+    assert [step + 1 for step in range(1000) if resamples_at(step, longer_cooldown)] == [250]

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
 
+from study.analysis import verdicts
 from study.errors import run_cli
 from study.lm.trajectory import resolve_trajectory
 from study.sweep.cli import main
@@ -185,6 +186,22 @@ def test_parent_run_holds_model_curves_robustness_and_the_report(finished_sweep)
     ):
         assert f"| {claim} |" in summary
     assert "## Top features by indirect effect, with RelIE" in summary and "RelIE step 48" in summary
+
+
+def test_large_pairs_are_matched_in_ray_tasks_with_the_figures_of_the_local_match(
+    finished_sweep, ray_cluster, monkeypatch
+):
+    """The sweep's crosscoders are small, so its pairs were matched in the driver; forced above the
+    threshold, the same pairs run as Ray tasks (which download the crosscoders themselves)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{finished_sweep.store}")
+    frame = runs(finished_sweep.store, "er")
+    parent_id = frame[frame["tags.mlflow.parentRunId"].isna()]["run_id"].iloc[0]
+    trials = verdicts.finished_trials(MlflowClient(), parent_id)
+    local = verdicts.feature_stability(trials)
+    monkeypatch.setattr(verdicts, "LOCAL_PAIR_BYTES", 0)
+    in_tasks = verdicts.feature_stability(trials)
+    assert len(local) == 3 and (local["kind"] == "expansion_ratio").all()
+    pd.testing.assert_frame_equal(local, in_tasks)
 
 
 def test_the_mlflow_ui_opens_the_sweep_on_its_runs_named_by_their_values(finished_sweep, tmp_path):

@@ -158,11 +158,23 @@ def pair_figures(tracking_uri: str, run_a: str, run_b: str) -> tuple[float, floa
     return result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard
 
 
+# Two crosscoders of 64 MB together (float32; e.g. 3,600 features over 9 snapshots of d 128) match in
+# about 0.2 s on one CPU core (bench/matching_scale.py), well under a Ray worker's start.
+LOCAL_PAIR_BYTES = 64 * 1024**2
+
+
+def crosscoder_bytes(client: MlflowClient, run_id: str) -> int:
+    """Size of a trial's logged crosscoder file, read from the artifact listing (nothing downloaded)."""
+    return sum(info.file_size or 0 for info in client.list_artifacts(run_id) if info.path == CROSSCODER_ARTIFACT)
+
+
 def feature_stability(trials: Trials) -> pd.DataFrame:
     """Stability between seeds (all pairs of trials differing only in seed) and, where the expansion
     ratio is swept, the share of the smaller dictionary's features with a partner in the larger;
     for each pair also the Jaccard index of their top features by indirect effect, after matching.
-    Pairs run as Ray tasks in parallel where Ray is up (as in a sweep), else one after the other."""
+    Pairs run as Ray tasks in parallel where Ray is up (as in a sweep) and some pair's crosscoders
+    together exceed LOCAL_PAIR_BYTES, else one after the other here: a Ray task starts a worker process
+    (about 5 s of imports), far more than matching two small dictionaries costs."""
     columns = ["kind", "run_a", "run_b", "shared_share", "mean_max_cosine", "pairs", "top_feature_jaccard"]
     pairs = [
         (kind, run_a, run_b)
@@ -170,7 +182,9 @@ def feature_stability(trials: Trials) -> pd.DataFrame:
         for run_a, run_b in pairs_differing_in(trials.frame, key)
     ]
     uri = mlflow.get_tracking_uri()
-    if ray.is_initialized():
+    client = MlflowClient(uri)
+    sizes = {run_id: crosscoder_bytes(client, run_id) for _, *runs in pairs for run_id in runs}
+    if ray.is_initialized() and any(sizes[run_a] + sizes[run_b] > LOCAL_PAIR_BYTES for _, run_a, run_b in pairs):
         task = ray.remote(num_cpus=1)(pair_figures)
         figures = ray.get([task.remote(uri, run_a, run_b) for _, run_a, run_b in pairs])
     else:
