@@ -16,6 +16,7 @@ from crosscoder.trainer import loss_drop_last_fifth
 from reports.robustness import trial_flags
 from study.analysis.model_curves import NgramStatistics
 from study.analysis.rules import Trials, judge
+from study.sweep.summary import convergence_warning
 
 
 def orthonormal(count: int, dimension: int, seed: int = 0) -> torch.Tensor:
@@ -275,3 +276,8 @@ def test_a_trial_still_learning_or_pinned_at_k_is_flagged():
     pinned = {"loss_drop_last_fifth": 0.0, "l0": 32.0, "params.sparsity": "topk", "params.k": "32"}
     assert trial_flags(pinned).startswith("L0 pinned at k")
     assert trial_flags({**pinned, "l0": 7.5, "params.sparsity": "batchtopk", "params.k": "32"}) == ""
+    # The sweep's closing lines say the same for the whole table; nothing when every trial is flat.
+    table = pd.DataFrame({"expansion_ratio": [4, 8, 16], "loss_drop_last_fifth": [0.105, 0.001, 0.079]})
+    warning = convergence_warning(table)
+    assert warning.startswith("not converged: 2 of 3 trials") and "7.9% to 10.5%" in warning
+    assert convergence_warning(table.assign(loss_drop_last_fifth=[0.01, 0.001, None])) is None

@@ -24,7 +24,7 @@ DRIVER_MEMORY = 256 * 1024**2
 """Bytes a trial asks for when its crosscoder is trained by Ray Train workers (it holds no CPU)."""
 COST_KEYS = ("expansion_ratio", "n_snapshots", "n_steps", "batch_size", "n_tokens")
 """Keys whose larger values make a trial slower."""
-TABLE_METRICS = ("explained_variance", "l0", "dead_fraction")
+TABLE_METRICS = ("explained_variance", "l0", "dead_fraction", "loss_drop_last_fifth")
 """The metrics of the closing table and the per-trial lines."""
 
 
@@ -42,9 +42,10 @@ class TrialLines(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result
-        ev, l0, dead = (result.get(name, float("nan")) for name in TABLE_METRICS)
+        ev, l0, dead, drop = (result.get(name, float("nan")) for name in TABLE_METRICS)
         print(
-            f"[done]   {trial.trial_id}  {self.describe(trial)}  EV={ev:.3f} L0={l0:.1f} dead={dead:.2f} ({result.get('seconds', 0):.0f} s)",
+            f"[done]   {trial.trial_id}  {self.describe(trial)}  EV={ev:.3f} L0={l0:.1f} dead={dead:.2f} "
+            f"loss drop over the last fifth {drop:.1%} ({result.get('seconds', 0):.0f} s)",
             flush=True,
         )
 

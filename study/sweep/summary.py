@@ -11,7 +11,7 @@ import pandas as pd
 
 from reports.robustness import write_report
 from study.analysis.verdicts import Verdict, analyse_sweep
-from study.record import TRIALS_ARTIFACT
+from study.record import TRIALS_ARTIFACT, UNCONVERGED_LOSS_DROP
 from study.storage import Location
 
 
@@ -41,9 +41,25 @@ def publish_report(parent_run_id: str, folder: Location) -> bool:
     return True
 
 
+def convergence_warning(table: pd.DataFrame) -> str | None:
+    """A line for the trials whose training loss had not flattened (None when every trial had)."""
+    drops = pd.to_numeric(table.get("loss_drop_last_fifth", pd.Series(dtype=float)), errors="coerce").dropna()
+    moving = drops[drops > UNCONVERGED_LOSS_DROP]
+    if moving.empty:
+        return None
+    return (
+        f"not converged: {len(moving)} of {len(drops)} trials (training loss still fell {moving.min():.1%} to "
+        f"{moving.max():.1%} over the last fifth of the steps, above {UNCONVERGED_LOSS_DROP:.0%}): their statistics "
+        "describe dictionaries still moving; raise n_steps (--set n_steps=...)"
+    )
+
+
 def summarise(parent_run_id: str, table: pd.DataFrame, report_folder: Location) -> tuple[int, list[Verdict], bool]:
     """(trials failed, verdicts, whether the report was written)."""
     print(table.to_string(index=False))
+    warning = convergence_warning(table)
+    if warning:
+        print(warning)
     failed = log_trials_table(parent_run_id, table)
     verdicts = analyse_sweep(parent_run_id)
     for verdict in verdicts:
