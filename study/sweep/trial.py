@@ -53,6 +53,9 @@ SPLICED_CONTEXTS = 32
 """Held-out contexts on which ΔCE is measured."""
 CHECKPOINTS_PER_TRIAL = 5
 """Checkpoints a trial writes (fewer when n_steps < 50): restart points, and the progress a scheduler sees."""
+MIN_HISTORY_ENTRIES = 20
+"""Training-history entries a trial logs at least (more often than log_every in short runs), so that its
+convergence figure, read at 80 % and 100 % of the steps, exists."""
 PROGRESS_METRICS = ("explained_variance", "l0", "dead_fraction")
 """Held-out metrics reported with every checkpoint, so a searcher or scheduler can judge a trial while it trains."""
 
@@ -89,10 +92,15 @@ def run_name(config: dict, swept: tuple[str, ...]) -> str | None:
 
 
 def crosscoder_config(trial: TrialConfig, checkpoint_dir: Path) -> CrossCoderConfig:
-    """The trial's crosscoder with what the trial decides itself: checkpoints five times a run, the device."""
-    checkpoint_every = max(10, trial.crosscoder.n_steps // CHECKPOINTS_PER_TRIAL)
+    """The trial's crosscoder with what the trial decides itself: checkpoints five times a run, at least
+    MIN_HISTORY_ENTRIES history entries, the device."""
+    n_steps = trial.crosscoder.n_steps
     return replace(
-        trial.crosscoder, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir), device="auto"
+        trial.crosscoder,
+        checkpoint_every=max(10, n_steps // CHECKPOINTS_PER_TRIAL),
+        checkpoint_dir=str(checkpoint_dir),
+        log_every=max(1, min(trial.crosscoder.log_every, n_steps // MIN_HISTORY_ENTRIES)),
+        device="auto",
     )
 
 
