@@ -182,9 +182,12 @@ def feature_stability(trials: Trials) -> pd.DataFrame:
         for run_a, run_b in pairs_differing_in(trials.frame, key)
     ]
     uri = mlflow.get_tracking_uri()
-    client = MlflowClient(uri)
-    sizes = {run_id: crosscoder_bytes(client, run_id) for _, *runs in pairs for run_id in runs}
-    if ray.is_initialized() and any(sizes[run_a] + sizes[run_b] > LOCAL_PAIR_BYTES for _, run_a, run_b in pairs):
+    in_tasks = False
+    if ray.is_initialized():
+        client = MlflowClient(uri)
+        sizes = {run_id: crosscoder_bytes(client, run_id) for _, *runs in pairs for run_id in runs}
+        in_tasks = any(sizes[run_a] + sizes[run_b] > LOCAL_PAIR_BYTES for _, run_a, run_b in pairs)
+    if in_tasks:
         task = ray.remote(num_cpus=1)(pair_figures)
         figures = ray.get([task.remote(uri, run_a, run_b) for _, run_a, run_b in pairs])
     else:
