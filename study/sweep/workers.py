@@ -84,7 +84,7 @@ def train_worker(loop_config: dict) -> None:
     first worker) the assembled result."""
     import ray.train
 
-    from study.activations.streaming import open_activations
+    from study.activations.streaming import StreamedActivations, open_activations
     from study.sweep.trial import PROGRESS_METRICS
 
     rank = dist.get_rank()
@@ -94,9 +94,10 @@ def train_worker(loop_config: dict) -> None:
     config = replace(CrossCoderConfig.from_dict(loop_config["crosscoder"]), checkpoint_dir=str(local / "checkpoints"))
     restore_own_shard(local / "checkpoints")
     cache = open_activations(data.cache, data.stage, dist.group.WORLD)
-    # Every rank reads the held-out shards: streamed, each read is a collective.
+    # Only the first rank measures; streamed, every rank reads too, since each read is a collective.
+    reads_held_out = measure_progress and (rank == 0 or isinstance(cache, StreamedActivations))
     held_out = (
-        torch.cat([cache.shard(data.layer, index) for index in data.held_out]).float() if measure_progress else None
+        torch.cat([cache.shard(data.layer, index) for index in data.held_out]).float() if reads_held_out else None
     )
 
     def report(path: Path, shard: CrossCoder) -> None:
