@@ -12,9 +12,9 @@ forward, loss, backward, Adam) on random input in memory three ways in the same 
 * sparse: the sparse step forced (``sparse_step_max_density=1``), to show where it stops paying;
 * auto: the default, which picks one of the two per step from the measured density.
 
-It prints tokens/s of each, auto / dense, the dense step's FLOP/s (counted as 10 * S * d * F per
-token) as a share of the dense matmul rate of the same dtype measured in the same process, and
-Adam's share of the auto step. The density is set at initialisation (JumpReLU's thresholds, l1's
+It prints tokens/s of each, auto / dense, the dense step's FLOP/s and the auto step's dense-equivalent
+FLOP/s (both counted as 10 * S * d * F per token) as shares of the dense matmul rate of the same dtype
+measured in the same process, and Adam's share of the auto step. The density is set at initialisation (JumpReLU's thresholds, l1's
 encoder bias, TopK's k) and held by a tiny learning rate: Adam's cost does not depend on it.
 """
 
@@ -34,7 +34,7 @@ from crosscoder.trainer import make_optimizer, training_step
 # The shapes of issue 18's table: (S, d_model, n_features, batch).
 SHAPES = "8x128x1024x1024,8x768x6144x1024,2x768x24576x512"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MODES = {"dense": 0.0, "sparse": 1.0, "auto": CrossCoderConfig().sparse_step_max_density}
+MODES = {"dense": 0.0, "sparse": 1.0, "auto": None}  # auto: the device's measured crossover
 
 
 def synchronize(device: torch.device) -> None:
@@ -123,7 +123,7 @@ def main() -> None:
     print(
         f"{'S':>2} {'d':>4} {'F':>6} {'batch':>5} {'method':>8} {'dtype':>8} {'active':>6} "
         f"{'dense tok/s':>11} {'sparse tok/s':>12} {'auto tok/s':>10} {'auto/dense':>10} "
-        f"{'dense share of matmul':>21} {'Adam share':>10}"
+        f"{'dense share of matmul':>21} {'auto share':>10} {'Adam share':>10}"
     )
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
@@ -140,12 +140,13 @@ def main() -> None:
                         trial.load_state_dict(model.state_dict())
                         seconds[mode], active, adam = time_steps(trial, batch, args.steps)
                         shares.append(active)
-                    flops = 10 * n_snapshots * d_model * n_features * batch_size / seconds["dense"]
+                    step_flops = 10 * n_snapshots * d_model * n_features * batch_size
                     print(
                         f"{n_snapshots:>2} {d_model:>4} {n_features:>6} {batch_size:>5} {method:>8} {dtype_name:>8} "
                         f"{statistics.mean(shares):>6.3f} {batch_size / seconds['dense']:>11.0f} "
                         f"{batch_size / seconds['sparse']:>12.0f} {batch_size / seconds['auto']:>10.0f} "
-                        f"{seconds['dense'] / seconds['auto']:>10.2f} {flops / rate:>21.2f} "
+                        f"{seconds['dense'] / seconds['auto']:>10.2f} {step_flops / seconds['dense'] / rate:>21.2f} "
+                        f"{step_flops / seconds['auto'] / rate:>10.2f} "
                         f"{adam / seconds['auto']:>10.2f}",
                         flush=True,
                     )

@@ -88,10 +88,9 @@ class CrossCoderConfig:
     seed: int = 0
     """Seed of the initial weights and of the data order."""
 
-    sparse_step_max_density: float = 0.07
-    """Training decodes from the non-zero codes alone while at most this share of codes fire (0: always dense).
-
-    bench/crosscoder_throughput.py measures the crossover; on CPU the sparse step stops paying near 5-10 %."""
+    sparse_step_max_density: float | None = None
+    """Training decodes from the non-zero codes alone while at most this share of codes fire (0: always dense;
+    None: the device's measured crossover, ``crosscoder.model.SPARSE_STEP_MAX_DENSITY``)."""
 
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
@@ -137,7 +136,7 @@ class CrossCoderConfig:
             raise InputError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
         if not 0 < self.jumprelu_initial_firing < 1:
             raise InputError(f"jumprelu_initial_firing must lie in (0, 1), got {self.jumprelu_initial_firing}")
-        if not 0 <= self.sparse_step_max_density <= 1:
+        if self.sparse_step_max_density is not None and not 0 <= self.sparse_step_max_density <= 1:
             raise InputError(f"sparse_step_max_density must lie in [0, 1], got {self.sparse_step_max_density}")
         if self.resample_dead_every is not None and self.resample_dead_every <= 0:
             raise InputError(f"resample_dead_every must be a positive integer or None, got {self.resample_dead_every}")

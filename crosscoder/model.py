@@ -25,6 +25,12 @@ from crosscoder.sparsity import (
     topk_fires,
 )
 
+# The share of codes firing below which a training step decodes sparsely, per device type, where the
+# config leaves it to the device (bench/crosscoder_throughput.py measures both). On CPU the sparse step
+# stops paying near 5-10 %. On CUDA (an H200, bf16 and float32) cuBLAS's dense products beat the
+# embedding-bag, CSR and compiled gather kernels at every density measured, down to 1 %
+# (bench/decode_kernels.py): steps there stay dense.
+SPARSE_STEP_MAX_DENSITY = {"cpu": 0.07, "cuda": 0.0}
 BF16_CROSSOVER_FACTOR = 0.4
 
 
@@ -139,7 +145,7 @@ class CrossCoder(nn.Module):
         ``sparse_step_max_density`` of the codes are non-zero; the result is the same to float32 rounding.
         """
         config = self.config
-        max_density = config.sparse_step_max_density if self.training and torch.is_grad_enabled() else 0.0
+        max_density = self.sparse_step_max_density() if self.training and torch.is_grad_enabled() else 0.0
         normalised = self.normalise(activations)
         if max_density > 0:
             pre = encode(normalised.flatten(1), self.encoder_weight, self.encoder_bias, max_density)
@@ -164,13 +170,12 @@ class CrossCoder(nn.Module):
             entries = shared_entries(pre, fires)
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
         # A pair is active when its code is non-zero at any snapshot (JumpReLU's entries include zeros).
+        # A max over integers is the same in any order, so the atomics of CUDA's scatter are deterministic
+        # here, and cheaper than the sort an accumulating index_put_ does there.
         fired = (entries.values.detach() != 0).to(torch.int32)
-        active = (
-            pre.new_zeros(pre.shape, dtype=torch.int32).index_put_(
-                (entries.tokens, entries.features), fired, accumulate=True
-            )
-            > 0
-        )
+        pairs = entries.tokens * pre.shape[1] + entries.features
+        active = pre.new_zeros(pre.numel(), dtype=torch.int32).scatter_reduce_(0, pairs, fired, "amax")
+        active = active.view(pre.shape) > 0
         n_codes = pre.numel() * (self.n_snapshots if entries.snapshots is not None else 1)
         if pre.dtype == torch.bfloat16:
             # Under bf16 autocast the dense products run about 2.5x faster (bench/crosscoder_throughput.py
@@ -181,6 +186,12 @@ class CrossCoder(nn.Module):
         else:
             reconstruction, codes = self.decode_dense(entries, len(pre))
         return CrossCoderOutput(reconstruction, codes, active, penalty)
+
+    def sparse_step_max_density(self) -> float:
+        """The configured crossover to the sparse step, or the measured one of the device the weights are on."""
+        if self.config.sparse_step_max_density is not None:
+            return self.config.sparse_step_max_density
+        return SPARSE_STEP_MAX_DENSITY.get(self.decoder_weight.device.type, 0.0)
 
     def decode_dense(self, entries: CodeEntries, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction [B, S, d] and the dense codes, by matmuls over all features."""

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from crosscoder.sparse_codes import bag_sum
+
 
 class CodeEntries(NamedTuple):
     """The codes of a batch that fire (and, for JumpReLU, zero codes whose gradient the threshold needs)."""
@@ -25,6 +27,21 @@ class CodeEntries(NamedTuple):
     """[nnz] their feature."""
     snapshots: torch.Tensor | None
     """[nnz] the snapshot each code is for (JumpReLU), or None when one code serves all snapshots."""
+
+
+def add_by_feature(totals: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """totals[features[i]] += values[i], summed in the same order on every run.
+
+    On CUDA ``index_add_`` adds with atomics, in an order that changes from run to run, so the same
+    seed gave different weights there. There each feature's entries are summed as one bag instead (the
+    accumulating ``index_put_`` is deterministic too, but its kernel was a sixth of a JumpReLU step on an
+    H200). On CPU ``index_add_`` is the faster and already deterministic."""
+    if not totals.is_cuda:
+        return totals.index_add_(0, features, values)
+    entries = torch.arange(len(features), device=features.device)
+    weights = torch.ones(len(features), dtype=values.dtype, device=values.device)
+    sums = bag_sum(features, entries, weights, values.reshape(len(features), -1), totals.shape[0])
+    return totals.add_(sums.view_as(totals))
 
 
 class JumpReLU(torch.autograd.Function):
@@ -52,7 +69,7 @@ class JumpReLU(torch.autograd.Function):
         accumulate = torch.promote_types(pre.dtype, torch.float32)
         saturation = torch.zeros(log_threshold.shape, dtype=accumulate, device=pre.device)
         scaled = values[:, None].to(accumulate) * decoder_norms[:, features].T
-        saturation.index_add_(0, features, torch.where(active, torch.tanh(tanh_scale * scaled), 0.0).sum(1))
+        add_by_feature(saturation, features, torch.where(active, torch.tanh(tanh_scale * scaled), 0.0).sum(1))
         ctx.save_for_backward(pre, decoder_norms, log_threshold)
         ctx.bandwidth, ctx.tanh_scale = bandwidth, tanh_scale
         frequency = saturation / (decoder_norms.shape[0] * pre.shape[0])
@@ -103,9 +120,9 @@ class JumpReLU(torch.autograd.Function):
         grad_pre = torch.zeros(pre.shape, dtype=accumulate, device=pre.device)
         grad_pre[tokens, features] = torch.where(active, grad_f, 0.0).sum(1)
         grad_norms = torch.zeros(decoder_norms.shape[::-1], dtype=accumulate, device=pre.device)
-        grad_norms.index_add_(0, features, torch.where(active, penalty_weight * wide_values, 0.0))
+        add_by_feature(grad_norms, features, torch.where(active, penalty_weight * wide_values, 0.0))
         grad_threshold = torch.zeros_like(threshold, dtype=accumulate)
-        grad_threshold.index_add_(0, features, torch.where(in_window, grad_f * wide_values, 0.0).sum(1))
+        add_by_feature(grad_threshold, features, torch.where(in_window, grad_f * wide_values, 0.0).sum(1))
         grad_log_threshold = -grad_threshold / bandwidth * threshold
         return (
             grad_pre.to(pre.dtype),

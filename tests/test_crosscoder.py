@@ -21,7 +21,10 @@ from crosscoder.sparsity import jumprelu
 from crosscoder.synthetic import planted_features, planted_recovery
 from crosscoder.trainer import make_optimizer, resamples_at
 
-SMALL = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=1200, log_every=100)
+SMALL = CrossCoderConfig(expansion_ratio=4, batch_size=256, n_steps=1200, log_every=100, device="cpu")
+# The tests of the training arithmetic run on every device this machine has: CI has only the CPU, a GPU
+# machine runs them on CUDA too (`pytest --noconftest tests/test_crosscoder.py -k cuda` there).
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +32,11 @@ def planted():
     return planted_features(n_tokens=30_000, n_snapshots=4, d_model=32, n_features=48, seed=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparsity", ["jumprelu", "l1"])
-def test_planted_features_are_recovered_with_their_snapshots(planted, sparsity):
-    result = fit(planted.activations, replace(SMALL, sparsity=sparsity))
-    recovery = planted_recovery(planted, result.model.decoder_weight)
+def test_planted_features_are_recovered_with_their_snapshots(planted, sparsity, device):
+    result = fit(planted.activations, replace(SMALL, sparsity=sparsity, device=device))
+    recovery = planted_recovery(planted, result.model.decoder_weight.cpu())
     assert recovery.recovered_share >= 0.9, recovery
     assert recovery.onsets_exact_share == 1.0, recovery
     assert result.metrics.explained_variance > 0.95
@@ -77,10 +81,13 @@ def test_resampled_dead_features_fire_on_the_worst_reconstructed_tokens(planted,
         assert state["exp_avg"][dead].abs().sum() == 0 and state["exp_avg"][~dead].abs().sum() > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse_step_max_density", [0.0, 1.0], ids=["dense", "sparse"])
-def test_same_seed_same_weights_other_seed_other_weights(planted, sparse_step_max_density):
+def test_same_seed_same_weights_other_seed_other_weights(planted, sparse_step_max_density, device):
     # Resampling every 20 steps: its token draw is seeded too.
-    config = replace(SMALL, n_steps=60, sparse_step_max_density=sparse_step_max_density, resample_dead_every=20)
+    config = replace(
+        SMALL, n_steps=60, sparse_step_max_density=sparse_step_max_density, resample_dead_every=20, device=device
+    )
     first = fit(planted.activations, config).model.state_dict()
     second = fit(planted.activations, config).model.state_dict()
     other = fit(planted.activations, replace(config, seed=1)).model.state_dict()
@@ -88,19 +95,18 @@ def test_same_seed_same_weights_other_seed_other_weights(planted, sparse_step_ma
     assert not torch.equal(first["decoder_weight"], other["decoder_weight"])
 
 
-def test_jumprelu_gradients_match_a_plain_autograd_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_jumprelu_gradients_match_a_plain_autograd_reference(device):
     torch.manual_seed(0)
     bandwidth, c = 0.5, 4.0
-    pre = torch.randn(16, 10, dtype=torch.float64, requires_grad=True)
-    norms = (torch.rand(3, 10, dtype=torch.float64) + 0.5).requires_grad_()
-    log_threshold = torch.full((10,), -0.5, dtype=torch.float64, requires_grad=True)
-    upstream_codes, upstream_frequency = (
-        torch.randn(3, 16, 10, dtype=torch.float64),
-        torch.randn(10, dtype=torch.float64),
-    )
+    like = {"dtype": torch.float64, "device": device}
+    pre = torch.randn(16, 10, **like).requires_grad_()
+    norms = (torch.rand(3, 10, **like) + 0.5).requires_grad_()
+    log_threshold = torch.full((10,), -0.5, **like, requires_grad=True)
+    upstream_codes, upstream_frequency = torch.randn(3, 16, 10, **like), torch.randn(10, **like)
 
     entries, frequency = jumprelu(pre, norms, log_threshold, bandwidth, c)
-    codes = torch.zeros(3, 16, 10, dtype=torch.float64).index_put(
+    codes = torch.zeros(3, 16, 10, **like).index_put(
         (entries.snapshots, entries.tokens, entries.features), entries.values
     )
     ((codes * upstream_codes).sum() + (frequency * upstream_frequency).sum()).backward()
@@ -133,16 +139,18 @@ def loss_and_gradients(model: CrossCoder, batch: torch.Tensor, max_density: floa
     return loss.item(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparsity", ["jumprelu", "l1", "topk", "batchtopk"])
 @pytest.mark.parametrize("codes", ["initial", "trained"])
-def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes):
-    config = replace(SMALL, sparsity=sparsity, k=4, n_steps=300)
+def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes, device):
+    config = replace(SMALL, sparsity=sparsity, k=4, n_steps=300, device=device)
     if codes == "trained":
         model = fit(planted.activations, config).model.train()
     else:
         model = CrossCoder(4, 32, config)
         model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
-    batch = planted.activations[:512]
+        model.to(device)
+    batch = planted.activations[:512].to(device)
     dense_loss, dense = loss_and_gradients(model, batch, 0.0)
     sparse_loss, sparse = loss_and_gradients(model, batch, 1.0)
     assert sparse_loss == pytest.approx(dense_loss, rel=1e-6)
@@ -258,8 +266,9 @@ def test_iterable_of_batches_trains_like_an_array(planted):
     assert result.metrics.explained_variance > 0.5
 
 
-def test_bfloat16_autocast_trains_close_to_float32(planted):
-    config = replace(SMALL, sparsity="jumprelu", n_steps=400)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_autocast_trains_close_to_float32(planted, device):
+    config = replace(SMALL, sparsity="jumprelu", n_steps=400, device=device)
     full = fit(planted.activations, config).metrics.explained_variance
     half = fit(planted.activations, replace(config, autocast_bf16=True)).metrics.explained_variance
     assert half > 0.9 and abs(full - half) < 0.03
