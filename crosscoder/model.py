@@ -31,7 +31,7 @@ from crosscoder.sparsity import (
 # embedding-bag, CSR and compiled gather kernels at every density measured, down to 1 %
 # (bench/decode_kernels.py): steps there stay dense.
 SPARSE_STEP_MAX_DENSITY = {"cpu": 0.07, "cuda": 0.0}
-BF16_CROSSOVER_FACTOR = 0.4
+BF16_CROSSOVER_FACTOR = 0.7
 
 
 class CrossCoderOutput(NamedTuple):
@@ -178,8 +178,9 @@ class CrossCoder(nn.Module):
         active = active.view(pre.shape) > 0
         n_codes = pre.numel() * (self.n_snapshots if entries.snapshots is not None else 1)
         if pre.dtype == torch.bfloat16:
-            # Under bf16 autocast the dense products run about 2.5x faster (bench/crosscoder_throughput.py
-            # on CPU) while the sparse ones stay float32, so the crossover sits lower.
+            # Under bf16 autocast the dense step runs about 1.7x faster on CPU while the sparse products stay
+            # float32, so the crossover sits lower: near 5 % for l1 (bench/crosscoder_throughput.py, where
+            # JumpReLU's sparse step at 1 % firing, about 4 % entries with its window, is 1.8x the dense one).
             max_density *= BF16_CROSSOVER_FACTOR
         if max_density > 0 and len(entries.values) <= max_density * n_codes:
             reconstruction, codes = self.decode_sparse(entries, len(pre))
