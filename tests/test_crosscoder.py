@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import crosscoder.model
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
 from crosscoder.resampling import resample_dead
 from crosscoder.sparsity import jumprelu
@@ -137,6 +138,20 @@ def loss_and_gradients(model: CrossCoder, batch: torch.Tensor, max_density: floa
     loss.backward()
     assert output.codes.is_sparse == (max_density > 0)  # the path asked for is the one taken
     return loss.item(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+def test_the_default_crossover_is_the_devices_own(planted, monkeypatch):
+    """Left unset, the crossover to the sparse step is the measured one of the device holding the weights:
+    sparse codes on CPU at a low density, dense steps where the device's entry says 0 (CUDA's)."""
+    model = CrossCoder(4, 32, replace(SMALL, sparsity="topk", k=2))
+    model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
+    batch = planted.activations[:512]
+    assert model.config.sparse_step_max_density is None
+    assert model(batch).codes.is_sparse  # 2 of 128 features: below CPU's crossover
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu", 0.0)
+    assert not model(batch).codes.is_sparse
+    model.config = replace(model.config, sparse_step_max_density=1.0)  # a value in the config wins
+    assert model(batch).codes.is_sparse
 
 
 @pytest.mark.parametrize("device", DEVICES)
