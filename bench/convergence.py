@@ -1,7 +1,8 @@
 """How flat the main command's crosscoders end: the training loss's drop over the last fifth of the steps,
 for several step counts, on the main command's own activations (built first if missing).
 
-    python bench/convergence.py [--ratios 4,8,16] [--steps 500,1500] [--cooldown 0.2] [--cache-dir DIR]
+    python bench/convergence.py [--ratios 4,8,16] [--steps 500,1500] [--cooldown 0.2] [--learning-rate 1e-3]
+                                 [--cache-dir DIR]
 
 Each line: expansion ratio, steps, training seconds, ``loss_drop_last_fifth`` (the figure each trial
 logs; the report flags trials above 2 %), explained variance, L0 and dead share on the held-out shard.
