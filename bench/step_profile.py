@@ -18,6 +18,7 @@ from crosscoder_throughput import DTYPES, MODES, model_at_density, synchronize
 from torch.profiler import ProfilerActivity, profile
 
 from crosscoder import CrossCoder
+from crosscoder.cpu_memory import reuse_freed_memory
 from crosscoder.trainer import make_optimizer, training_step
 
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # as crosscoder.train does on CPU: no page faults on each step's temporaries
     shape = tuple(int(part) for part in args.shape.split("x"))
     model, batch = model_at_density(shape, args.method, DTYPES[args.dtype], device, args.density)
     timed = CrossCoder(shape[0], shape[1], replace(model.config, sparse_step_max_density=MODES[args.mode])).to(device)
