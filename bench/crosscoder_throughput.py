@@ -2,7 +2,7 @@
 
     python bench/crosscoder_throughput.py [--device cpu|cuda] [--dtypes float32,bfloat16]
                                           [--methods jumprelu,l1] [--densities 0.01,0.05,0.1]
-                                          [--steps 2] [--shapes 8x128x1024x1024,...]
+                                          [--steps N] [--shapes 8x128x1024x1024,...]
 
 For each shape (S snapshots, d_model, n_features, batch), sparsity method, dtype and share of
 (token, feature) codes that fire, it times full training steps (``crosscoder.trainer.training_step``:
@@ -112,9 +112,15 @@ def main() -> None:
     parser.add_argument("--methods", default="jumprelu,l1")
     parser.add_argument("--densities", default="0.01,0.05,0.1", help="shares of (token, feature) codes that fire")
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated SxDxFxBATCH")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode, after one warm-up")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per mode, after one warm-up (default: 2 on CPU, 10 on CUDA)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    steps = args.steps or (2 if device.type == "cpu" else 10)  # a GPU step takes milliseconds: time more of them
     if device.type == "cpu":
         reuse_freed_memory()  # as crosscoder.train does on CPU
     shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
@@ -139,7 +145,7 @@ def main() -> None:
                         timed = replace(model.config, sparse_step_max_density=max_density)
                         trial = CrossCoder(n_snapshots, d_model, timed).to(device)
                         trial.load_state_dict(model.state_dict())
-                        seconds[mode], active, adam = time_steps(trial, batch, args.steps)
+                        seconds[mode], active, adam = time_steps(trial, batch, steps)
                         shares.append(active)
                     step_flops = 10 * n_snapshots * d_model * n_features * batch_size
                     print(
