@@ -292,68 +292,73 @@ def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
         assert colours > 200, colours
 
 
-def test_killed_sweep_resumes_without_duplicate_runs(tiny_trajectory_folder, tmp_path, store, ray_cluster):
-    arguments = sweep_arguments(
-        tiny_trajectory_folder, tmp_path, "--experiment", "resumed", "--set", "n_steps=600", "--max-concurrent", "1"
+def test_two_sweeps_at_once_one_killed_and_resumed_one_with_a_diverging_trial(
+    tiny_trajectory_folder, tmp_path, store, ray_cluster
+):
+    """Two sweeps write one SQLite store at the same time (one Ray, as two users' would share it). The
+    first is killed once a trial has finished, then resumed: nothing is run twice, no run duplicated.
+    The second has a trial whose loss diverges: that trial is FAILED, the other finishes, the exit
+    status is 1, and its run and its row in the final table say why."""
+    killed = sweep_arguments(
+        tiny_trajectory_folder, tmp_path, "--experiment", "resumed", "--set", "n_steps=300", "--max-concurrent", "1"
+    )
+    diverging = sweep_arguments(
+        tiny_trajectory_folder,
+        tmp_path,
+        *("--experiment", "diverge", "--set", "expansion_ratio=4"),
+        *("--set", "learning_rate={grid_search: [0.001, 1.0e+30]}"),
     )
     environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    log = tmp_path / "killed-sweep.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "study.sweep", *arguments],
-        cwd=REPO,
-        env=environment,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    logs = {name: tmp_path / f"{name}.log" for name in ("killed", "diverging")}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "study.sweep", *arguments],
+            cwd=REPO,
+            env=environment,
+            stdout=logs[name].open("w"),
+            stderr=subprocess.STDOUT if name == "killed" else subprocess.DEVNULL,
+        )
+        for name, arguments in (("killed", killed), ("diverging", diverging))
+    }
     deadline = time.time() + 240
     finished = []
-    while time.time() < deadline and process.poll() is None and not finished:
+    while time.time() < deadline and processes["killed"].poll() is None and not finished:
         time.sleep(0.5)
         if store.exists():
             try:
-                # Under the sweep's own lock: reading a store whose schema is being created races it.
+                # Under the sweeps' own lock: reading a store whose schema is being created races it.
                 with store_lock(f"sqlite:///{store}"):
                     frame = runs(store, "resumed")
             except Exception:
                 continue  # the experiment is not created yet
             if len(frame) and "tags.mlflow.parentRunId" in frame:
                 finished = list(children(frame).query("status == 'FINISHED'")["run_id"])
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert finished, "no trial finished before the kill:\n" + log.read_text()[-3000:]
+    processes["killed"].send_signal(signal.SIGKILL)
+    processes["killed"].wait()
+    assert finished, "no trial finished before the kill:\n" + logs["killed"].read_text()[-3000:]
     before = children(runs(store, "resumed"))
     assert len(before.query("status == 'FINISHED'")) < 3, "the sweep finished before it could be killed"
     end_time = before.set_index("run_id").loc[finished[0], "end_time"]
 
-    assert main(arguments) == 0
+    # The other sweep went on through the kill and lost nothing.
+    assert processes["diverging"].wait(timeout=400) == 1, logs["diverging"].read_text()[-3000:]
+    trials = children(runs(store, "diverge")).set_index("params.learning_rate")
+    assert len(runs(store, "diverge")) == 3
+    assert trials.loc["0.001", "status"] == "FINISHED"
+    assert trials.loc["1e+30", "status"] == "FAILED"
+    assert "loss became" in trials.loc["1e+30", "tags.error"]
+    output = logs["diverging"].read_text()
+    assert "[FAILED]" in output
+    # The final table marks the diverged trial, not only the progress line.
+    table_rows = [line for line in output.splitlines() if not line.startswith("[") and "e+30" in line]
+    assert table_rows and all("FAILED" in row for row in table_rows)
+
+    assert main(killed) == 0
     after = children(runs(store, "resumed"))
     assert len(after) == 3 and after["tags.tune_trial_id"].nunique() == 3
     assert (after["status"] == "FINISHED").all()
     assert after.set_index("run_id").loc[finished[0], "end_time"] == end_time  # not run again
     assert len(runs(store, "resumed")) == 4
-
-
-def test_diverging_trial_is_failed_and_the_others_finish(tiny_trajectory_folder, tmp_path, store, ray_cluster, capsys):
-    arguments = sweep_arguments(
-        tiny_trajectory_folder,
-        tmp_path,
-        "--experiment",
-        "diverge",
-        "--set",
-        "expansion_ratio=4",
-        "--set",
-        "learning_rate={grid_search: [0.001, 1.0e+30]}",
-    )
-    assert main(arguments) == 1
-    trials = children(runs(store, "diverge")).set_index("params.learning_rate")
-    assert trials.loc["0.001", "status"] == "FINISHED"
-    assert trials.loc["1e+30", "status"] == "FAILED"
-    assert "loss became" in trials.loc["1e+30", "tags.error"]
-    output = capsys.readouterr().out
-    assert "[FAILED]" in output
-    # The final table marks the diverged trial, not only the progress line.
-    table_rows = [line for line in output.splitlines() if not line.startswith("[") and "e+30" in line]
-    assert table_rows and all("FAILED" in row for row in table_rows)
 
 
 def test_a_trial_split_over_two_workers_on_streamed_activations_trains_the_same_crosscoder(
@@ -513,39 +518,6 @@ def test_artifacts_elsewhere_for_an_existing_experiment_is_one_line_and_its_runs
     assert "experiment 'placed' keeps its artifacts at" in errors[0] and "drop --artifacts" in errors[0]
     assert [run.info.run_id for run in client.search_runs([experiment_id])] == [kept]
     assert not (tmp_path / "sweeps").exists()
-
-
-def test_two_sweeps_at_once_lose_no_run(tiny_trajectory_folder, tmp_path, store, ray_cluster):
-    environment = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "study.sweep",
-                *sweep_arguments(
-                    tiny_trajectory_folder,
-                    tmp_path,
-                    "--experiment",
-                    name,
-                    "--set",
-                    "expansion_ratio={grid_search: [2, 4]}",
-                ),
-            ],
-            cwd=REPO,
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in ("first", "second")
-    ]
-    for process in processes:
-        _, errors = process.communicate(timeout=400)
-        assert process.returncode == 0, errors[-2000:]
-    for name in ("first", "second"):
-        frame = runs(store, name)
-        assert len(frame) == 3 and (frame["status"] == "FINISHED").all()
 
 
 def test_shards_are_nearly_equal_so_the_held_out_shard_is_not_a_remainder(tiny_trajectory_folder):
