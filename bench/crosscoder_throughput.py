@@ -6,7 +6,8 @@
 
 For each shape (S snapshots, d_model, n_features, batch), sparsity method, dtype and share of
 (token, feature) codes that fire, it times full training steps (``crosscoder.trainer.training_step``:
-forward, loss, backward, Adam) on random input in memory three ways in the same process:
+forward, loss, backward, Adam) on random input in memory three ways in the same process, taking one
+step of each in turn:
 
 * dense: the dense reference step (``sparse_step_max_density=0``), every product over all F features;
 * sparse: the sparse step forced (``sparse_step_max_density=1``), to show where it stops paying;
@@ -86,23 +87,30 @@ def model_at_density(
     return model.to(device), batch.to(device)
 
 
-def time_steps(model: CrossCoder, batch: torch.Tensor, steps: int) -> tuple[float, float, float]:
-    """Median seconds of a training step after one warm-up, the share of pairs active, and Adam's seconds."""
+def time_steps(models: dict[str, CrossCoder], batch: torch.Tensor, steps: int) -> dict[str, tuple[float, float, float]]:
+    """Per model: median seconds of a training step, the share of pairs active, and Adam's seconds.
+
+    The models take their steps in turn, one each per round after a warm-up round, so that a slower
+    spell of a shared machine falls on all of them alike rather than on whichever ran then."""
     device = batch.device
-    optimizer = make_optimizer(model)
-    times, active = [], []
+    optimizers = {name: make_optimizer(model) for name, model in models.items()}
+    times, active = {name: [] for name in models}, {name: [] for name in models}
     for index in range(steps + 1):
-        synchronize(device)
+        for name, model in models.items():
+            synchronize(device)
+            started = time.perf_counter()
+            result = training_step(model, optimizers[name], batch, step=500)  # mid-run: full rate and coefficient
+            synchronize(device)
+            if index:
+                times[name].append(time.perf_counter() - started)
+                active[name].append(result.active.float().mean().item())
+    timings = {}
+    for name, optimizer in optimizers.items():
         started = time.perf_counter()
-        result = training_step(model, optimizer, batch, step=500)  # mid-run: full learning rate and coefficient
+        optimizer.step()  # the gradients of the last step are still there
         synchronize(device)
-        if index:
-            times.append(time.perf_counter() - started)
-            active.append(result.active.float().mean().item())
-    started = time.perf_counter()
-    optimizer.step()  # the gradients of the last step are still there
-    synchronize(device)
-    return statistics.median(times), statistics.mean(active), time.perf_counter() - started
+        timings[name] = statistics.median(times[name]), statistics.mean(active[name]), time.perf_counter() - started
+    return timings
 
 
 def main() -> None:
@@ -116,11 +124,11 @@ def main() -> None:
         "--steps",
         type=int,
         default=None,
-        help="timed steps per mode, after one warm-up (default: 2 on CPU, 10 on CUDA)",
+        help="timed steps per mode, after one warm-up (default: 4 on CPU, 10 on CUDA)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
-    steps = args.steps or (2 if device.type == "cpu" else 10)  # a GPU step takes milliseconds: time more of them
+    steps = args.steps or (4 if device.type == "cpu" else 10)  # a GPU step takes milliseconds: time more of them
     if device.type == "cpu":
         reuse_freed_memory()  # as crosscoder.train does on CPU
     shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
@@ -140,13 +148,15 @@ def main() -> None:
             for method in args.methods.split(","):
                 for density in (float(value) for value in args.densities.split(",")):
                     model, batch = model_at_density(shape, method, dtype, device, density)
-                    seconds, shares = {}, []
+                    models = {}
                     for mode, max_density in MODES.items():
                         timed = replace(model.config, sparse_step_max_density=max_density)
-                        trial = CrossCoder(n_snapshots, d_model, timed).to(device)
-                        trial.load_state_dict(model.state_dict())
-                        seconds[mode], active, adam = time_steps(trial, batch, steps)
-                        shares.append(active)
+                        models[mode] = CrossCoder(n_snapshots, d_model, timed).to(device)
+                        models[mode].load_state_dict(model.state_dict())
+                    timings = time_steps(models, batch, steps)
+                    seconds = {mode: timing[0] for mode, timing in timings.items()}
+                    shares = [timing[1] for timing in timings.values()]
+                    adam = timings["auto"][2]
                     step_flops = 10 * n_snapshots * d_model * n_features * batch_size
                     print(
                         f"{n_snapshots:>2} {d_model:>4} {n_features:>6} {batch_size:>5} {method:>8} {dtype_name:>8} "

@@ -9,7 +9,9 @@ With the codes of B tokens over F features (a share ``density`` non-zero) and a 
 * backward, the decoder's gradient grad[f] = sum over the tokens b that f fires on of code[b, f] * grad_out[b].
 
 Each is timed as the dense product (the [B, F] code matrix, what the dense step does), as
-``crosscoder.sparse_codes.bag_sum`` (``embedding_bag``, what the sparse step uses), as a CSR matrix
+``crosscoder.sparse_codes.bag_sum`` (``embedding_bag``, what the sparse step uses; on CPU the forward
+gathers ``GATHER_COLUMN_BLOCK`` columns of the decoder per pass), as one ``embedding_bag`` over the
+whole width (the forward's "1-pass bag", to show what the column blocks give), as a CSR matrix
 product (``torch.sparse.mm``: cuSPARSE on CUDA), and, for the forward, as a ``torch.compile``d gather
 padded to the most features any token has, summed over them (one fused kernel where Triton is at
 hand). Printed: milliseconds (median of ``rounds``) and each one's speed-up over the dense product.
@@ -23,11 +25,12 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from crosscoder.sparse_codes import bag_sum
+from crosscoder.sparse_codes import bag_offsets, bag_sum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-COLUMNS = (("dense", 9), ("bag", 8), ("csr", 8), ("compiled", 11))
+COLUMNS = (("dense", 9), ("bag", 8), ("1-pass bag", 10), ("csr", 8), ("compiled", 11))
 
 
 def milliseconds(run: Callable[[], torch.Tensor], device: torch.device, rounds: int) -> float:
@@ -64,9 +67,11 @@ def time_kernels(
     padded_indices = torch.zeros(batch_size, int(per_token.max()), dtype=torch.long, device=device)
     padded_values = torch.zeros(batch_size, int(per_token.max()), dtype=codes.dtype, device=device)
     padded_indices[tokens, slot], padded_values[tokens, slot] = features, values
+    offsets = bag_offsets(tokens, batch_size)
     forward = {
         "dense": lambda: codes @ decoder,
         "bag": lambda: bag_sum(tokens, features, values, decoder, batch_size),
+        "1-pass bag": lambda: F.embedding_bag(features, decoder, offsets, per_sample_weights=values, mode="sum"),
         "csr": lambda: torch.sparse.mm(csr, decoder),
         "compiled": lambda: compiled(padded_indices, padded_values, decoder),
     }
@@ -104,7 +109,8 @@ def main() -> None:
         f"device {device}, torch {torch.__version__}, {args.dtype}, S {n_snapshots} d {d_model} F {n_features} B {batch_size}"
     )
     print(
-        f"{'density':>7} {'pass':>8} {'dense ms':>9} {'bag ms':>8} {'csr ms':>8} {'compiled ms':>11}  speed-up over dense"
+        f"{'density':>7} {'pass':>8} {'dense ms':>9} {'bag ms':>8} {'1-pass ms':>10} {'csr ms':>8} {'compiled ms':>11}"
+        "  speed-up over dense"
     )
     for density in (float(value) for value in args.densities.split(",")):
         fires = torch.rand(batch_size, n_features, generator=generator) < density

@@ -17,7 +17,7 @@ from crosscoder.sparse_codes import SparseCodes, encode, sparse_decode
 from crosscoder.sparsity import (
     CodeEntries,
     batch_topk_fires,
-    decoder_norms,
+    decoder_and_norms,
     frequency_penalty,
     jumprelu,
     l1_penalty,
@@ -60,6 +60,17 @@ class SnapshotTerms(NamedTuple):
     """[S, d] decoder bias in raw units."""
     error: torch.Tensor
     """[B, S, d] what the features do not reconstruct."""
+
+
+def active_pairs(entries: CodeEntries, shape: torch.Size) -> torch.Tensor:
+    """[B, F] bool: the (token, feature) pairs whose code is non-zero at some snapshot (per-snapshot entries
+    include JumpReLU's zero codes)."""
+    # A max over integers is the same in any order, so the atomics of CUDA's scatter are deterministic
+    # here, and cheaper than the sort an accumulating index_put_ does there.
+    fired = (entries.values.detach() != 0).to(torch.int32)
+    pairs = entries.tokens * shape[1] + entries.features
+    active = fired.new_zeros(shape.numel()).scatter_reduce_(0, pairs, fired, "amax")
+    return active.view(shape) > 0
 
 
 class CrossCoder(nn.Module):
@@ -151,7 +162,10 @@ class CrossCoder(nn.Module):
             pre = encode(normalised.flatten(1), self.encoder_weight, self.encoder_bias, max_density)
         else:
             pre = self.encode(normalised)
-        norms = decoder_norms(self.decoder_weight).T  # [S, F]
+        decoder = self.decoder_weight
+        if config.sparsity in ("jumprelu", "l1"):  # the methods whose codes or penalty read the decoder norms
+            decoder, norms = decoder_and_norms(self.decoder_weight)
+            norms = norms.T  # [S, F]
         if config.sparsity == "jumprelu":
             # Inputs are normalised to mean norm sqrt(d_model), so f * ||W_D|| grows as sqrt(d_model): read in
             # those units the tanh keeps one meaning at every width. In raw units c = 4 saturates on nearly
@@ -160,6 +174,7 @@ class CrossCoder(nn.Module):
             tanh_scale = config.tanh_scale / math.sqrt(self.d_model)
             entries, frequency = jumprelu(pre, norms, self.log_threshold, self.jumprelu_window.item(), tanh_scale)
             penalty = frequency_penalty(frequency, config.frequency_scale)
+            active = active_pairs(entries, pre.shape)
         else:
             if config.sparsity == "l1":
                 fires = pre > 0
@@ -169,13 +184,7 @@ class CrossCoder(nn.Module):
                 fires = batch_topk_fires(pre, config.k, self.process_group)
             entries = shared_entries(pre, fires)
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
-        # A pair is active when its code is non-zero at any snapshot (JumpReLU's entries include zeros).
-        # A max over integers is the same in any order, so the atomics of CUDA's scatter are deterministic
-        # here, and cheaper than the sort an accumulating index_put_ does there.
-        fired = (entries.values.detach() != 0).to(torch.int32)
-        pairs = entries.tokens * pre.shape[1] + entries.features
-        active = pre.new_zeros(pre.numel(), dtype=torch.int32).scatter_reduce_(0, pairs, fired, "amax")
-        active = active.view(pre.shape) > 0
+            active = fires
         n_codes = pre.numel() * (self.n_snapshots if entries.snapshots is not None else 1)
         if pre.dtype == torch.bfloat16:
             # Under bf16 autocast the dense step runs about 1.7x faster on CPU while the sparse products stay
@@ -183,9 +192,9 @@ class CrossCoder(nn.Module):
             # JumpReLU's sparse step at 1 % firing, about 4 % entries with its window, is 1.8x the dense one).
             max_density *= BF16_CROSSOVER_FACTOR
         if max_density > 0 and len(entries.values) <= max_density * n_codes:
-            reconstruction, codes = self.decode_sparse(entries, len(pre))
+            reconstruction, codes = self.decode_sparse(entries, decoder, len(pre))
         else:
-            reconstruction, codes = self.decode_dense(entries, len(pre))
+            reconstruction, codes = self.decode_dense(entries, decoder, len(pre))
         return CrossCoderOutput(reconstruction, codes, active, penalty)
 
     def sparse_step_max_density(self) -> float:
@@ -194,37 +203,40 @@ class CrossCoder(nn.Module):
             return self.config.sparse_step_max_density
         return SPARSE_STEP_MAX_DENSITY.get(self.decoder_weight.device.type, 0.0)
 
-    def decode_dense(self, entries: CodeEntries, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction [B, S, d] and the dense codes, by matmuls over all features."""
+    def decode_dense(
+        self, entries: CodeEntries, decoder: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction [B, S, d] and the dense codes, by matmuls over all features of ``decoder`` [F, S, d]."""
         values = entries.values
         if entries.snapshots is None:
             codes = values.new_zeros((batch_size, self.n_features)).index_put(
                 (entries.tokens, entries.features), values
             )
             # Shared code: all snapshots decoded by one [B, F] x [F, S*d] product.
-            flat = codes @ self.decoder_weight.flatten(1).to(codes.dtype)
+            flat = codes @ decoder.flatten(1).to(codes.dtype)
             return flat.view(-1, self.n_snapshots, self.d_model) + self.decoder_bias, codes
         codes = values.new_zeros((self.n_snapshots, batch_size, self.n_features))
         codes = codes.index_put((entries.snapshots, entries.tokens, entries.features), values)
         # Per-snapshot codes: one [B, F] x [F, d] product per snapshot.
-        decoder = self.decoder_weight.transpose(0, 1)
-        return torch.baddbmm(self.decoder_bias[:, None, :], codes, decoder).transpose(0, 1), codes
+        return torch.baddbmm(self.decoder_bias[:, None, :], codes, decoder.transpose(0, 1)).transpose(0, 1), codes
 
-    def decode_sparse(self, entries: CodeEntries, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_sparse(
+        self, entries: CodeEntries, decoder: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same reconstruction from the entries alone (``crosscoder.sparse_codes``), and the codes as a
         torch sparse tensor."""
         n_snapshots, d_model = self.n_snapshots, self.d_model
         detached = entries.values.detach()
         if entries.snapshots is None:
             codes = SparseCodes(entries.values, entries.tokens, entries.features, batch_size)
-            flat = sparse_decode(codes, self.decoder_weight.flatten(1))
+            flat = sparse_decode(codes, decoder.flatten(1))
             indices, size = torch.stack([entries.tokens, entries.features]), (batch_size, self.n_features)
         else:
             # Row b*S + s of the output reads row i*S + s of the decoder viewed as [F*S, d].
             rows = entries.tokens * n_snapshots + entries.snapshots
             columns = entries.features * n_snapshots + entries.snapshots
             codes = SparseCodes(entries.values, rows, columns, batch_size * n_snapshots)
-            flat = sparse_decode(codes, self.decoder_weight.view(-1, d_model))
+            flat = sparse_decode(codes, decoder.view(-1, d_model))
             indices = torch.stack([entries.snapshots, entries.tokens, entries.features])
             size = (n_snapshots, batch_size, self.n_features)
         reconstruction = flat.view(batch_size, n_snapshots, d_model) + self.decoder_bias

@@ -47,17 +47,27 @@ def bag_offsets(sorted_keys: torch.Tensor, n_bags: int) -> torch.Tensor:
     return torch.searchsorted(sorted_keys, torch.arange(n_bags, device=sorted_keys.device))
 
 
+# Columns of the table gathered per pass when it has more rows than the output (decoding: each token reads
+# its features' rows from the whole decoder). The pass's slice of the table then stays in cache instead of
+# every row coming from memory: on a 2-core CPU 2-3x faster at 1-5 % firing (bench/decode_kernels.py).
+GATHER_COLUMN_BLOCK = 64
+
+
 def bag_sum(keys: torch.Tensor, members: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, n_bags: int):
     """[n_bags, width]: out[key] = sum over entries with that key of weight * table[member]."""
     order = torch.argsort(keys, stable=True)
-    sorted_keys = keys[order]
-    return F.embedding_bag(
-        members[order],
-        table,
-        offsets=bag_offsets(sorted_keys, n_bags),
-        per_sample_weights=weights[order].to(table.dtype),
-        mode="sum",
-    )
+    members, offsets = members[order], bag_offsets(keys[order], n_bags)
+    weights = weights[order].to(table.dtype)
+    width = table.shape[1]
+    if table.is_cuda or table.shape[0] <= n_bags or width <= GATHER_COLUMN_BLOCK:
+        return F.embedding_bag(members, table, offsets=offsets, per_sample_weights=weights, mode="sum")
+    out = table.new_empty((n_bags, width))
+    for start in range(0, width, GATHER_COLUMN_BLOCK):
+        block = slice(start, start + GATHER_COLUMN_BLOCK)
+        out[:, block] = F.embedding_bag(
+            members, table[:, block], offsets=offsets, per_sample_weights=weights, mode="sum"
+        )
+    return out
 
 
 class SparseDecode(torch.autograd.Function):

@@ -134,24 +134,34 @@ class JumpReLU(torch.autograd.Function):
         )
 
 
-class DecoderNorms(torch.autograd.Function):
-    """||W_D^{s,i}|| over d_model, [S, F]; backward in one pass (autograd's generic norm backward takes several)."""
+class DecoderAndNorms(torch.autograd.Function):
+    """The decoder [F, S, d] passed through, with its norms over d_model [F, S].
+
+    Both gradients meet in one backward: the norms' share is added to the decoder's in one pass over the
+    weights. Taken apart, autograd writes the norms' share as a tensor of its own and then adds the two:
+    two more passes over the largest tensor of the step."""
 
     @staticmethod
     def forward(ctx, decoder_weight):
         norms = torch.linalg.vector_norm(decoder_weight, dim=-1)
         ctx.save_for_backward(decoder_weight, norms)
-        return norms
+        ctx.set_materialize_grads(False)  # a missing gradient stays None, not a tensor of zeros to add
+        return decoder_weight.view_as(decoder_weight), norms
 
     @staticmethod
-    def backward(ctx, grad_norms):
+    def backward(ctx, grad_decoder, grad_norms):
         decoder_weight, norms = ctx.saved_tensors
-        return decoder_weight * (grad_norms / norms.clamp_min(1e-12)).unsqueeze(-1)
+        if grad_norms is None:
+            return grad_decoder
+        scale = (grad_norms / norms.clamp_min(1e-12)).unsqueeze(-1)
+        if grad_decoder is None:
+            return decoder_weight * scale
+        return torch.addcmul(grad_decoder, decoder_weight, scale)
 
 
-def decoder_norms(decoder_weight: torch.Tensor) -> torch.Tensor:
-    """Norms over the last axis (d_model) of a decoder, differentiable."""
-    return DecoderNorms.apply(decoder_weight)
+def decoder_and_norms(decoder_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder to decode with and its norms over the last axis (d_model), both differentiable."""
+    return DecoderAndNorms.apply(decoder_weight)
 
 
 def jumprelu(

@@ -16,8 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import crosscoder.model
+import crosscoder.sparse_codes
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
 from crosscoder.resampling import resample_dead
+from crosscoder.sparse_codes import SparseCodes, sparse_decode
 from crosscoder.sparsity import jumprelu
 from crosscoder.synthetic import planted_features, planted_recovery
 from crosscoder.trainer import make_optimizer, resamples_at
@@ -173,6 +175,34 @@ def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes
         assert gradient.abs().max() > 0, name  # every parameter is tested where it has a gradient
         error = (sparse[name] - gradient).abs().max() / gradient.abs().max()
         assert error < 1e-5, f"{name}: relative error {error:.1e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_rows", [50, 600], ids=["decoding-in-column-blocks", "decoder-gradient-in-column-blocks"])
+def test_sparse_decode_gives_the_dense_product_and_gradients(n_rows, device):
+    """Codes as entries against the same codes as a dense matrix. A bag reads its table in column blocks when
+    the table has more rows than the bags: the decoder's 300 rows for 50 output rows, or the output
+    gradient's 600 rows for the decoder's 300 (a width of 200 is no multiple of the block: the last is partial)."""
+    generator = torch.Generator().manual_seed(0)
+    n_columns, width = 300, 200
+    assert width % crosscoder.sparse_codes.GATHER_COLUMN_BLOCK and width > crosscoder.sparse_codes.GATHER_COLUMN_BLOCK
+    fires = torch.rand(n_rows, n_columns, generator=generator) < 0.05
+    dense_codes = torch.randn(n_rows, n_columns, generator=generator) * fires
+    dense_codes[fires.nonzero()[::7].unbind(1)] = 0.0  # entries with code 0 (JumpReLU's window) add nothing
+    rows, columns = fires.nonzero(as_tuple=True)
+    decoder = torch.randn(n_columns, width, generator=generator).to(device)
+    values = dense_codes[rows, columns].to(device).requires_grad_()
+    sparse_decoder = decoder.clone().requires_grad_()
+    codes = SparseCodes(values, rows.to(device), columns.to(device), n_rows)
+    sparse_out = sparse_decode(codes, sparse_decoder)
+    dense_matrix, dense_decoder = dense_codes.to(device).requires_grad_(), decoder.clone().requires_grad_()
+    dense_out = dense_matrix @ dense_decoder
+    assert torch.allclose(sparse_out, dense_out, atol=1e-5)
+    grad_output = torch.randn(n_rows, width, generator=generator).to(device)
+    (sparse_out * grad_output).sum().backward()
+    (dense_out * grad_output).sum().backward()
+    assert torch.allclose(values.grad, dense_matrix.grad[rows, columns], atol=1e-4)
+    assert torch.allclose(sparse_decoder.grad, dense_decoder.grad, atol=1e-4)
 
 
 def test_killed_training_resumes_to_the_same_weights(planted, tmp_path):
