@@ -164,8 +164,7 @@ class CrossCoder(nn.Module):
             pre = self.encode(normalised)
         decoder = self.decoder_weight
         if config.sparsity in ("jumprelu", "l1"):  # the methods whose codes or penalty read the decoder norms
-            decoder, norms = decoder_and_norms(self.decoder_weight)
-            norms = norms.T  # [S, F]
+            decoder, norms = decoder_and_norms(self.decoder_weight)  # norms [F, S]
         if config.sparsity == "jumprelu":
             # Inputs are normalised to mean norm sqrt(d_model), so f * ||W_D|| grows as sqrt(d_model): read in
             # those units the tanh keeps one meaning at every width. In raw units c = 4 saturates on nearly

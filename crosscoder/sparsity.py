@@ -44,8 +44,29 @@ def add_by_feature(totals: torch.Tensor, features: torch.Tensor, values: torch.T
     return totals.add_(sums.view_as(totals))
 
 
+class GateBlock(NamedTuple):
+    """The (token, feature) pairs a JumpReLU gate looks at, with [pairs, S] blocks of each one's snapshots."""
+
+    tokens: torch.Tensor
+    """[pairs] the pair's token."""
+    features: torch.Tensor
+    """[pairs] the pair's feature."""
+    positions: torch.Tensor
+    """[pairs] token * F + feature: the pair's place in the flattened [B, F] pre-activation."""
+    values: torch.Tensor
+    """[pairs] the pre-activation."""
+    norms: torch.Tensor
+    """[pairs, S] the feature's decoder norms, in at least float32."""
+    scaled: torch.Tensor
+    """[pairs, S] the gated quantity pre * n."""
+    active: torch.Tensor
+    """[pairs, S] bool: the code fires."""
+    in_window: torch.Tensor
+    """[pairs, S] bool: the gated quantity is inside the threshold's window (all False without a window)."""
+
+
 class JumpReLU(torch.autograd.Function):
-    """f[s,b,i] = pre[b,i] * 1[pre[b,i] * n[s,i] > theta_i], and p_i = mean_{s,b} tanh(c f[s,b,i] n[s,i]).
+    """f[s,b,i] = pre[b,i] * 1[pre[b,i] * n[i,s] > theta_i], and p_i = mean_{s,b} tanh(c f[s,b,i] n[i,s]).
 
     The codes come out as entries (values, tokens, features, snapshots), in the order of (token,
     feature) pairs and then snapshots: every cell that fires, and every cell inside the threshold's
@@ -54,79 +75,78 @@ class JumpReLU(torch.autograd.Function):
     The threshold theta = exp(log_threshold) gets a straight-through gradient through a rectangle
     window of width ``bandwidth`` around the jump. Only (token, feature) pairs that fire at some
     snapshot, or sit in the window, carry any gradient, and once the code is sparse they are few:
-    one comparison of pre with each feature's lowest cutoff theta_i / n[s,i] over snapshots finds
-    them, and all arithmetic then runs on that compact [pairs, S] block. Backward recomputes the
-    gate, so nothing of size [S, B, F] is kept for it.
+    one comparison of pre with each feature's lowest cutoff theta_i / n[i,s] over snapshots finds
+    them, and all arithmetic then runs on that compact [pairs, S] block, read from the feature-major
+    norms [F, S] row by row. Backward recomputes the gate, so nothing of size [S, B, F] is kept for it.
     """
 
     @staticmethod
     def forward(ctx, pre, decoder_norms, log_threshold, bandwidth: float, tanh_scale: float, with_window: bool):
-        # pre [B, F]; decoder_norms [S, F]; log_threshold [F]
-        tokens, features, values, active, in_window = JumpReLU.gate(
-            pre, decoder_norms, log_threshold, bandwidth, with_window
-        )
+        # pre [B, F]; decoder_norms [F, S]; log_threshold [F]
+        gate = JumpReLU.gate(pre, decoder_norms, log_threshold, bandwidth, with_window)
         # Sums over the batch are kept in at least float32, also under bfloat16 autocast.
-        accumulate = torch.promote_types(pre.dtype, torch.float32)
-        saturation = torch.zeros(log_threshold.shape, dtype=accumulate, device=pre.device)
-        scaled = values[:, None].to(accumulate) * decoder_norms[:, features].T
-        add_by_feature(saturation, features, torch.where(active, torch.tanh(tanh_scale * scaled), 0.0).sum(1))
+        saturation = torch.zeros(log_threshold.shape, dtype=gate.scaled.dtype, device=pre.device)
+        add_by_feature(
+            saturation, gate.features, torch.where(gate.active, torch.tanh(tanh_scale * gate.scaled), 0.0).sum(1)
+        )
         ctx.save_for_backward(pre, decoder_norms, log_threshold)
         ctx.bandwidth, ctx.tanh_scale = bandwidth, tanh_scale
-        frequency = saturation / (decoder_norms.shape[0] * pre.shape[0])
+        frequency = saturation / (decoder_norms.shape[1] * pre.shape[0])
         # Cells inside the window that do not fire are entries too, with code 0: the threshold's
         # straight-through gradient needs the loss's gradient there.
-        pair, snapshot = (active | in_window).nonzero(as_tuple=True)
-        entry_tokens, entry_features = tokens[pair], features[pair]
+        entries = gate.active | gate.in_window
+        pair, snapshot = entries.nonzero(as_tuple=True)
+        entry_tokens, entry_features = gate.tokens.index_select(0, pair), gate.features.index_select(0, pair)
         ctx.mark_non_differentiable(entry_tokens, entry_features, snapshot)
-        entry_values = torch.where(active[pair, snapshot], values[pair], 0.0)
+        entry_values = torch.where(gate.active, gate.values[:, None], 0.0).masked_select(entries)
         return entry_values, frequency, entry_tokens, entry_features, snapshot
 
     @staticmethod
-    def gate(pre, decoder_norms, log_threshold, bandwidth: float, with_window: bool = True):
+    def gate(pre, decoder_norms, log_threshold, bandwidth: float, with_window: bool = True) -> GateBlock:
         """The (token, feature) pairs that fire at some snapshot or (``with_window``) sit in the window at
-        some snapshot, their pre-activations, and [pairs, S] masks of where each fires and where it is in
-        the window (all False without ``with_window``: no gradient will be asked for)."""
+        some snapshot (no window: no gradient will be asked for)."""
         threshold = log_threshold.exp()
-        cutoff = threshold / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
-        lowest = (threshold - bandwidth / 2) / decoder_norms if with_window else cutoff
-        tokens, features = (pre > lowest.min(0).values).nonzero(as_tuple=True)
-        values = pre[tokens, features]
-        active = values[:, None] > cutoff[:, features].T
-        scaled = values[:, None].to(torch.promote_types(pre.dtype, torch.float32)) * decoder_norms[:, features].T
-        in_window = (scaled - threshold[features][:, None]).abs() < bandwidth / 2
-        return tokens, features, values, active, in_window & with_window
+        cutoff = threshold[:, None] / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
+        lowest = (threshold - bandwidth / 2)[:, None] / decoder_norms if with_window else cutoff
+        positions = (pre > lowest.amin(1)).flatten().nonzero().squeeze(1)
+        tokens, features = positions // pre.shape[1], positions % pre.shape[1]
+        values = pre.reshape(-1).index_select(0, positions)
+        active = values[:, None] > cutoff.index_select(0, features)
+        norms = decoder_norms.index_select(0, features).to(torch.promote_types(pre.dtype, torch.float32))
+        scaled = values[:, None].to(norms.dtype) * norms
+        in_window = (scaled - threshold.index_select(0, features)[:, None]).abs() < bandwidth / 2
+        return GateBlock(tokens, features, positions, values, norms, scaled, active, in_window & with_window)
 
     @staticmethod
     def backward(ctx, grad_values, grad_frequency, *_):
         pre, decoder_norms, log_threshold = ctx.saved_tensors
         bandwidth, c = ctx.bandwidth, ctx.tanh_scale
         threshold = log_threshold.exp()
-        n_snapshots, batch = decoder_norms.shape[0], pre.shape[0]
-        accumulate = torch.promote_types(pre.dtype, torch.float32)
-        per_element = (grad_frequency / (n_snapshots * batch)).to(accumulate)
+        n_snapshots, batch = decoder_norms.shape[1], pre.shape[0]
         # The forward's gate, recomputed bit for bit.
-        tokens, features, values, active, in_window = JumpReLU.gate(pre, decoder_norms, log_threshold, bandwidth)
-        wide_values = values.to(accumulate)[:, None]
-        norms = decoder_norms[:, features].T.to(accumulate)
+        gate = JumpReLU.gate(pre, decoder_norms, log_threshold, bandwidth)
+        accumulate = gate.scaled.dtype
+        per_element = (grad_frequency / (n_snapshots * batch)).to(accumulate)
+        wide_values = gate.values.to(accumulate)[:, None]
         # tanh'(c f n) where the feature fires; where it does not, f = 0 and tanh' = 1.
-        slope = torch.where(active, 1 - torch.tanh(c * wide_values * norms).square(), 1.0)
-        penalty_weight = slope * (c * per_element[features])[:, None]
-        grad_f = penalty_weight * norms
+        slope = torch.where(gate.active, 1 - torch.tanh(c * gate.scaled).square(), 1.0)
+        penalty_weight = slope * (c * per_element.index_select(0, gate.features))[:, None]
+        grad_f = penalty_weight * gate.norms
         if grad_values is not None:
             # The forward's entries are the cells of this block that fire or sit in the window, read row by row.
-            grad_codes = torch.zeros(active.shape, dtype=accumulate, device=pre.device)
-            grad_codes[active | in_window] = grad_values.to(accumulate)
+            grad_codes = torch.zeros(gate.active.shape, dtype=accumulate, device=pre.device)
+            grad_codes.masked_scatter_(gate.active | gate.in_window, grad_values.to(accumulate))
             grad_f = grad_f + grad_codes
-        grad_pre = torch.zeros(pre.shape, dtype=accumulate, device=pre.device)
-        grad_pre[tokens, features] = torch.where(active, grad_f, 0.0).sum(1)
-        grad_norms = torch.zeros(decoder_norms.shape[::-1], dtype=accumulate, device=pre.device)
-        add_by_feature(grad_norms, features, torch.where(active, penalty_weight * wide_values, 0.0))
+        grad_pre = torch.zeros(pre.numel(), dtype=accumulate, device=pre.device)
+        grad_pre[gate.positions] = torch.where(gate.active, grad_f, 0.0).sum(1)
+        grad_norms = torch.zeros(decoder_norms.shape, dtype=accumulate, device=pre.device)
+        add_by_feature(grad_norms, gate.features, torch.where(gate.active, penalty_weight * wide_values, 0.0))
         grad_threshold = torch.zeros_like(threshold, dtype=accumulate)
-        add_by_feature(grad_threshold, features, torch.where(in_window, grad_f * wide_values, 0.0).sum(1))
+        add_by_feature(grad_threshold, gate.features, torch.where(gate.in_window, grad_f * wide_values, 0.0).sum(1))
         grad_log_threshold = -grad_threshold / bandwidth * threshold
         return (
-            grad_pre.to(pre.dtype),
-            grad_norms.T.to(decoder_norms.dtype),
+            grad_pre.view(pre.shape).to(pre.dtype),
+            grad_norms.to(decoder_norms.dtype),
             grad_log_threshold.to(log_threshold.dtype),
             None,
             None,
@@ -167,7 +187,7 @@ def decoder_and_norms(decoder_weight: torch.Tensor) -> tuple[torch.Tensor, torch
 def jumprelu(
     pre: torch.Tensor, decoder_norms: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float, tanh_scale: float
 ) -> tuple[CodeEntries, torch.Tensor]:
-    """Per-snapshot code entries and the tanh frequency p [F] (see ``JumpReLU``)."""
+    """Per-snapshot code entries and the tanh frequency p [F] (see ``JumpReLU``); ``decoder_norms`` is [F, S]."""
     # Without a gradient to come (evaluation, initialisation), the window's zero codes are left out.
     with_window = torch.is_grad_enabled() and any(
         tensor.requires_grad for tensor in (pre, decoder_norms, log_threshold)
@@ -190,14 +210,14 @@ def shared_entries(pre: torch.Tensor, fires: torch.Tensor) -> CodeEntries:
 
 
 def l1_penalty(codes: CodeEntries, decoder_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Paper 2: mean_b sum_i f_i mean_s ||W_D^{s,i}|| for relu codes.
+    """Paper 2: mean_b sum_i f_i mean_s ||W_D^{s,i}|| for relu codes, with ``decoder_norms`` [F, S].
 
     Paper 2 sums both its reconstruction error and the decoder norms over snapshots; here both are
     averaged over snapshots (the reconstruction loss is a mean over snapshots), so that one coefficient
     means the same sparsity at any snapshot count. A sum of norms against a mean error would make the
     effective coefficient grow with S.
     """
-    mean_norms = decoder_norms.mean(0).to(codes.values.dtype)
+    mean_norms = decoder_norms.mean(1).to(codes.values.dtype)  # [F, S] -> [F]
     return (codes.values * mean_norms[codes.features]).sum() / batch_size
 
 

@@ -108,7 +108,7 @@ def test_jumprelu_gradients_match_a_plain_autograd_reference(device):
     log_threshold = torch.full((10,), -0.5, **like, requires_grad=True)
     upstream_codes, upstream_frequency = torch.randn(3, 16, 10, **like), torch.randn(10, **like)
 
-    entries, frequency = jumprelu(pre, norms, log_threshold, bandwidth, c)
+    entries, frequency = jumprelu(pre, norms.T, log_threshold, bandwidth, c)  # it takes norms feature-major
     codes = torch.zeros(3, 16, 10, **like).index_put(
         (entries.snapshots, entries.tokens, entries.features), entries.values
     )
@@ -178,14 +178,14 @@ def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n_rows", [50, 600], ids=["decoding-in-column-blocks", "decoder-gradient-in-column-blocks"])
-def test_sparse_decode_gives_the_dense_product_and_gradients(n_rows, device):
-    """Codes as entries against the same codes as a dense matrix. A bag reads its table in column blocks when
-    the table has more rows than the bags: the decoder's 300 rows for 50 output rows, or the output
-    gradient's 600 rows for the decoder's 300 (a width of 200 is no multiple of the block: the last is partial)."""
+@pytest.mark.parametrize(
+    "column_block", [None, crosscoder.sparse_codes.GATHER_COLUMN_BLOCK], ids=["one-pass", "blocks"]
+)
+def test_sparse_decode_gives_the_dense_product_and_gradients(column_block, device):
+    """Codes as entries against the same codes as a dense matrix, the decoder gathered in one pass or in
+    column blocks (a width of 200 is no multiple of the block: the last one is partial)."""
     generator = torch.Generator().manual_seed(0)
-    n_columns, width = 300, 200
-    assert width % crosscoder.sparse_codes.GATHER_COLUMN_BLOCK and width > crosscoder.sparse_codes.GATHER_COLUMN_BLOCK
+    n_rows, n_columns, width = 50, 300, 200
     fires = torch.rand(n_rows, n_columns, generator=generator) < 0.05
     dense_codes = torch.randn(n_rows, n_columns, generator=generator) * fires
     dense_codes[fires.nonzero()[::7].unbind(1)] = 0.0  # entries with code 0 (JumpReLU's window) add nothing
@@ -194,7 +194,7 @@ def test_sparse_decode_gives_the_dense_product_and_gradients(n_rows, device):
     values = dense_codes[rows, columns].to(device).requires_grad_()
     sparse_decoder = decoder.clone().requires_grad_()
     codes = SparseCodes(values, rows.to(device), columns.to(device), n_rows)
-    sparse_out = sparse_decode(codes, sparse_decoder)
+    sparse_out = sparse_decode(codes, sparse_decoder, column_block)
     dense_matrix, dense_decoder = dense_codes.to(device).requires_grad_(), decoder.clone().requires_grad_()
     dense_out = dense_matrix @ dense_decoder
     assert torch.allclose(sparse_out, dense_out, atol=1e-5)
