@@ -151,11 +151,12 @@ class Encode(torch.autograd.Function):
     def backward(ctx, grad_pre):
         inputs, weight = ctx.saved_tensors
         grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
-        tokens, features = grad_pre.nonzero(as_tuple=True)
-        if len(tokens) <= ctx.max_density * grad_pre.numel():
-            grad_weight = bag_sum(
-                features, tokens, grad_pre[tokens, features], inputs.to(weight.dtype), weight.shape[0]
-            )
+        flat_gradient = grad_pre.reshape(-1)
+        positions = flat_gradient.nonzero().squeeze(1)
+        if len(positions) <= ctx.max_density * grad_pre.numel():
+            tokens, features = positions // grad_pre.shape[1], positions % grad_pre.shape[1]
+            gradients = flat_gradient.index_select(0, positions)
+            grad_weight = bag_sum(features, tokens, gradients, inputs.to(weight.dtype), weight.shape[0])
         else:
             grad_weight = (grad_pre.T @ inputs.to(grad_pre.dtype)).to(weight.dtype)
         return grad_inputs, grad_weight, grad_pre.sum(0).to(weight.dtype), None

@@ -205,8 +205,9 @@ def frequency_penalty(frequency: torch.Tensor, frequency_scale: float) -> torch.
 
 def shared_entries(pre: torch.Tensor, fires: torch.Tensor) -> CodeEntries:
     """The codes pre[b, i] where ``fires`` [B, F], shared by all snapshots."""
-    tokens, features = fires.nonzero(as_tuple=True)
-    return CodeEntries(pre[tokens, features], tokens, features, None)
+    positions = fires.flatten().nonzero().squeeze(1)
+    tokens, features = positions // pre.shape[1], positions % pre.shape[1]
+    return CodeEntries(pre.reshape(-1).index_select(0, positions), tokens, features, None)
 
 
 def l1_penalty(codes: CodeEntries, decoder_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
