@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from crosscoder.sparse_codes import bag_offsets, bag_sum
+from crosscoder.sparse_codes import GATHER_COLUMN_BLOCK, bag_offsets, bag_sum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COLUMNS = (("dense", 9), ("bag", 8), ("1-pass bag", 10), ("csr", 8), ("compiled", 11))
@@ -70,7 +70,7 @@ def time_kernels(
     offsets = bag_offsets(tokens, batch_size)
     forward = {
         "dense": lambda: codes @ decoder,
-        "bag": lambda: bag_sum(tokens, features, values, decoder, batch_size),
+        "bag": lambda: bag_sum(tokens, features, values, decoder, batch_size, GATHER_COLUMN_BLOCK),
         "1-pass bag": lambda: F.embedding_bag(features, decoder, offsets, per_sample_weights=values, mode="sum"),
         "csr": lambda: torch.sparse.mm(csr, decoder),
         "compiled": lambda: compiled(padded_indices, padded_values, decoder),

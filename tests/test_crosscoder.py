@@ -20,7 +20,7 @@ import crosscoder.sparse_codes
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
 from crosscoder.resampling import resample_dead
 from crosscoder.sparse_codes import SparseCodes, sparse_decode
-from crosscoder.sparsity import jumprelu
+from crosscoder.sparsity import decoder_and_norms, jumprelu
 from crosscoder.synthetic import planted_features, planted_recovery
 from crosscoder.trainer import make_optimizer, resamples_at
 
@@ -130,6 +130,25 @@ def test_jumprelu_gradients_match_a_plain_autograd_reference(device):
     for mine, theirs in zip(custom, (pre.grad, norms.grad, log_threshold.grad)):
         assert torch.allclose(mine, theirs, atol=1e-12)
     assert custom[2].abs().sum() > 0  # the threshold did get a gradient
+
+
+@pytest.mark.parametrize("uses", ["both", "norms", "decoder"])
+def test_decoder_and_norms_gradient_is_plain_autograds(uses):
+    """The decoder's gradient and its norms' gradient are added in one backward: the sum autograd gives."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 3, 5, generator=generator, dtype=torch.float64)
+    upstream_decoder, upstream_norms = (
+        torch.randn(6, 3, 5, generator=generator, dtype=torch.float64),
+        torch.randn(6, 3, generator=generator, dtype=torch.float64),
+    )
+    gradients = []
+    for function in (decoder_and_norms, lambda w: (w, w.norm(dim=-1))):
+        leaf = weight.clone().requires_grad_()
+        decoder, norms = function(leaf)
+        terms = {"decoder": (decoder * upstream_decoder).sum(), "norms": (norms * upstream_norms).sum()}
+        sum(terms.values() if uses == "both" else [terms[uses]]).backward()
+        gradients.append(leaf.grad)
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-12)
 
 
 def loss_and_gradients(model: CrossCoder, batch: torch.Tensor, max_density: float):
