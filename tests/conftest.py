@@ -60,10 +60,24 @@ def mirror_as_hub_cache(trajectory_folder: Path, model_id: str, steps: list[int]
         (repo / "refs" / f"step{step}").write_text(commit)
 
 
+MIGRATED_STORE = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+
+
+def migrated_store(path: Path) -> Path:
+    """An empty SQLite MLflow store at ``path``, copied from one migrated once per test process: creating a
+    store runs MLflow's schema migrations (about a second each time), a copy takes milliseconds."""
+    if not MIGRATED_STORE.exists():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(f"sqlite:///{MIGRATED_STORE}", str(MIGRATED_STORE.parent / "artifacts"))
+    shutil.copyfile(MIGRATED_STORE, path)
+    return path
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Path:
-    """A fresh SQLite MLflow store for one test, as MLFLOW_TRACKING_URI."""
-    path = tmp_path / "mlflow.db"
+    """A fresh, empty SQLite MLflow store for one test, as MLFLOW_TRACKING_URI."""
+    path = migrated_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
     return path
 

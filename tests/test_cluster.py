@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pyarrow.fs as pafs
 import pytest
+from conftest import migrated_store
 
 from study.activations.cache import ActivationCache
 from study.activations.extraction import ActivationRequest, ensure_activations
@@ -24,7 +25,8 @@ REPO = Path(__file__).parent.parent
 
 
 def test_sweep_survives_a_lost_node_with_cache_and_storage_on_s3(tiny_trajectory_folder, tmp_path, s3_bucket):
-    cache, storage, store = f"{s3_bucket}/nodes-cache", f"{s3_bucket}/nodes-sweeps", tmp_path / "mlflow.db"
+    cache, storage = f"{s3_bucket}/nodes-cache", f"{s3_bucket}/nodes-sweeps"
+    store = migrated_store(tmp_path / "mlflow.db")
     artifacts = f"{s3_bucket}/nodes-mlflow"
     arguments = [
         "expansion_ratio",

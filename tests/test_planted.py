@@ -11,6 +11,7 @@ import os
 import mlflow
 import pytest
 import torch
+from conftest import migrated_store
 from mlflow.tracking import MlflowClient
 
 from study.activations.residual import residual_stream
@@ -85,7 +86,7 @@ def test_a_planted_twin_is_not_planted_truth(planted_cache):
 
 def planted_sweep(cache, folder, trajectory: str, *extra: str) -> tuple[dict[str, str], object, str]:
     """A seed sweep on ``trajectory``: the parent's verdicts, the finished trials, the parent run id."""
-    store = folder / "mlflow.db"
+    store = migrated_store(folder / "mlflow.db")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
     arguments = [

@@ -20,6 +20,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from conftest import migrated_store
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
@@ -75,7 +76,7 @@ def children(frame):
 def finished_sweep(tiny_trajectory_folder, tmp_path_factory, ray_cluster):
     """One expansion_ratio sweep, run in-process, shared by the tests that read what it left."""
     folder = tmp_path_factory.mktemp("finished-sweep")
-    store = folder / "mlflow.db"
+    store = migrated_store(folder / "mlflow.db")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
     try:

@@ -13,6 +13,7 @@ import sys
 import venv
 from pathlib import Path
 
+from conftest import migrated_store
 from mlflow.tracking import MlflowClient
 
 from study.sweep import run
@@ -128,7 +129,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_four_trials_at_half_a_gpu_share_two_declared_gpus_two_by_two(tiny_trajectory_folder, tmp_path):
-    store = tmp_path / "mlflow.db"
+    store = migrated_store(tmp_path / "mlflow.db")
     arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "gpus", "--gpus-per-trial", "0.5")
     arguments[0] = "seed"
     arguments += ["--set", "seed={grid_search: [0, 1, 2, 3]}", "--set", "task_items=4"]
