@@ -21,12 +21,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 # An S3 endpoint on loopback (moto's server, started by the s3_bucket fixture when a test needs it). Set
 # here, before Ray starts, so that Ray's workers inherit it: pyarrow and boto3 both read AWS_ENDPOINT_URL.
-# A real endpoint given in the environment is used as it is.
-if "AWS_ENDPOINT_URL" not in os.environ:
+# A real endpoint given in the environment is used as it is. Test processes started by pytest-xdist
+# inherit the endpoint their parent chose here, but not its server: each starts its own.
+if "AWS_ENDPOINT_URL" not in os.environ or os.environ.get("CROSSCODER_TESTS_OWN_S3"):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         S3_PORT = probe.getsockname()[1]
     os.environ.update(
+        CROSSCODER_TESTS_OWN_S3="1",
         AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
         AWS_ACCESS_KEY_ID="test",
         AWS_SECRET_ACCESS_KEY="test",
@@ -41,9 +43,20 @@ from study.lm.pretrain import build_embedded_trajectory  # noqa: E402
 from study.lm.pretrain_config import TINY  # noqa: E402
 
 
+def shared_cache(tmp_path_factory) -> Path:
+    """The cache folder of this test run. Under pytest-xdist (README's test command runs two processes)
+    every process shares one, beside their own temporary folders: the cache's locks and leases make one
+    process build the tiny trajectory and each activation set, and the others read them."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp("cache")
+    folder = tmp_path_factory.getbasetemp().parent / "cache"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_trajectory_folder(tmp_path_factory) -> Path:
-    return build_embedded_trajectory(TINY, tmp_path_factory.mktemp("cache"), progress=False)
+    return build_embedded_trajectory(TINY, shared_cache(tmp_path_factory), progress=False)
 
 
 def mirror_as_hub_cache(trajectory_folder: Path, model_id: str, steps: list[int]) -> None:
