@@ -5,8 +5,10 @@ for several step counts, on the main command's own activations (built first if m
                                  [--cache-dir DIR]
 
 Each line: expansion ratio, steps, training seconds, ``loss_drop_last_fifth`` (the figure each trial
-logs; the report flags trials above 2 %), explained variance, L0 and dead share on the held-out shard.
-``--cooldown 0`` tells annealing apart from a run still learning.
+logs; the report flags trials above 2 %), explained variance, L0 and dead share on the held-out shard,
+and for JumpReLU the zero codes inside the threshold's window per firing code on a held-out batch (what
+``bench/crosscoder_throughput.py`` sets its window from). ``--cooldown 0`` tells annealing apart from a
+run still learning.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from dataclasses import replace
 
 import torch
+from crosscoder_throughput import window_cells_per_firing
 
 from crosscoder import fit, loss_drop_last_fifth
 from study.activations.cache import ActivationCache
@@ -50,10 +53,13 @@ def main() -> None:
             result = fit(batches, config, eval_activations=held_out.float())
             seconds = time.perf_counter() - started
             metrics = result.metrics
+            window = ""
+            if config.sparsity == "jumprelu":
+                window = f", window {window_cells_per_firing(result.model, held_out[: config.batch_size].float()):.2f}"
             print(
                 f"x{ratio:g} {steps} steps: {seconds:.0f} s, loss drop over the last fifth "
                 f"{loss_drop_last_fifth(result.history):.3f}, EV {metrics.explained_variance:.4f}, "
-                f"L0 {metrics.l0:.1f}, dead {metrics.dead_fraction:.3f}",
+                f"L0 {metrics.l0:.1f}, dead {metrics.dead_fraction:.3f}{window}",
                 flush=True,
             )
 

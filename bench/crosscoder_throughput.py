@@ -3,6 +3,7 @@
     python bench/crosscoder_throughput.py [--device cpu|cuda] [--dtypes float32,bfloat16]
                                           [--methods jumprelu,l1] [--densities 0.01,0.05,0.1]
                                           [--steps N] [--shapes 8x128x1024x1024,...]
+                                          [--window-per-fired 0.8|initial]
 
 For each shape (S snapshots, d_model, n_features, batch), sparsity method, dtype and share of
 (token, feature) codes that fire, it times full training steps (``crosscoder.trainer.training_step``:
@@ -17,6 +18,13 @@ It prints tokens/s of each (from its fastest step), auto / dense, the dense step
 FLOP/s (both counted as 10 * S * d * F per token) as shares of the dense matmul rate of the same dtype
 measured in the same process, and Adam's share of the auto step. The density is set at initialisation (JumpReLU's thresholds, l1's
 encoder bias, TopK's k) and held by a tiny learning rate: Adam's cost does not depend on it.
+
+JumpReLU's step also pays for the zero codes inside its threshold's straight-through window. On this
+random input, thresholds set at initialisation put three such cells beside every firing one; the
+main command's JumpReLU crosscoders, trained 1,000 steps on the embedded trajectory, have 0.71-0.81
+(``python bench/convergence.py`` prints it per trial). So by default the window is narrowed until it
+holds ``--window-per-fired`` 0.8 zero cells per firing cell, the cost of a trained crosscoder's step;
+``--window-per-fired initial`` keeps the window as initialised.
 """
 
 from __future__ import annotations
@@ -30,12 +38,15 @@ import torch
 
 from crosscoder import CrossCoder, CrossCoderConfig
 from crosscoder.cpu_memory import reuse_freed_memory
+from crosscoder.sparsity import JumpReLU
 from crosscoder.trainer import make_optimizer, training_step
 
 # The shapes of issue 18's table: (S, d_model, n_features, batch).
 SHAPES = "8x128x1024x1024,8x768x6144x1024,2x768x24576x512"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = {"dense": 0.0, "sparse": 1.0, "auto": None}  # auto: the device's measured crossover
+# Zero codes in JumpReLU's window per firing code, in the main command's trained crosscoders (0.71-0.81).
+TRAINED_WINDOW_PER_FIRED = 0.8
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,9 +72,15 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, rounds: int
 
 
 def model_at_density(
-    shape: tuple[int, int, int, int], method: str, dtype: torch.dtype, device: torch.device, density: float
+    shape: tuple[int, int, int, int],
+    method: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    density: float,
+    window_per_fired: float | None = TRAINED_WINDOW_PER_FIRED,
 ) -> tuple[CrossCoder, torch.Tensor]:
-    """A crosscoder whose codes fire on about ``density`` of (token, feature) pairs, and a batch."""
+    """A crosscoder whose codes fire on about ``density`` of (token, feature) pairs, and a batch; JumpReLU's
+    window holds ``window_per_fired`` zero codes per firing one (None: as initialised)."""
     n_snapshots, d_model, n_features, batch_size = shape
     config = CrossCoderConfig(
         expansion_ratio=n_features / d_model,
@@ -80,11 +97,33 @@ def model_at_density(
     batch = torch.randn(batch_size, n_snapshots, d_model, generator=generator)
     model = CrossCoder(n_snapshots, d_model, config)
     model.initialize(batch[:512], generator)
+    if method == "jumprelu" and window_per_fired is not None:
+        narrow_window(model, batch, window_per_fired)
     if method == "l1":  # relu fires wherever pre > 0: shift each feature's bias to its density quantile
         with torch.no_grad():
             pre = model.encode(model.normalise(batch))
             model.encoder_bias.sub_(pre.quantile(1 - density, dim=0))
     return model.to(device), batch.to(device)
+
+
+def window_cells_per_firing(model: CrossCoder, batch: torch.Tensor) -> float:
+    """JumpReLU's zero codes inside the threshold's window, per code that fires, on ``batch``."""
+    with torch.no_grad():
+        pre = model.encode(model.normalise(batch))
+        gate = JumpReLU.gate(pre, model.decoder_norms(), model.log_threshold, model.jumprelu_window.item())
+    return int((gate.in_window & ~gate.active).sum()) / max(1, int(gate.active.sum()))
+
+
+@torch.no_grad()
+def narrow_window(model: CrossCoder, batch: torch.Tensor, per_fired: float) -> None:
+    """Set JumpReLU's window so that on ``batch`` it holds ``per_fired`` zero codes per firing code."""
+    pre = model.encode(model.normalise(batch))
+    scaled = pre[:, :, None] * model.decoder_norms()  # [B, F, S]: the gated quantity
+    gaps = (model.log_threshold.exp()[:, None] - scaled).flatten()  # > 0 below the threshold
+    below = gaps[gaps >= 0]
+    wanted = min(len(below), max(1, round(per_fired * (len(gaps) - len(below)))))
+    # A zero code is in the window when its gap is below half the width.
+    model.jumprelu_window.fill_(2 * below.kthvalue(wanted).values.item())
 
 
 def time_steps(models: dict[str, CrossCoder], batch: torch.Tensor, steps: int) -> dict[str, tuple[float, float, float]]:
@@ -129,7 +168,13 @@ def main() -> None:
         default=None,
         help="timed steps per mode, after one warm-up (default: 4 on CPU, 10 on CUDA)",
     )
+    parser.add_argument(
+        "--window-per-fired",
+        default=str(TRAINED_WINDOW_PER_FIRED),
+        help="JumpReLU: zero codes in the threshold's window per firing code, or 'initial' (as initialised)",
+    )
     args = parser.parse_args()
+    window_per_fired = None if args.window_per_fired == "initial" else float(args.window_per_fired)
     device = torch.device(args.device)
     steps = args.steps or (4 if device.type == "cpu" else 10)  # a GPU step takes milliseconds: time more of them
     if device.type == "cpu":
@@ -138,7 +183,7 @@ def main() -> None:
     size = 2048 if device.type == "cpu" else 8192
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        f"{'S':>2} {'d':>4} {'F':>6} {'batch':>5} {'method':>8} {'dtype':>8} {'active':>6} "
+        f"{'S':>2} {'d':>4} {'F':>6} {'batch':>5} {'method':>8} {'dtype':>8} {'active':>6} {'window':>6} "
         f"{'dense tok/s':>11} {'sparse tok/s':>12} {'auto tok/s':>10} {'auto/dense':>10} "
         f"{'dense share of matmul':>21} {'auto share':>10} {'Adam share':>10}"
     )
@@ -150,7 +195,8 @@ def main() -> None:
             n_snapshots, d_model, n_features, batch_size = shape
             for method in args.methods.split(","):
                 for density in (float(value) for value in args.densities.split(",")):
-                    model, batch = model_at_density(shape, method, dtype, device, density)
+                    model, batch = model_at_density(shape, method, dtype, device, density, window_per_fired)
+                    window = f"{window_cells_per_firing(model, batch):.2f}" if method == "jumprelu" else "-"
                     models = {}
                     for mode, max_density in MODES.items():
                         timed = replace(model.config, sparse_step_max_density=max_density)
@@ -163,7 +209,7 @@ def main() -> None:
                     step_flops = 10 * n_snapshots * d_model * n_features * batch_size
                     print(
                         f"{n_snapshots:>2} {d_model:>4} {n_features:>6} {batch_size:>5} {method:>8} {dtype_name:>8} "
-                        f"{statistics.mean(shares):>6.3f} {batch_size / seconds['dense']:>11.0f} "
+                        f"{statistics.mean(shares):>6.3f} {window:>6} {batch_size / seconds['dense']:>11.0f} "
                         f"{batch_size / seconds['sparse']:>12.0f} {batch_size / seconds['auto']:>10.0f} "
                         f"{seconds['dense'] / seconds['auto']:>10.2f} {step_flops / seconds['dense'] / rate:>21.2f} "
                         f"{step_flops / seconds['auto'] / rate:>10.2f} "
