@@ -90,7 +90,7 @@ class CrossCoderConfig:
 
     sparse_step_max_density: float | None = None
     """Training decodes from the non-zero codes alone while at most this share of codes fire (0: always dense;
-    None: the device's measured crossover, ``crosscoder.model.SPARSE_STEP_MAX_DENSITY``)."""
+    None: the device's measured crossover for the method's codes, ``crosscoder.model.SPARSE_STEP_MAX_DENSITY``)."""
 
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""

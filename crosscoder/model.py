@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crosscoder.config import CrossCoderConfig, InputError
-from crosscoder.sparse_codes import SparseCodes, encode, sparse_decode
+from crosscoder.sparse_codes import EncoderGradient, SparseCodes, encode, sparse_decode
 from crosscoder.sparsity import (
     CodeEntries,
     batch_topk_fires,
@@ -25,13 +26,34 @@ from crosscoder.sparsity import (
     topk_fires,
 )
 
-# The share of codes firing below which a training step decodes sparsely, per device type, where the
-# config leaves it to the device (bench/crosscoder_throughput.py measures both). On CPU the sparse step
-# stops paying near 5-10 %. On CUDA (an H200, bf16 and float32) cuBLAS's dense products beat the
-# embedding-bag, CSR and compiled gather kernels at every density measured, down to 1 %
-# (bench/decode_kernels.py): steps there stay dense.
-SPARSE_STEP_MAX_DENSITY = {"cpu": 0.07, "cuda": 0.0}
-BF16_CROSSOVER_FACTOR = 0.7
+# The share of codes firing at or below which a training step decodes sparsely, where the config leaves it
+# to the machine: per kind of dense matmul (``matmul_kind``) and per code layout ("shared": one code per
+# feature for all snapshots, as l1, topk and batchtopk have; "per_snapshot": JumpReLU's, which also pay for
+# the zero codes in the threshold's window). Each is the lower crossover of two 2-core CPUs measured with
+# bench/crosscoder_throughput.py: on one with AMX (468 GFLOP/s float32) the sparse step breaks even near
+# 7-8 % firing for l1 and 3.5-5 % for JumpReLU, on one without (190 GFLOP/s) near 20 % and 7-10 %. bf16
+# autocast on AMX tiles runs the dense products 7x faster than float32 while the sparse ones stay float32:
+# break-even falls to 1-1.6 % (l1) and 0.9-1.9 % (JumpReLU). bf16 without AMX: l1 1.1x at 7 %, JumpReLU
+# 1.0-1.3x at 5 %. Kinds not listed, CUDA's among them, stay dense: on an H200, bf16 and float32, cuBLAS's
+# dense products beat the embedding-bag, CSR and compiled gather kernels down to 1 % (bench/decode_kernels.py).
+SPARSE_STEP_MAX_DENSITY = {
+    "cpu": {"shared": 0.06, "per_snapshot": 0.03},
+    "cpu-amx-bf16": {"shared": 0.01, "per_snapshot": 0.008},
+}
+
+
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 on AMX tiles (oneDNN uses them under autocast)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
+def matmul_kind(device_type: str) -> str:
+    """The key of ``SPARSE_STEP_MAX_DENSITY`` for dense products on this device type, as autocast stands now."""
+    bf16_autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+    if device_type == "cpu" and bf16_autocast and cpu_has_amx_bf16():
+        return "cpu-amx-bf16"
+    return device_type
 
 
 class CrossCoderOutput(NamedTuple):
@@ -169,8 +191,9 @@ class CrossCoder(nn.Module):
         config = self.config
         max_density = self.sparse_step_max_density() if self.training and torch.is_grad_enabled() else 0.0
         normalised = self.normalise(activations)
+        encoder_gradient = EncoderGradient()
         if max_density > 0:
-            pre = encode(normalised.flatten(1), self.encoder_weight, self.encoder_bias, max_density)
+            pre = encode(normalised.flatten(1), self.encoder_weight, self.encoder_bias, encoder_gradient)
         else:
             pre = self.encode(normalised)
         decoder = self.decoder_weight
@@ -195,22 +218,20 @@ class CrossCoder(nn.Module):
             entries = shared_entries(pre, fires)
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
             active = fires
-        if pre.dtype == torch.bfloat16:
-            # Under bf16 autocast the dense step runs about 1.7x faster on CPU while the sparse products stay
-            # float32, so the crossover sits lower: near 5 % for l1 (bench/crosscoder_throughput.py: at 5.1 %
-            # its sparse step is 1.1-1.3x the dense one, at 10 % 0.85-0.9x).
-            max_density *= BF16_CROSSOVER_FACTOR
-        if max_density > 0 and fired_share(entries, pre.numel(), self.n_snapshots) <= max_density:
+        encoder_gradient.sparse = max_density > 0 and fired_share(entries, pre.numel(), self.n_snapshots) <= max_density
+        if encoder_gradient.sparse:
             reconstruction, codes = self.decode_sparse(entries, decoder, len(pre))
         else:
             reconstruction, codes = self.decode_dense(entries, decoder, len(pre))
         return CrossCoderOutput(reconstruction, codes, active, penalty)
 
     def sparse_step_max_density(self) -> float:
-        """The configured crossover to the sparse step, or the measured one of the device the weights are on."""
+        """The configured crossover to the sparse step, or the one measured for this method's code layout and
+        the dense products of the device the weights are on."""
         if self.config.sparse_step_max_density is not None:
             return self.config.sparse_step_max_density
-        return SPARSE_STEP_MAX_DENSITY.get(self.decoder_weight.device.type, 0.0)
+        layout = "per_snapshot" if self.config.sparsity == "jumprelu" else "shared"
+        return SPARSE_STEP_MAX_DENSITY.get(matmul_kind(self.decoder_weight.device.type), {}).get(layout, 0.0)
 
     def decode_dense(
         self, entries: CodeEntries, decoder: torch.Tensor, batch_size: int

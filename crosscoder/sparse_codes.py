@@ -132,28 +132,38 @@ def sparse_decode(
     return SparseDecode.apply(codes.values, decoder, codes.rows, codes.columns, codes.n_rows, column_block)
 
 
+class EncoderGradient:
+    """How the encoder's weight gradient is taken, settled by the forward pass once it has seen how many
+    codes fire (after the encoder ran, so the encoder cannot decide it itself)."""
+
+    def __init__(self) -> None:
+        self.sparse = False
+        """Whether the step is sparse, so that the gradient is a bag per feature over its tokens."""
+
+
 class Encode(torch.autograd.Function):
     """pre = x @ W_E^T + b_E [B, F] for a feature-major W_E [F, width], whose weight gradient skips the
     features with no gradient.
 
     The gradient reaching the pre-activation is zero wherever a code is zero (outside JumpReLU's
-    window), so when few entries are non-zero the weight gradient x^T @ grad_pre is a bag per
-    feature over its tokens; above ``max_density`` it is the dense product grad_pre^T @ x.
+    window), so in a sparse step the weight gradient x^T @ grad_pre is a bag per feature over its tokens;
+    in a dense one it is the dense product grad_pre^T @ x, with no scan for the non-zero gradients (at
+    the small bench shape in bf16 that scan was a sixth of the step).
     """
 
     @staticmethod
-    def forward(ctx, inputs, weight, bias, max_density: float):
+    def forward(ctx, inputs, weight, bias, gradient: EncoderGradient):
         ctx.save_for_backward(inputs, weight)
-        ctx.max_density = max_density
+        ctx.gradient = gradient
         return torch.addmm(bias, inputs, weight.T)
 
     @staticmethod
     def backward(ctx, grad_pre):
         inputs, weight = ctx.saved_tensors
         grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
-        flat_gradient = grad_pre.reshape(-1)
-        positions = flat_gradient.nonzero().squeeze(1)
-        if len(positions) <= ctx.max_density * grad_pre.numel():
+        if ctx.gradient.sparse:
+            flat_gradient = grad_pre.reshape(-1)
+            positions = flat_gradient.nonzero().squeeze(1)
             tokens, features = positions // grad_pre.shape[1], positions % grad_pre.shape[1]
             gradients = flat_gradient.index_select(0, positions)
             grad_weight = bag_sum(features, tokens, gradients, inputs.to(weight.dtype), weight.shape[0])
@@ -162,6 +172,6 @@ class Encode(torch.autograd.Function):
         return grad_inputs, grad_weight, grad_pre.sum(0).to(weight.dtype), None
 
 
-def encode(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, max_density: float) -> torch.Tensor:
-    """The encoder's pre-activation, with a weight gradient that scales with the non-zero gradients."""
-    return Encode.apply(inputs, weight, bias, max_density)
+def encode(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gradient: EncoderGradient) -> torch.Tensor:
+    """The encoder's pre-activation, with a weight gradient taken as ``gradient`` says by backward time."""
+    return Encode.apply(inputs, weight, bias, gradient)

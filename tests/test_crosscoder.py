@@ -157,22 +157,45 @@ def loss_and_gradients(model: CrossCoder, batch: torch.Tensor, max_density: floa
     output = model(batch)
     loss = (output.reconstruction - model.normalise(batch)).square().mean() + 0.1 * output.sparsity_penalty
     loss.backward()
-    assert output.codes.is_sparse == (max_density > 0)  # the path asked for is the one taken
+    assert output.codes.is_sparse == (max_density >= 1)  # the path asked for is the one taken
     return loss.item(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
 
 def test_the_default_crossover_is_the_devices_own(planted, monkeypatch):
-    """Left unset, the crossover to the sparse step is the measured one of the device holding the weights:
-    sparse codes on CPU at a low density, dense steps where the device's entry says 0 (CUDA's)."""
-    model = CrossCoder(4, 32, replace(SMALL, sparsity="topk", k=2))
+    """Left unset, the crossover to the sparse step is the one measured for the device's dense products and
+    the method's code layout: shared codes (topk) go sparse at 6 of 128 features firing, above JumpReLU's
+    crossover and below their own; steps stay dense on a device with no entry (CUDA)."""
+    cpu_crossover = crosscoder.model.SPARSE_STEP_MAX_DENSITY["cpu"]
+    assert cpu_crossover["per_snapshot"] < 6 / 128 < cpu_crossover["shared"]
+    model = CrossCoder(4, 32, replace(SMALL, sparsity="topk", k=6))
     model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
     batch = planted.activations[:512]
     assert model.config.sparse_step_max_density is None
-    assert model(batch).codes.is_sparse  # 2 of 128 features: below CPU's crossover
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu", 0.0)
+    assert model(batch).codes.is_sparse
+    monkeypatch.delitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu")
     assert not model(batch).codes.is_sparse
     model.config = replace(model.config, sparse_step_max_density=1.0)  # a value in the config wins
     assert model(batch).codes.is_sparse
+
+    jumprelu_model = CrossCoder(4, 32, replace(SMALL, sparsity="jumprelu"))
+    jumprelu_model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu", {"shared": 1.0, "per_snapshot": 0.0})
+    assert not jumprelu_model(batch).codes.is_sparse  # JumpReLU reads the per-snapshot entry alone
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu", {"shared": 0.0, "per_snapshot": 1.0})
+    assert jumprelu_model(batch).codes.is_sparse
+
+
+def test_bf16_autocast_on_amx_tiles_has_its_own_crossover(monkeypatch):
+    """AMX multiplies bf16 several times faster than float32 while the sparse products stay float32, so bf16
+    autocast on such a CPU reads its own, lower entry; float32, and bf16 without AMX, read the CPU's."""
+    monkeypatch.setattr(crosscoder.model, "cpu_has_amx_bf16", lambda: True)
+    assert crosscoder.model.matmul_kind("cpu") == "cpu"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert crosscoder.model.matmul_kind("cpu") == "cpu-amx-bf16"
+        monkeypatch.setattr(crosscoder.model, "cpu_has_amx_bf16", lambda: False)
+        assert crosscoder.model.matmul_kind("cpu") == "cpu"
+    amx = crosscoder.model.SPARSE_STEP_MAX_DENSITY["cpu-amx-bf16"]
+    assert all(amx[layout] < share for layout, share in crosscoder.model.SPARSE_STEP_MAX_DENSITY["cpu"].items())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -189,11 +212,15 @@ def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes
     batch = planted.activations[:512].to(device)
     dense_loss, dense = loss_and_gradients(model, batch, 0.0)
     sparse_loss, sparse = loss_and_gradients(model, batch, 1.0)
+    # Above a crossover the step falls back to dense through the sparse step's encoder.
+    fallback_loss, fallback = loss_and_gradients(model, batch, 1e-9)
     assert sparse_loss == pytest.approx(dense_loss, rel=1e-6)
+    assert fallback_loss == pytest.approx(dense_loss, rel=1e-6)
     for name, gradient in dense.items():
         assert gradient.abs().max() > 0, name  # every parameter is tested where it has a gradient
-        error = (sparse[name] - gradient).abs().max() / gradient.abs().max()
-        assert error < 1e-5, f"{name}: relative error {error:.1e}"
+        for step, other in (("sparse", sparse), ("fallback", fallback)):
+            error = (other[name] - gradient).abs().max() / gradient.abs().max()
+            assert error < 1e-5, f"{step} {name}: relative error {error:.1e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
