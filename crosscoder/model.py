@@ -216,7 +216,6 @@ class CrossCoder(nn.Module):
             else:
                 fires = batch_topk_fires(pre, config.k, self.process_group)
             entries = shared_entries(pre, fires)
-            encoder_gradient.pairs = entries.tokens, entries.features
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
             active = fires
         encoder_gradient.sparse = max_density > 0 and fired_share(entries, pre.numel(), self.n_snapshots) <= max_density

@@ -139,9 +139,6 @@ class EncoderGradient:
     def __init__(self) -> None:
         self.sparse = False
         """Whether the step is sparse, so that the gradient is a bag per feature over its tokens."""
-        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
-        """(tokens, features) of the pre-activations that carry a gradient, in flat order, where the forward
-        pass knows them (codes shared by the snapshots: the codes that fire); None: found by a scan."""
 
 
 class Encode(torch.autograd.Function):
@@ -165,14 +162,10 @@ class Encode(torch.autograd.Function):
         inputs, weight = ctx.saved_tensors
         grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
         if ctx.gradient.sparse:
-            if ctx.gradient.pairs is not None:
-                tokens, features = ctx.gradient.pairs
-                gradients = grad_pre[tokens, features]
-            else:  # JumpReLU: per-snapshot entries, several to a pair, some zero codes in the window
-                flat_gradient = grad_pre.reshape(-1)
-                positions = flat_gradient.nonzero().squeeze(1)
-                tokens, features = positions // grad_pre.shape[1], positions % grad_pre.shape[1]
-                gradients = flat_gradient.index_select(0, positions)
+            flat_gradient = grad_pre.reshape(-1)
+            positions = flat_gradient.nonzero().squeeze(1)
+            tokens, features = positions // grad_pre.shape[1], positions % grad_pre.shape[1]
+            gradients = flat_gradient.index_select(0, positions)
             grad_weight = bag_sum(features, tokens, gradients, inputs.to(weight.dtype), weight.shape[0])
         else:
             grad_weight = (grad_pre.T @ inputs.to(grad_pre.dtype)).to(weight.dtype)
