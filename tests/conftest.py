@@ -97,11 +97,21 @@ def store(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, sized for a 2-core machine (see STACK_NOTES)."""
+    """One local Ray for the whole session, sized for a 2-core machine (see STACK_NOTES), its workers started
+    as the sweep starts them."""
     import ray
 
+    from study.sweep.prepare import RUNTIME_ENVIRONMENT
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 1024**2,
+        runtime_env=RUNTIME_ENVIRONMENT,
+    )
     yield ray
     ray.shutdown()
 
