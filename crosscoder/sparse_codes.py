@@ -42,6 +42,21 @@ class SparseCodes(NamedTuple):
     """Rows of the output."""
 
 
+def flat_memory(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A [B, F] matrix as a flat view of its memory, and whether that memory is feature-major (the transpose
+    of a contiguous [F, B], as the sparse step's pre-activation is); another layout is copied token-major."""
+    if not matrix.is_contiguous() and matrix.T.is_contiguous():
+        return matrix.T.reshape(-1), True
+    return matrix.reshape(-1), False
+
+
+def pairs_at(positions: torch.Tensor, shape: torch.Size, feature_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, features) at flat ``positions`` of a [B, F] matrix's memory, laid out as ``flat_memory`` says."""
+    if feature_major:
+        return positions % shape[0], positions // shape[0]
+    return positions // shape[1], positions % shape[1]
+
+
 def key_order(keys: torch.Tensor, n_keys: int) -> torch.Tensor:
     """The stable sorting order of ``keys``, integers in [0, n_keys)."""
     # Sorted as int32 wherever they fit: a radix sort then takes half the passes, 3x faster on CPU.
@@ -155,16 +170,18 @@ class Encode(torch.autograd.Function):
     def forward(ctx, inputs, weight, bias, gradient: EncoderGradient):
         ctx.save_for_backward(inputs, weight)
         ctx.gradient = gradient
-        return torch.addmm(bias, inputs, weight.T)
+        # Taken as the transpose of W_E @ x^T, feature-major: on a 2-core CPU at (2, 768, 24,576) with 512
+        # tokens, MKL's product took 218-230 ms this way against 256-261 ms as x @ W_E^T.
+        return torch.addmm(bias[:, None], weight, inputs.T).T
 
     @staticmethod
     def backward(ctx, grad_pre):
         inputs, weight = ctx.saved_tensors
         grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
         if ctx.gradient.sparse:
-            flat_gradient = grad_pre.reshape(-1)
+            flat_gradient, feature_major = flat_memory(grad_pre)
             positions = flat_gradient.nonzero().squeeze(1)
-            tokens, features = positions // grad_pre.shape[1], positions % grad_pre.shape[1]
+            tokens, features = pairs_at(positions, grad_pre.shape, feature_major)
             gradients = flat_gradient.index_select(0, positions)
             grad_weight = bag_sum(features, tokens, gradients, inputs.to(weight.dtype), weight.shape[0])
         else:

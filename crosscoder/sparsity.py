@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from crosscoder.sparse_codes import bag_sum
+from crosscoder.sparse_codes import bag_sum, flat_memory, pairs_at
 
 
 class CodeEntries(NamedTuple):
@@ -52,7 +52,7 @@ class GateBlock(NamedTuple):
     features: torch.Tensor
     """[pairs] the pair's feature."""
     positions: torch.Tensor
-    """[pairs] token * F + feature: the pair's place in the flattened [B, F] pre-activation."""
+    """[pairs] the pair's place in the pre-activation's memory (``flat_memory``)."""
     values: torch.Tensor
     """[pairs] the pre-activation."""
     norms: torch.Tensor
@@ -108,9 +108,10 @@ class JumpReLU(torch.autograd.Function):
         threshold = log_threshold.exp()
         cutoff = threshold[:, None] / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
         lowest = (threshold - bandwidth / 2)[:, None] / decoder_norms if with_window else cutoff
-        positions = (pre > lowest.amin(1)).flatten().nonzero().squeeze(1)
-        tokens, features = positions // pre.shape[1], positions % pre.shape[1]
-        values = pre.reshape(-1).index_select(0, positions)
+        flat_pre, feature_major = flat_memory(pre)
+        positions = flat_memory(in_layout_of(pre > lowest.amin(1), pre))[0].nonzero().squeeze(1)
+        tokens, features = pairs_at(positions, pre.shape, feature_major)
+        values = flat_pre.index_select(0, positions)
         active = values[:, None] > cutoff.index_select(0, features)
         norms = decoder_norms.index_select(0, features).to(torch.promote_types(pre.dtype, torch.float32))
         scaled = values[:, None].to(norms.dtype) * norms
@@ -137,15 +138,15 @@ class JumpReLU(torch.autograd.Function):
             grad_codes = torch.zeros(gate.active.shape, dtype=accumulate, device=pre.device)
             grad_codes.masked_scatter_(gate.active | gate.in_window, grad_values.to(accumulate))
             grad_f = grad_f + grad_codes
-        grad_pre = torch.zeros(pre.numel(), dtype=accumulate, device=pre.device)
-        grad_pre[gate.positions] = torch.where(gate.active, grad_f, 0.0).sum(1)
+        grad_pre = torch.zeros_like(pre, dtype=accumulate)  # in the layout of pre, as gate.positions are
+        flat_memory(grad_pre)[0][gate.positions] = torch.where(gate.active, grad_f, 0.0).sum(1)
         grad_norms = torch.zeros(decoder_norms.shape, dtype=accumulate, device=pre.device)
         add_by_feature(grad_norms, gate.features, torch.where(gate.active, penalty_weight * wide_values, 0.0))
         grad_threshold = torch.zeros_like(threshold, dtype=accumulate)
         add_by_feature(grad_threshold, gate.features, torch.where(gate.in_window, grad_f * wide_values, 0.0).sum(1))
         grad_log_threshold = -grad_threshold / bandwidth * threshold
         return (
-            grad_pre.view(pre.shape).to(pre.dtype),
+            grad_pre.to(pre.dtype),
             grad_norms.to(decoder_norms.dtype),
             grad_log_threshold.to(log_threshold.dtype),
             None,
@@ -203,11 +204,17 @@ def frequency_penalty(frequency: torch.Tensor, frequency_scale: float) -> torch.
     return (frequency * (1 + frequency / frequency_scale)).sum()
 
 
+def in_layout_of(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` with the strides of ``like`` (copied only where they differ)."""
+    return mask if mask.stride() == like.stride() else torch.empty_like(like, dtype=mask.dtype).copy_(mask)
+
+
 def shared_entries(pre: torch.Tensor, fires: torch.Tensor) -> CodeEntries:
-    """The codes pre[b, i] where ``fires`` [B, F], shared by all snapshots."""
-    positions = fires.flatten().nonzero().squeeze(1)
-    tokens, features = positions // pre.shape[1], positions % pre.shape[1]
-    return CodeEntries(pre.reshape(-1).index_select(0, positions), tokens, features, None)
+    """The codes pre[b, i] where ``fires`` [B, F], shared by all snapshots, in the order of pre's memory."""
+    flat_pre, feature_major = flat_memory(pre)
+    positions = flat_memory(in_layout_of(fires, pre))[0].nonzero().squeeze(1)
+    tokens, features = pairs_at(positions, pre.shape, feature_major)
+    return CodeEntries(flat_pre.index_select(0, positions), tokens, features, None)
 
 
 def l1_penalty(codes: CodeEntries, decoder_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
