@@ -158,7 +158,7 @@ class EncoderGradient:
 
 class Encode(torch.autograd.Function):
     """pre = x @ W_E^T + b_E [B, F] for a feature-major W_E [F, width], whose weight gradient skips the
-    features with no gradient.
+    features with no gradient. ``pre`` is a view of feature-major memory (``flat_memory`` reads it).
 
     The gradient reaching the pre-activation is zero wherever a code is zero (outside JumpReLU's
     window), so in a sparse step the weight gradient x^T @ grad_pre is a bag per feature over its tokens;
