@@ -50,11 +50,16 @@ def flat_memory(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return matrix.reshape(-1), False
 
 
-def pairs_at(positions: torch.Tensor, shape: torch.Size, feature_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, features) at flat ``positions`` of a [B, F] matrix's memory, laid out as ``flat_memory`` says."""
+def nonzero_pairs(matrix: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero cells of a [B, F] ``matrix``: their flat positions in the memory of ``like`` (a matrix
+    of the same shape, as ``flat_memory`` lays it out), their tokens and their features."""
+    if matrix.stride() != like.stride():
+        matrix = torch.empty_like(like, dtype=matrix.dtype).copy_(matrix)
+    flat, feature_major = flat_memory(matrix)
+    positions = flat.nonzero().squeeze(1)
     if feature_major:
-        return positions % shape[0], positions // shape[0]
-    return positions // shape[1], positions % shape[1]
+        return positions, positions % matrix.shape[0], positions // matrix.shape[0]
+    return positions, positions // matrix.shape[1], positions % matrix.shape[1]
 
 
 def key_order(keys: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -179,10 +184,8 @@ class Encode(torch.autograd.Function):
         inputs, weight = ctx.saved_tensors
         grad_inputs = grad_pre @ weight if ctx.needs_input_grad[0] else None
         if ctx.gradient.sparse:
-            flat_gradient, feature_major = flat_memory(grad_pre)
-            positions = flat_gradient.nonzero().squeeze(1)
-            tokens, features = pairs_at(positions, grad_pre.shape, feature_major)
-            gradients = flat_gradient.index_select(0, positions)
+            positions, tokens, features = nonzero_pairs(grad_pre, grad_pre)
+            gradients = flat_memory(grad_pre)[0].index_select(0, positions)
             grad_weight = bag_sum(features, tokens, gradients, inputs.to(weight.dtype), weight.shape[0])
         else:
             grad_weight = (grad_pre.T @ inputs.to(grad_pre.dtype)).to(weight.dtype)

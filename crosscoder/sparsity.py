@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from crosscoder.sparse_codes import bag_sum, flat_memory, pairs_at
+from crosscoder.sparse_codes import bag_sum, flat_memory, nonzero_pairs
 
 
 class CodeEntries(NamedTuple):
@@ -108,10 +108,8 @@ class JumpReLU(torch.autograd.Function):
         threshold = log_threshold.exp()
         cutoff = threshold[:, None] / decoder_norms  # pre > cutoff <=> pre * n > theta (n > 0); inf where n = 0
         lowest = (threshold - bandwidth / 2)[:, None] / decoder_norms if with_window else cutoff
-        flat_pre, feature_major = flat_memory(pre)
-        positions = flat_memory(in_layout_of(pre > lowest.amin(1), pre))[0].nonzero().squeeze(1)
-        tokens, features = pairs_at(positions, pre.shape, feature_major)
-        values = flat_pre.index_select(0, positions)
+        positions, tokens, features = nonzero_pairs(pre > lowest.amin(1), pre)
+        values = flat_memory(pre)[0].index_select(0, positions)
         active = values[:, None] > cutoff.index_select(0, features)
         norms = decoder_norms.index_select(0, features).to(torch.promote_types(pre.dtype, torch.float32))
         scaled = values[:, None].to(norms.dtype) * norms
@@ -204,17 +202,10 @@ def frequency_penalty(frequency: torch.Tensor, frequency_scale: float) -> torch.
     return (frequency * (1 + frequency / frequency_scale)).sum()
 
 
-def in_layout_of(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``mask`` with the strides of ``like`` (copied only where they differ)."""
-    return mask if mask.stride() == like.stride() else torch.empty_like(like, dtype=mask.dtype).copy_(mask)
-
-
 def shared_entries(pre: torch.Tensor, fires: torch.Tensor) -> CodeEntries:
     """The codes pre[b, i] where ``fires`` [B, F], shared by all snapshots, in the order of pre's memory."""
-    flat_pre, feature_major = flat_memory(pre)
-    positions = flat_memory(in_layout_of(fires, pre))[0].nonzero().squeeze(1)
-    tokens, features = pairs_at(positions, pre.shape, feature_major)
-    return CodeEntries(flat_pre.index_select(0, positions), tokens, features, None)
+    positions, tokens, features = nonzero_pairs(fires, pre)
+    return CodeEntries(flat_memory(pre)[0].index_select(0, positions), tokens, features, None)
 
 
 def l1_penalty(codes: CodeEntries, decoder_norms: torch.Tensor, batch_size: int) -> torch.Tensor:
