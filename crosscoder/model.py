@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crosscoder.config import CrossCoderConfig, InputError
-from crosscoder.sparse_codes import EncoderGradient, SparseCodes, encode, sparse_decode
+from crosscoder.sparse_codes import EncoderGradient, SparseCodes, encode, is_feature_major, sparse_decode
 from crosscoder.sparsity import (
     CodeEntries,
     batch_topk_fires,
@@ -84,15 +84,10 @@ class SnapshotTerms(NamedTuple):
     """[B, S, d] what the features do not reconstruct."""
 
 
-def active_pairs(entries: CodeEntries, shape: torch.Size) -> torch.Tensor:
-    """[B, F] bool: the (token, feature) pairs whose code is non-zero at some snapshot (per-snapshot entries
-    include JumpReLU's zero codes)."""
-    # A max over integers is the same in any order, so the atomics of CUDA's scatter are deterministic
-    # here, and cheaper than the sort an accumulating index_put_ does there.
-    fired = (entries.values.detach() != 0).to(torch.int32)
-    pairs = entries.tokens * shape[1] + entries.features
-    active = fired.new_zeros(shape.numel()).scatter_reduce_(0, pairs, fired, "amax")
-    return active.view(shape) > 0
+def active_pairs(entries: CodeEntries, pre: torch.Tensor) -> torch.Tensor:
+    """[B, F] bool, in the layout of ``pre``: the (token, feature) pairs whose code is non-zero at some snapshot."""
+    active = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, entries.cells, True)
+    return active.view(pre.shape[1], pre.shape[0]).T if is_feature_major(pre) else active.view(pre.shape)
 
 
 def fired_share(entries: CodeEntries, n_pairs: int, n_snapshots: int) -> float:
@@ -207,7 +202,7 @@ class CrossCoder(nn.Module):
             tanh_scale = config.tanh_scale / math.sqrt(self.d_model)
             entries, frequency = jumprelu(pre, norms, self.log_threshold, self.jumprelu_window.item(), tanh_scale)
             penalty = frequency_penalty(frequency, config.frequency_scale)
-            active = active_pairs(entries, pre.shape)
+            active = active_pairs(entries, pre)
         else:
             if config.sparsity == "l1":
                 fires = pre > 0
@@ -218,8 +213,9 @@ class CrossCoder(nn.Module):
             entries = shared_entries(pre, fires)
             penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
             active = fires
-        encoder_gradient.sparse = max_density > 0 and fired_share(entries, pre.numel(), self.n_snapshots) <= max_density
-        if encoder_gradient.sparse:
+        sparse_step = max_density > 0 and fired_share(entries, pre.numel(), self.n_snapshots) <= max_density
+        if sparse_step:
+            encoder_gradient.cells = entries.cells
             reconstruction, codes = self.decode_sparse(entries, decoder, len(pre))
         else:
             reconstruction, codes = self.decode_dense(entries, decoder, len(pre))
