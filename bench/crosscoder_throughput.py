@@ -106,6 +106,31 @@ def model_at_density(
     return model.to(device), batch.to(device)
 
 
+def one_step_parser(description: str, shape: str, mode: str) -> argparse.ArgumentParser:
+    """The arguments of a bench that looks into one kind of step (``step_profile``, ``step_phases``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--method", default="jumprelu")
+    parser.add_argument("--shape", default=shape, help="SxDxFxBATCH")
+    parser.add_argument("--density", type=float, default=0.01, help="share of (token, feature) codes that fire")
+    parser.add_argument("--mode", default=mode, choices=MODES)
+    return parser
+
+
+def model_in_mode(args: argparse.Namespace) -> tuple[CrossCoder, torch.Tensor, torch.optim.Adam]:
+    """The crosscoder ``one_step_parser``'s arguments describe, with its batch and optimizer."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # as crosscoder.train does on CPU: no page faults on each step's temporaries
+    shape = tuple(int(part) for part in args.shape.split("x"))
+    model, batch = model_at_density(shape, args.method, DTYPES[args.dtype], device, args.density)
+    config = replace(model.config, sparse_step_max_density=MODES[args.mode])
+    in_mode = CrossCoder(shape[0], shape[1], config).to(device)
+    in_mode.load_state_dict(model.state_dict())
+    return in_mode, batch, make_optimizer(in_mode)
+
+
 def window_cells_per_firing(model: CrossCoder, batch: torch.Tensor) -> float:
     """JumpReLU's zero codes inside the threshold's window, per code that fires, on ``batch``."""
     with torch.no_grad():

@@ -14,20 +14,17 @@ prints each phase's median over the timed steps, after two warm-up steps.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 import torch
-from crosscoder_throughput import DTYPES, MODES, model_at_density, synchronize
+from crosscoder_throughput import model_in_mode, one_step_parser, synchronize
 
 import crosscoder.model
 from crosscoder import CrossCoder
-from crosscoder.cpu_memory import reuse_freed_memory
-from crosscoder.trainer import make_optimizer, training_step
+from crosscoder.trainer import training_step
 
 # Module-level functions of crosscoder.model that its forward calls, and the methods of CrossCoder it calls.
 FORWARD_FUNCTIONS = ("encode", "decoder_and_norms", "jumprelu", "shared_entries", "active_pairs")
@@ -71,23 +68,11 @@ class PhaseClock:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--method", default="jumprelu")
-    parser.add_argument("--shape", default="2x768x24576x512", help="SxDxFxBATCH")
-    parser.add_argument("--density", type=float, default=0.01, help="share of (token, feature) codes that fire")
-    parser.add_argument("--mode", default="sparse", choices=MODES)
+    parser = one_step_parser(__doc__.split("\n\n")[0], shape="2x768x24576x512", mode="sparse")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # as crosscoder.train does on CPU
-    shape = tuple(int(part) for part in args.shape.split("x"))
-    model, batch = model_at_density(shape, args.method, DTYPES[args.dtype], device, args.density)
-    timed = CrossCoder(shape[0], shape[1], replace(model.config, sparse_step_max_density=MODES[args.mode])).to(device)
-    timed.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(timed)
+    timed, batch, optimizer = model_in_mode(args)
 
     clock = PhaseClock(device)
     for name in FORWARD_FUNCTIONS:

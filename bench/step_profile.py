@@ -10,36 +10,19 @@ three warm-up steps, then profiles three more and prints the operators that took
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import replace
-
 import torch
-from crosscoder_throughput import DTYPES, MODES, model_at_density, synchronize
+from crosscoder_throughput import model_in_mode, one_step_parser, synchronize
 from torch.profiler import ProfilerActivity, profile
 
-from crosscoder import CrossCoder
-from crosscoder.cpu_memory import reuse_freed_memory
-from crosscoder.trainer import make_optimizer, training_step
+from crosscoder.trainer import training_step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--method", default="jumprelu")
-    parser.add_argument("--shape", default="8x768x6144x1024", help="SxDxFxBATCH")
-    parser.add_argument("--density", type=float, default=0.01, help="share of (token, feature) codes that fire")
-    parser.add_argument("--mode", default="auto", choices=MODES)
+    parser = one_step_parser(__doc__.split("\n\n")[0], shape="8x768x6144x1024", mode="auto")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # as crosscoder.train does on CPU: no page faults on each step's temporaries
-    shape = tuple(int(part) for part in args.shape.split("x"))
-    model, batch = model_at_density(shape, args.method, DTYPES[args.dtype], device, args.density)
-    timed = CrossCoder(shape[0], shape[1], replace(model.config, sparse_step_max_density=MODES[args.mode])).to(device)
-    timed.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(timed)
+    timed, batch, optimizer = model_in_mode(args)
     for _ in range(3):
         training_step(timed, optimizer, batch, step=500)
     synchronize(device)
