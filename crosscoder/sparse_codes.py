@@ -71,8 +71,14 @@ def cells_at(positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor,
     return positions // like.shape[1], positions % like.shape[1]
 
 
-def key_order(keys: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """The stable sorting order of ``keys``, integers in [0, n_keys)."""
+def key_order(keys: torch.Tensor, n_keys: int) -> torch.Tensor | slice:
+    """The stable sorting order of ``keys``, integers in [0, n_keys); on CPU, keys already in order give the
+    full slice, which indexes as the identity without a copy."""
+    # Entries of a feature-major pre-activation come sorted by feature: l1's decoder and encoder gradients
+    # and its codes' gradient are keyed by feature, and checking (0.1 ms) saves a sort and three gathers
+    # (about 3 ms each at 250,000 entries on a 2-core CPU). On CUDA the check would wait for the device.
+    if not keys.is_cuda and bool((keys[1:] >= keys[:-1]).all()):
+        return slice(None)
     # Sorted as int32 wherever they fit: a radix sort then takes half the passes, 3x faster on CPU.
     narrow = keys.to(torch.int32) if n_keys <= torch.iinfo(torch.int32).max else keys
     return torch.argsort(narrow, stable=True)
