@@ -9,9 +9,10 @@ import sys
 
 from study.sweep.prepare import RUNTIME_ENVIRONMENT
 
-# Dense training steps in a thread; prints the fewest page faults of a step after two warm-up steps (a step
-# may still raise the process's peak once). The [S, B, F] codes of a dense JumpReLU step (67.1 MB) are above
-# the 64 MB heaps of a thread's own arena.
+# Dense training steps in a thread; prints the fewest page faults of a step after two warm-up steps. The heap
+# may still grow in any of the next few steps (with one arena, steps 2 and 3 both faulted in thousands of
+# pages in one run of five), so the fewest is taken over six. The [S, B, F] codes of a dense JumpReLU step
+# (67.1 MB) are above the 64 MB heaps of a thread's own arena.
 THREAD_STEPS = """
 import resource, threading, torch
 from crosscoder import CrossCoder, CrossCoderConfig
@@ -28,7 +29,7 @@ def train():
     batch = torch.randn(512, 2, 32)
     model.initialize(batch, torch.Generator().manual_seed(0))
     optimizer = make_optimizer(model)
-    for step in range(4):
+    for step in range(8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         training_step(model, optimizer, batch, step=step)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
