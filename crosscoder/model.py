@@ -29,32 +29,39 @@ from crosscoder.sparsity import (
 # The share of codes firing at or below which a training step decodes sparsely, where the config leaves it
 # to the machine: per kind of dense matmul (``matmul_kind``) and per code layout ("shared": one code per
 # feature for all snapshots, as l1, topk and batchtopk have; "per_snapshot": JumpReLU's, which also pay for
-# the zero codes in the threshold's window). Each is the lower crossover of two 2-core CPUs measured with
-# bench/crosscoder_throughput.py: on one with AMX (468 GFLOP/s float32) the sparse step breaks even near
-# 7-8 % firing for l1 and 3.5-5 % for JumpReLU, on one without (190 GFLOP/s) near 20 % and 7-10 %. bf16
-# autocast on AMX tiles runs the dense products 7x faster than float32 while the sparse ones stay float32:
-# break-even falls to about 1.8 % (l1) and 1.3 % (JumpReLU) at (8, 128, 1,024), the bench's smallest shape
-# (at d = 768 the sparse step is still 1.2-1.7x faster at 1 %). bf16 without AMX: l1 1.1x at 7 %, JumpReLU
-# 1.0-1.3x at 5 %. Kinds not listed, CUDA's among them, stay dense: on an H200, bf16 and float32, cuBLAS's
-# dense products beat the embedding-bag, CSR and compiled gather kernels down to 1 % (bench/decode_kernels.py).
+# the zero codes in the threshold's window). Measured with bench/crosscoder_throughput.py on two 2-core
+# CPUs, each entry a little below the smaller shape's break-even so that `auto` is never slower than the
+# dense step there. The CPU with AMX (an Intel Xeon: two 512-bit FMA units, 370-470 GFLOP/s float32)
+# breaks even near 7-8 % firing for l1 and 3.5-5 % for JumpReLU in float32; bf16 autocast on its AMX
+# tiles runs the dense products 7x faster while the sparse ones stay float32, so there break-even falls
+# to about 1.8 % (l1) and 1.3 % (JumpReLU) at (8, 128, 1,024), the bench's smallest shape. The CPU without
+# (an AMD EPYC, 200-220 GFLOP/s float32) breaks even near 35 % (l1; topk and batchtopk 1.16-1.21x at
+# 25 %) and 10 % (JumpReLU) in float32, near 7-8 % and 3 % in bf16. AMX stands for the first kind of
+# CPU; every CPU without it gets the second's entries. Kinds not listed, CUDA's among them, stay dense:
+# on an H200, bf16 and float32, cuBLAS's dense products beat the embedding-bag, CSR and compiled gather
+# kernels down to 1 % (bench/decode_kernels.py).
 SPARSE_STEP_MAX_DENSITY = {
-    "cpu": {"shared": 0.06, "per_snapshot": 0.03},
+    "cpu": {"shared": 0.2, "per_snapshot": 0.08},
+    "cpu-bf16": {"shared": 0.06, "per_snapshot": 0.03},
+    "cpu-amx": {"shared": 0.06, "per_snapshot": 0.03},
     "cpu-amx-bf16": {"shared": 0.015, "per_snapshot": 0.012},
 }
 
 
 @functools.cache
 def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 on AMX tiles (oneDNN uses them under autocast)."""
+    """Whether this CPU multiplies bf16 on AMX tiles (oneDNN uses them under autocast); it also marks the kind
+    of CPU whose float32 products are fast enough to move the crossover (``SPARSE_STEP_MAX_DENSITY``)."""
     return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
 def matmul_kind(device_type: str) -> str:
     """The key of ``SPARSE_STEP_MAX_DENSITY`` for dense products on this device type, as autocast stands now."""
-    bf16_autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
-    if device_type == "cpu" and bf16_autocast and cpu_has_amx_bf16():
-        return "cpu-amx-bf16"
-    return device_type
+    if device_type != "cpu":
+        return device_type
+    bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    kind = "cpu-amx" if cpu_has_amx_bf16() else "cpu"
+    return f"{kind}-bf16" if bf16_autocast else kind
 
 
 class CrossCoderOutput(NamedTuple):

@@ -162,40 +162,45 @@ def loss_and_gradients(model: CrossCoder, batch: torch.Tensor, max_density: floa
 
 
 def test_the_default_crossover_is_the_devices_own(planted, monkeypatch):
-    """Left unset, the crossover to the sparse step is the one measured for the device's dense products and
-    the method's code layout: shared codes (topk) go sparse at 6 of 128 features firing, above JumpReLU's
-    crossover and below their own; steps stay dense on a device with no entry (CUDA)."""
-    cpu_crossover = crosscoder.model.SPARSE_STEP_MAX_DENSITY["cpu"]
-    assert cpu_crossover["per_snapshot"] < 6 / 128 < cpu_crossover["shared"]
+    """Left unset, the crossover to the sparse step is the entry for the device's dense products and the
+    method's code layout: shared codes (topk at 6 of 128 features firing) go sparse below their entry and
+    not above it; JumpReLU reads the per-snapshot entry alone; a device with no entry (CUDA) stays dense."""
+    kind = crosscoder.model.matmul_kind("cpu")
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.1, "per_snapshot": 0.01})
     model = CrossCoder(4, 32, replace(SMALL, sparsity="topk", k=6))
     model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
     batch = planted.activations[:512]
     assert model.config.sparse_step_max_density is None
     assert model(batch).codes.is_sparse
-    monkeypatch.delitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu")
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.04, "per_snapshot": 1.0})
+    assert not model(batch).codes.is_sparse
+    monkeypatch.delitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind)
     assert not model(batch).codes.is_sparse
     model.config = replace(model.config, sparse_step_max_density=1.0)  # a value in the config wins
     assert model(batch).codes.is_sparse
 
     jumprelu_model = CrossCoder(4, 32, replace(SMALL, sparsity="jumprelu"))
     jumprelu_model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu", {"shared": 1.0, "per_snapshot": 0.0})
-    assert not jumprelu_model(batch).codes.is_sparse  # JumpReLU reads the per-snapshot entry alone
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, "cpu", {"shared": 0.0, "per_snapshot": 1.0})
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 1.0, "per_snapshot": 0.0})
+    assert not jumprelu_model(batch).codes.is_sparse
+    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.0, "per_snapshot": 1.0})
     assert jumprelu_model(batch).codes.is_sparse
 
 
-def test_bf16_autocast_on_amx_tiles_has_its_own_crossover(monkeypatch):
-    """AMX multiplies bf16 several times faster than float32 while the sparse products stay float32, so bf16
-    autocast on such a CPU reads its own, lower entry; float32, and bf16 without AMX, read the CPU's."""
-    monkeypatch.setattr(crosscoder.model, "cpu_has_amx_bf16", lambda: True)
-    assert crosscoder.model.matmul_kind("cpu") == "cpu"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert crosscoder.model.matmul_kind("cpu") == "cpu-amx-bf16"
-        monkeypatch.setattr(crosscoder.model, "cpu_has_amx_bf16", lambda: False)
-        assert crosscoder.model.matmul_kind("cpu") == "cpu"
-    amx = crosscoder.model.SPARSE_STEP_MAX_DENSITY["cpu-amx-bf16"]
-    assert all(amx[layout] < share for layout, share in crosscoder.model.SPARSE_STEP_MAX_DENSITY["cpu"].items())
+def test_each_kind_of_cpu_product_has_its_own_crossover(monkeypatch):
+    """AMX marks a CPU whose dense products are faster, in float32 and far more in bf16 (its tiles), while
+    the sparse products stay float32: each of the four kinds reads its own entry, bf16 below float32 on the
+    same CPU and the AMX CPU below the other in the same dtype."""
+    table = crosscoder.model.SPARSE_STEP_MAX_DENSITY
+    for has_amx, prefix in ((True, "cpu-amx"), (False, "cpu")):
+        monkeypatch.setattr(crosscoder.model, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        assert crosscoder.model.matmul_kind("cpu") == prefix
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert crosscoder.model.matmul_kind("cpu") == f"{prefix}-bf16"
+            assert crosscoder.model.matmul_kind("cuda") == "cuda"
+    for layout in ("shared", "per_snapshot"):
+        assert table["cpu-amx-bf16"][layout] < table["cpu-amx"][layout] < table["cpu"][layout]
+        assert table["cpu-amx-bf16"][layout] < table["cpu-bf16"][layout] < table["cpu"][layout]
 
 
 @pytest.mark.parametrize("device", DEVICES)
