@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import signal
 import subprocess
 import sys
@@ -53,6 +55,31 @@ def test_the_untrained_crosscoder_does_not_start_on_the_planted_directions(plant
     assert recovery.recovered_share == 0.0, recovery
     # Emerging and fading features are both in the set, so onsets are tested.
     assert (planted.first_snapshot > 0).any() and (planted.last_snapshot < 3).any()
+
+
+@pytest.mark.parametrize("sparsity", ["jumprelu", "l1", "topk", "batchtopk"])
+def test_the_initial_norm_is_the_candidate_with_the_lowest_error(planted, sparsity):
+    """Initialisation prices every candidate decoder norm from one forward pass (the reconstruction scales as
+    norm²); a forward pass at each candidate's own weights finds the same norm the lowest."""
+    config = replace(SMALL, sparsity=sparsity, k=8)
+    model = CrossCoder(4, 32, config)
+    sample = planted.activations[: config.normalisation_tokens]
+    model.initialize(sample, torch.Generator().manual_seed(0))
+    chosen = model.decoder_weight.norm(dim=-1)[0, 0].item()
+    subset = sample[: config.initialization_tokens]
+    errors = {}
+    for candidate in torch.logspace(-2, 1, 16).tolist():
+        scaled = copy.deepcopy(model)
+        scale = candidate / chosen
+        with torch.no_grad():
+            scaled.decoder_weight.mul_(scale)
+            scaled.encoder_weight.mul_(scale)
+            if scaled.log_threshold is not None:
+                scaled.log_threshold.add_(2 * math.log(scale))
+            error = (scaled(subset).reconstruction - scaled.normalise(subset)).square().sum(-1).mean().item()
+        errors[candidate] = error
+    assert min(errors, key=errors.get) == pytest.approx(chosen, rel=1e-5), errors
+    assert sorted(errors.values())[0] < sorted(errors.values())[1]
 
 
 @pytest.mark.parametrize("sparsity", ["jumprelu", "l1"])
