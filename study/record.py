@@ -317,7 +317,9 @@ SHARED_RULES = (
     "statistic): inconclusive. Pairs of trials (stability, relie) differ in the compared key; trials with the same "
     "configuration are replicates, never pairs. The evolution claims (transition, emergence) are inconclusive unless "
     f"every trial's snapshots evolve in their order (order coherence >= {MIN_ORDER_COHERENCE}; a frozen or shuffled "
-    "trajectory has none)."
+    "trajectory has none). A verdict read from trials that had not converged (training loss still falling by more "
+    f"than {UNCONVERGED_LOSS_DROP:.0%} over the last fifth of the steps) keeps its outcome and says so in its evidence: "
+    "it describes dictionaries still moving."
 )
 """The rules every claim obeys, as the report states them."""
 

@@ -163,28 +163,32 @@ def verdicts_of(trial_set: Trials, stabilities: pd.DataFrame | None = None) -> d
     return {v.claim: (v.verdict, v.evidence) for v in judge(trial_set, stabilities)}
 
 
+# Three trials whose every statistic passes its claim's rule.
+GOOD_TRIALS = dict(
+    transition_found=[1.0, 1.0, 1.0],
+    transition_step=[4.0, 4.0, 8.0],
+    initial_share=[0.30, 0.35, 0.32],
+    unresolved_share=[0.1, 0.2, 0.1],
+    control_initial_share=[1.0, 1.0, 1.0],
+    order_coherence=[0.9, 0.9, 0.95],
+    median_emergence_step=[4.0, 8.0, 8.0],
+    norm_proxy_r=[-0.9, -0.85, -0.95],
+    explained_variance=[0.9, 0.9, 0.95],
+    l0=[30.0, 40.0, 50.0],
+    delta_ce_max=[0.1, 0.2, 0.1],
+    dead_fraction=[0.0, 0.05, 0.1],
+    token_specificity_r=[0.2, 0.3, 0.1],
+    token_specificity_r_low=[0.1, 0.2, 0.05],
+    token_specificity_r_high=[0.3, 0.4, 0.2],
+    causal_ablate_relative=[0.2, 0.4, -0.1],
+    causal_keep_relative=[0.95, 1.1, 0.92],
+    relie_top_mean=[0.9, 0.8, 0.95],
+    task_learned_snapshots=[3.0, 2.0, 3.0],
+)
+
+
 def test_verdicts_follow_their_rules():
-    good = dict(
-        transition_found=[1.0, 1.0, 1.0],
-        transition_step=[4.0, 4.0, 8.0],
-        initial_share=[0.30, 0.35, 0.32],
-        unresolved_share=[0.1, 0.2, 0.1],
-        control_initial_share=[1.0, 1.0, 1.0],
-        order_coherence=[0.9, 0.9, 0.95],
-        median_emergence_step=[4.0, 8.0, 8.0],
-        norm_proxy_r=[-0.9, -0.85, -0.95],
-        explained_variance=[0.9, 0.9, 0.95],
-        l0=[30.0, 40.0, 50.0],
-        delta_ce_max=[0.1, 0.2, 0.1],
-        dead_fraction=[0.0, 0.05, 0.1],
-        token_specificity_r=[0.2, 0.3, 0.1],
-        token_specificity_r_low=[0.1, 0.2, 0.05],
-        token_specificity_r_high=[0.3, 0.4, 0.2],
-        causal_ablate_relative=[0.2, 0.4, -0.1],
-        causal_keep_relative=[0.95, 1.1, 0.92],
-        relie_top_mean=[0.9, 0.8, 0.95],
-        task_learned_snapshots=[3.0, 2.0, 3.0],
-    )
+    good = GOOD_TRIALS
     verdicts = verdicts_of(trials(**good))
     assert {claim: verdict for claim, (verdict, _) in verdicts.items()} == {
         "transition": "holds",
@@ -239,6 +243,19 @@ def test_verdicts_follow_their_rules():
     assert "against turning steps [4, 8]" in far_from_turn["emergence"][1]
     never_learned = trials(**dict(good, task_learned_snapshots=[0.0, 0.0, 0.0]))
     assert verdicts_of(never_learned, seeds)["relie"][0] == "inconclusive"  # no task, no effect to share
+
+
+def test_a_verdict_from_unconverged_trials_says_so_and_keeps_its_outcome():
+    judged = dict(GOOD_TRIALS, norm_proxy_r=[-0.9, -0.5, -0.95])
+    flat = verdicts_of(trials(**judged, loss_drop_last_fifth=[0.01, 0.001, 0.015]))
+    moving = verdicts_of(trials(**judged, loss_drop_last_fifth=[0.05, 0.001, 0.08]))
+    assert not any("not converged" in evidence for _, evidence in flat.values())
+    caveat = "; not converged: 2 of 3 trials (training loss still fell 5.0% to 8.0% over the last fifth"
+    for claim, outcome in (("transition", "holds"), ("norm_proxy", "fails")):
+        assert flat[claim][0] == moving[claim][0] == outcome
+        assert moving[claim][1].startswith(flat[claim][1] + caveat)
+    # An inconclusive verdict was not read from the trials' dictionaries: nothing to qualify.
+    assert moving["stability"] == flat["stability"] and moving["stability"][0] == "inconclusive"
 
 
 def exact_stability(decoder_a: torch.Tensor, decoder_b: torch.Tensor, threshold: float = 0.7) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 """The verdict rules: one function per claim, from the sweep's finished trials and their feature
 stability. The thresholds and the rule texts are in ``study.record``; the rules shared by every
-claim are here once: no verdict from fewer than two comparable trials, and no evolution claim from
-snapshots that show no ordered evolution (a frozen or shuffled trajectory)."""
+claim are here once: no verdict from fewer than two comparable trials, no evolution claim from
+snapshots that show no ordered evolution (a frozen or shuffled trajectory), and no verdict read from
+unconverged trials without saying so."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from study.record import (
     SAE_SHARED_LOW,
     TASK_LEARNED_ACCURACY,
     TOP_FEATURES,
+    UNCONVERGED_LOSS_DROP,
 )
 
 
@@ -77,6 +79,19 @@ def unordered(claim: str, frame: pd.DataFrame) -> Verdict | None:
         claim,
         "inconclusive",
         f"the snapshots show no ordered evolution (order coherence {listed or 'none'}; nan: frozen)",
+    )
+
+
+def unconverged(frame: pd.DataFrame) -> str | None:
+    """How many of the trials had not converged (training loss still falling by more than UNCONVERGED_LOSS_DROP
+    over the last fifth of the steps) and how far their loss still fell; None when every trial had."""
+    drops = pd.to_numeric(frame.get("loss_drop_last_fifth", pd.Series(dtype=float)), errors="coerce").dropna()
+    moving = drops[drops > UNCONVERGED_LOSS_DROP]
+    if moving.empty:
+        return None
+    return (
+        f"{len(moving)} of {len(drops)} trials (training loss still fell {moving.min():.1%} to {moving.max():.1%} "
+        f"over the last fifth of the steps, above {UNCONVERGED_LOSS_DROP:.0%})"
     )
 
 
@@ -269,9 +284,11 @@ def causal_verdict(frame: pd.DataFrame) -> Verdict:
 
 
 def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
-    """A verdict per claim of ``study.record.CLAIMS``, in their order."""
+    """A verdict per claim of ``study.record.CLAIMS``, in their order. A verdict judged from unconverged trials
+    keeps its outcome (the 2 % line is a heuristic, and float rounding alone moves a trial's figure by a third)
+    and carries the count in its evidence, where a reader of the verdicts alone sees it."""
     frame = trials.frame
-    return [
+    verdicts = [
         transition_verdict(trials),
         emergence_verdict(trials),
         in_every_trial(frame, "norm_proxy", "norm_proxy_r", lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"),
@@ -280,4 +297,13 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
         token_specificity_verdict(trials),
         relie_verdict(frame, stabilities),
         causal_verdict(frame),
+    ]
+    moving = unconverged(frame)
+    if moving is None:
+        return verdicts
+    return [
+        judged._replace(evidence=f"{judged.evidence}; not converged: {moving}")
+        if judged.verdict in ("holds", "fails")
+        else judged
+        for judged in verdicts
     ]

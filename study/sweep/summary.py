@@ -10,8 +10,9 @@ import mlflow
 import pandas as pd
 
 from reports.robustness import write_report
+from study.analysis.rules import unconverged
 from study.analysis.verdicts import Verdict, analyse_sweep
-from study.record import TRIALS_ARTIFACT, UNCONVERGED_LOSS_DROP
+from study.record import TRIALS_ARTIFACT
 from study.storage import Location
 
 
@@ -43,15 +44,10 @@ def publish_report(parent_run_id: str, folder: Location) -> bool:
 
 def convergence_warning(table: pd.DataFrame) -> str | None:
     """A line for the trials whose training loss had not flattened (None when every trial had)."""
-    drops = pd.to_numeric(table.get("loss_drop_last_fifth", pd.Series(dtype=float)), errors="coerce").dropna()
-    moving = drops[drops > UNCONVERGED_LOSS_DROP]
-    if moving.empty:
+    moving = unconverged(table)
+    if moving is None:
         return None
-    return (
-        f"not converged: {len(moving)} of {len(drops)} trials (training loss still fell {moving.min():.1%} to "
-        f"{moving.max():.1%} over the last fifth of the steps, above {UNCONVERGED_LOSS_DROP:.0%}): their statistics "
-        "describe dictionaries still moving; raise n_steps (--set n_steps=...)"
-    )
+    return f"not converged: {moving}: their statistics describe dictionaries still moving; raise n_steps (--set n_steps=...)"
 
 
 def summarise(parent_run_id: str, table: pd.DataFrame, report_folder: Location) -> tuple[int, list[Verdict], bool]:
