@@ -105,6 +105,7 @@ def ray_cluster():
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(
+        address="local",  # without it ray.init joins the newest cluster on the machine (another test's)
         num_cpus=2,
         num_gpus=0,
         include_dashboard=False,

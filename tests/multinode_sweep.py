@@ -4,8 +4,8 @@ a sweep on a real multi-node Ray cluster on this machine, one worker node remove
     python tests/multinode_sweep.py RESULT.json STORAGE_URI SWEEP_ARGUMENT...
 
 The head node has no CPU, so trials can only land on the two worker nodes (one CPU each). As soon as
-a running trial has handed Tune a checkpoint, the worker node it runs on is killed. Writes what
-happened to RESULT.json.
+a running trial has handed Tune its second checkpoint, the worker node it runs on is killed. Writes
+what happened to RESULT.json.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -40,23 +41,29 @@ def running_trial_nodes() -> dict[str, str]:
     }
 
 
-def checkpointed_trials(storage: Location) -> set[str]:
-    """Names of the trial folders under ``storage`` (a folder or an object-store URI) holding a checkpoint."""
+def checkpoints_per_trial(storage: Location) -> dict[str, int]:
+    """Trial folder name -> how many checkpoints it holds under ``storage`` (a folder or an object-store URI)."""
     try:
         listed = storage.filesystem.get_file_info(pafs.FileSelector(storage.path, recursive=True))
     except FileNotFoundError:  # Tune has not written there yet
-        return set()
-    # An object store lists files only, so the trial folder is read off each file's path.
+        return {}
+    # An object store lists files only, so the trial folder and its checkpoints are read off each file's path.
     parts = [info.path.split("/") for info in listed]
-    return {path[i - 1] for path in parts for i in range(1, len(path)) if path[i].startswith("checkpoint_")}
+    found = {(path[i - 1], path[i]) for path in parts for i in range(1, len(path)) if path[i].startswith("checkpoint_")}
+    return Counter(trial for trial, _ in found)
 
 
 def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, storage: Location, removed: dict) -> None:
-    """Kill the worker node that runs a trial which has already handed Tune a checkpoint."""
+    """Kill the worker node that runs a trial which has already handed Tune two checkpoints.
+
+    A checkpoint's files reach the storage before Tune's driver has taken the report that names it: a node
+    killed in between restarted its trial from nothing (seen once, with another test's sweep loading the
+    machine). The trial reports its checkpoints in turn, seconds apart, so once the second one's files are
+    there the first is Tune's."""
     by_id = {worker.node_id: worker for worker in workers}
     deadline = time.time() + DEADLINE_SECONDS
     while time.time() < deadline:
-        checkpointed = checkpointed_trials(storage)
+        checkpointed = {trial for trial, count in checkpoints_per_trial(storage).items() if count >= 2}
         for trial_id, node_id in running_trial_nodes().items() if checkpointed else ():
             if node_id in by_id and any(trial_id in name for name in checkpointed):
                 cluster.remove_node(by_id[node_id], allow_graceful=False)

@@ -122,7 +122,11 @@ import os, sys
 import ray
 os.environ["RAY_AUTH_MODE"] = "disabled"
 # Two GPUs declared as resources on a CPU machine, as Ray allows: placement is Ray's, whatever the hardware.
-ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
+# A Ray of its own: without an address, ray.init joins the newest cluster on the machine (another test's).
+ray.init(
+    address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
+    object_store_memory=200 * 1024**2,
+)
 from study.sweep.cli import main
 sys.exit(main(sys.argv[1:]))
 """

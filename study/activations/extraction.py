@@ -214,7 +214,8 @@ def extraction_plan() -> tuple[int, float, int]:
 def ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local one."""
     if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False)
+        # Without an address, ray.init would join whichever cluster was started last on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, include_dashboard=False)
 
 
 def completed_units(build: Location) -> dict[tuple[int, int], dict]:
