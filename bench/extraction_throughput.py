@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from study.activations.contexts import sample_contexts
-from study.activations.extraction import ActivationRequest, ensure_activations, ensure_ray
+from study.activations.extraction import ActivationRequest, ensure_activations
 from study.lm.pretrain_config import PRESETS
 from study.lm.trajectory import embedded_trajectory, load_model, load_tokenizer
+from study.ray_runtime import ensure_ray
 
 # The child's own high-water mark: ru_maxrss would carry the parent's peak across fork and exec.
 READ_SCRIPT = """

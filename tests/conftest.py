@@ -101,7 +101,7 @@ def ray_cluster():
     as the sweep starts them."""
     import ray
 
-    from study.sweep.prepare import RUNTIME_ENVIRONMENT
+    from study.ray_runtime import RUNTIME_ENVIRONMENT
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from study.sweep.prepare import RUNTIME_ENVIRONMENT
+from study.ray_runtime import RUNTIME_ENVIRONMENT
 
 # Dense training steps in a thread; prints the fewest page faults of a step after two warm-up steps. The heap
 # may still grow in any of the next few steps (with one arena, steps 2 and 3 both faulted in thousands of

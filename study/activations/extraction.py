@@ -54,6 +54,7 @@ from study.lm.trajectory import (
     snapshot_fingerprint,
 )
 from study.paths import cache_location
+from study.ray_runtime import ensure_ray
 from study.storage import Location
 
 UNITS = "units"
@@ -209,13 +210,6 @@ def extraction_plan() -> tuple[int, float, int]:
         return gpus, 1.0, max(1, cpus // gpus - 1)
     actors = max(1, (cpus - 1) // 2)
     return actors, 0.0, max(1, cpus // actors)
-
-
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one."""
-    if not ray.is_initialized():
-        # Without an address, ray.init would join whichever cluster was started last on this machine.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False, include_dashboard=False)
 
 
 def completed_units(build: Location) -> dict[tuple[int, int], dict]:

@@ -3,7 +3,6 @@ and the trajectory's model-level curves. Returns the context every trial receive
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from importlib.metadata import version
@@ -11,34 +10,16 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import ray
 from mlflow.tracking import MlflowClient
 
-from crosscoder.cpu_memory import SINGLE_ARENA_ENVIRONMENT
 from study.activations.extraction import ensure_activations
 from study.analysis.model_curves import model_curves
 from study.lm.trajectory import Trajectory
+from study.ray_runtime import ensure_ray
 from study.record import MODEL_CURVES, MODEL_CURVES_ARTIFACT, MODEL_PREFIX
 from study.sweep.plan import ActivationSet, SweepPlan
 from study.sweep.trial import SweepContext
 from study.tracking import parent_run, tracking_uri
-
-RUNTIME_ENVIRONMENT = {"env_vars": SINGLE_ARENA_ENVIRONMENT}
-"""The sweep's Ray job environment: Tune trials and Ray Train workers train in a thread of their worker
-process, where a crosscoder's large step temporaries would otherwise be mapped afresh at every step
-(``crosscoder.cpu_memory``)."""
-
-
-def ensure_ray() -> None:
-    """Join ``$RAY_ADDRESS`` or start a local Ray, unless one is already up."""
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env=RUNTIME_ENVIRONMENT,
-        )
 
 
 def git_commit() -> str:
