@@ -58,8 +58,8 @@ def remove_node_under_a_checkpointed_trial(cluster: Cluster, workers: list, stor
 
     A checkpoint's files reach the storage before Tune's driver has taken the report that names it: a node
     killed in between restarted its trial from nothing (seen once, with another test's sweep loading the
-    machine). The trial reports its checkpoints in turn, seconds apart, so once the second one's files are
-    there the first is Tune's."""
+    machine). The trial reports its checkpoints in turn, about a second apart here, so once the second
+    one's files are there the first is Tune's."""
     by_id = {worker.node_id: worker for worker in workers}
     deadline = time.time() + DEADLINE_SECONDS
     while time.time() < deadline:
