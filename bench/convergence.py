@@ -24,7 +24,7 @@ from crosscoder import fit, loss_drop_last_fifth
 from study.activations.cache import ActivationCache
 from study.activations.extraction import ensure_activations
 from study.sweep.plan import plan_sweep
-from study.sweep.trial_config import TrialConfig
+from study.trial_config import TrialConfig
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def model_in_mode(args: argparse.Namespace) -> tuple[CrossCoder, torch.Tensor, t
     """The crosscoder ``one_step_parser``'s arguments describe, with its batch and optimizer."""
     device = torch.device(args.device)
     if device.type == "cpu":
-        reuse_freed_memory()  # as crosscoder.train does on CPU: no page faults on each step's temporaries
+        reuse_freed_memory()  # as crosscoder.fit does on CPU: no page faults on each step's temporaries
     shape = tuple(int(part) for part in args.shape.split("x"))
     model, batch = model_at_density(shape, args.method, DTYPES[args.dtype], device, args.density)
     config = replace(model.config, sparse_step_max_density=MODES[args.mode])
@@ -203,7 +203,7 @@ def main() -> None:
     device = torch.device(args.device)
     steps = args.steps or (4 if device.type == "cpu" else 10)  # a GPU step takes milliseconds: time more of them
     if device.type == "cpu":
-        reuse_freed_memory()  # as crosscoder.train does on CPU
+        reuse_freed_memory()  # as crosscoder.fit does on CPU
     shapes = [tuple(int(part) for part in shape.split("x")) for shape in args.shapes.split(",")]
     size = 2048 if device.type == "cpu" else 8192
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")

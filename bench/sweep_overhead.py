@@ -4,7 +4,7 @@ measured in one run on this machine.
     python bench/sweep_overhead.py [--trials 3] [--steps 500] [--tokens 60000]
 
 Both sides train the same crosscoders on the same cached activations and compute the same claim
-statistics (``study.sweep.trial.train_and_measure``), one trial at a time on one CPU thread, so the ratio
+statistics (``study.analysis.measure.train_and_measure``), one trial at a time on one CPU thread, so the ratio
 is what Ray Tune, MLflow logging, the model curves, the sweep's robustness analysis and its report
 add. The activation cache and the model curves are built before either side is timed.
 
@@ -28,11 +28,11 @@ import torch
 
 import study.sweep.cli as sweep_cli
 from study.activations.extraction import ensure_activations
+from study.analysis.measure import train_and_measure
 from study.analysis.model_curves import model_curves
 from study.sweep.plan import plan_sweep
 from study.sweep.prepare import snapshots_for_model_curves
-from study.sweep.trial import train_and_measure
-from study.sweep.trial_config import TrialConfig
+from study.trial_config import TrialConfig
 
 
 def main() -> None:

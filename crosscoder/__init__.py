@@ -8,10 +8,7 @@ result.metrics.explained_variance, result.model.decoder_norms()
 from crosscoder.config import CrossCoderConfig, InputError, TrainingError
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder, CrossCoderOutput, SnapshotTerms
-from crosscoder.trainer import TrainResult, loss_drop_last_fifth, train
-
-fit = train
-"""The notebook entry point: ``fit(activations [tokens, S, d_model], config) -> TrainResult``."""
+from crosscoder.trainer import TrainResult, fit, loss_drop_last_fifth
 
 __all__ = [
     "CrossCoder",
@@ -25,5 +22,4 @@ __all__ = [
     "evaluate",
     "fit",
     "loss_drop_last_fifth",
-    "train",
 ]

@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
 
-SparsityMethod = Literal["jumprelu", "l1", "topk", "batchtopk"]
-SPARSITY_METHODS = ("jumprelu", "l1", "topk", "batchtopk")
-
-# Sparsity coefficients; the reconstruction loss is divided by d_model, JumpReLU's tanh reads codes in
-# units of sqrt(d_model), and every penalty is averaged over snapshots, so these carry over between model
-# widths and snapshot counts. jumprelu's 1e-2 recovers the planted dictionaries of crosscoder.synthetic
-# (bench/hard_planted.py); the former 3e-4, with c = 4 on raw codes, left the penalty without a gradient.
-# (l1's 9e-3 is the 1e-3 it was when its penalty summed decoder norms over snapshots, at 9 snapshots.)
-DEFAULT_SPARSITY_COEFFICIENT = {"jumprelu": 1e-2, "l1": 9e-3, "topk": 0.0, "batchtopk": 0.0}
+from crosscoder.methods import METHODS, SparsityName
 
 
 class InputError(ValueError):
@@ -31,7 +22,7 @@ class CrossCoderConfig:
     expansion_ratio: float = 8
     """Features per residual dimension: n_features = expansion_ratio x d_model."""
 
-    sparsity: SparsityMethod = "jumprelu"
+    sparsity: SparsityName = "jumprelu"
     """jumprelu (paper 1), l1 (paper 2's ReLU + decoder-norm-weighted L1), topk or batchtopk."""
 
     sparsity_coefficient: float | None = None
@@ -82,7 +73,7 @@ class CrossCoderConfig:
     batch_size: int = 1024
     """Tokens per optimizer step."""
 
-    n_steps: int = 2000
+    n_steps: int = 1000
     """Optimizer steps."""
 
     seed: int = 0
@@ -90,7 +81,7 @@ class CrossCoderConfig:
 
     sparse_step_max_density: float | None = None
     """Training decodes from the non-zero codes alone while at most this share of codes fire (0: always dense;
-    None: the device's measured crossover for the method's codes, ``crosscoder.model.SPARSE_STEP_MAX_DENSITY``)."""
+    None: the device's measured crossover for the method's codes, ``crosscoder.methods.SPARSE_STEP_MAX_DENSITY``)."""
 
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
@@ -121,8 +112,8 @@ class CrossCoderConfig:
     """Folder of the periodic checkpoints; training resumes from the newest one found there."""
 
     def __post_init__(self) -> None:
-        if self.sparsity not in SPARSITY_METHODS:
-            raise InputError(f"sparsity '{self.sparsity}' is unknown; choose one of {', '.join(SPARSITY_METHODS)}")
+        if self.sparsity not in METHODS:
+            raise InputError(f"sparsity '{self.sparsity}' is unknown; choose one of {', '.join(METHODS)}")
         if not self.expansion_ratio > 0:
             raise InputError(f"expansion_ratio must be > 0, got {self.expansion_ratio}")
         for name in ("batch_size", "n_steps", "k", "log_every", "normalisation_tokens", "initialization_tokens"):
@@ -148,7 +139,7 @@ class CrossCoderConfig:
         """The sparsity coefficient in force: the configured one or the method's default."""
         if self.sparsity_coefficient is not None:
             return self.sparsity_coefficient
-        return DEFAULT_SPARSITY_COEFFICIENT[self.sparsity]
+        return METHODS[self.sparsity].default_coefficient
 
     def n_features(self, d_model: int) -> int:
         return max(1, round(self.expansion_ratio * d_model))

@@ -45,7 +45,7 @@ def feature_dimensionality(decoder: torch.Tensor, block_size: int = 4096) -> tor
 class TurningPoint(NamedTuple):
     """Where a curve over snapshots turns from falling to rising; index and step are None when it does not."""
 
-    index: int | None
+    index: int | None  # type: ignore[assignment]  # a field, shadowing tuple.index on purpose
     step: int | None
 
 

@@ -1,4 +1,7 @@
-"""The crosscoder: per-snapshot encoders and decoders around one shared sparse code."""
+"""The crosscoder: per-snapshot encoders and decoders around one shared sparse code.
+
+Over 300 lines on purpose: one nn.Module, its forward (dense and sparse decoding) and its initialisation.
+"""
 
 from __future__ import annotations
 
@@ -14,38 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crosscoder.config import CrossCoderConfig, InputError
+from crosscoder.methods import METHODS, SPARSE_STEP_MAX_DENSITY, CodeInputs, jumprelu_tanh_scale
 from crosscoder.sparse_codes import EncoderGradient, SparseCodes, encode, is_feature_major, sparse_decode
-from crosscoder.sparsity import (
-    CodeEntries,
-    batch_topk_fires,
-    decoder_and_norms,
-    frequency_penalty,
-    jumprelu,
-    l1_penalty,
-    shared_entries,
-    topk_fires,
-)
-
-# The share of codes firing at or below which a training step decodes sparsely, where the config leaves it
-# to the machine: per kind of dense matmul (``matmul_kind``) and per code layout ("shared": one code per
-# feature for all snapshots, as l1, topk and batchtopk have; "per_snapshot": JumpReLU's, which also pay for
-# the zero codes in the threshold's window). Measured with bench/crosscoder_throughput.py on two 2-core
-# CPUs, each entry a little below the smaller shape's break-even so that `auto` is never slower than the
-# dense step there. The CPU with AMX (an Intel Xeon: two 512-bit FMA units, 370-470 GFLOP/s float32)
-# breaks even near 7-8 % firing for l1 and 3.5-5 % for JumpReLU in float32; bf16 autocast on its AMX
-# tiles runs the dense products 7x faster while the sparse ones stay float32, so there break-even falls
-# to about 1.8 % (l1) and 1.3 % (JumpReLU) at (8, 128, 1,024), the bench's smallest shape. The CPU without
-# (an AMD EPYC, 200-220 GFLOP/s float32) breaks even near 35 % (l1; topk and batchtopk 1.16-1.21x at
-# 25 %) and 10 % (JumpReLU) in float32, near 7-8 % and 3 % in bf16. AMX stands for the first kind of
-# CPU; every CPU without it gets the second's entries. Kinds not listed, CUDA's among them, stay dense:
-# on an H200, bf16 and float32, cuBLAS's dense products beat the embedding-bag, CSR and compiled gather
-# kernels down to 1 % (bench/decode_kernels.py).
-SPARSE_STEP_MAX_DENSITY = {
-    "cpu": {"shared": 0.2, "per_snapshot": 0.08},
-    "cpu-bf16": {"shared": 0.06, "per_snapshot": 0.03},
-    "cpu-amx": {"shared": 0.06, "per_snapshot": 0.03},
-    "cpu-amx-bf16": {"shared": 0.015, "per_snapshot": 0.012},
-}
+from crosscoder.sparsity import CodeEntries, decoder_and_norms
 
 
 @functools.cache
@@ -90,12 +64,6 @@ class SnapshotTerms(NamedTuple):
     """[S, d] decoder bias in raw units."""
     error: torch.Tensor
     """[B, S, d] what the features do not reconstruct."""
-
-
-def active_pairs(entries: CodeEntries, pre: torch.Tensor) -> torch.Tensor:
-    """[B, F] bool, in the layout of ``pre``: the (token, feature) pairs whose code is non-zero at some snapshot."""
-    active = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, entries.cells, True)
-    return active.view(pre.shape[1], pre.shape[0]).T if is_feature_major(pre) else active.view(pre.shape)
 
 
 def dense_codes(values: torch.Tensor, indices: tuple[torch.Tensor, ...], shape: tuple[int, ...], feature_major: bool):
@@ -160,12 +128,16 @@ class CrossCoder(nn.Module):
     that fired.
     """
 
+    input_scale: torch.Tensor
+    jumprelu_window: torch.Tensor
+    log_threshold: nn.Parameter | None
+
     def __init__(self, n_snapshots: int, d_model: int, config: CrossCoderConfig, features: range | None = None):
         """``features``: the range of features this instance holds when it is one shard of a crosscoder
         split over ranks (``crosscoder.sharded``); None holds them all."""
         super().__init__()
         total_features = config.n_features(d_model)
-        if config.sparsity in ("topk", "batchtopk") and config.k >= total_features:
+        if METHODS[config.sparsity].uses_k and config.k >= total_features:
             raise InputError(
                 f"k = {config.k} must be below n_features = {total_features}; lower k or raise expansion_ratio"
             )
@@ -179,7 +151,8 @@ class CrossCoder(nn.Module):
         self.encoder_bias = nn.Parameter(torch.zeros(self.n_features))
         self.decoder_weight = nn.Parameter(torch.zeros(self.n_features, n_snapshots, d_model))
         self.decoder_bias = nn.Parameter(torch.zeros(n_snapshots, d_model))
-        self.log_threshold = nn.Parameter(torch.zeros(self.n_features)) if config.sparsity == "jumprelu" else None
+        learns_threshold = METHODS[config.sparsity].layout == "per_snapshot"
+        self.log_threshold = nn.Parameter(torch.zeros(self.n_features)) if learns_threshold else None
         # sqrt(d_model) / E||x_s||: the dataset-wise normalisation, estimated from data and saved with the model.
         self.register_buffer("input_scale", torch.ones(n_snapshots))
         # JumpReLU's straight-through window in units of the gated quantity, fixed at initialisation.
@@ -239,28 +212,22 @@ class CrossCoder(nn.Module):
             pre = encode(normalised.flatten(1), self.encoder_weight, self.encoder_bias, encoder_gradient)
         else:
             pre = self.encode(normalised)
-        decoder = self.decoder_weight
-        if config.sparsity in ("jumprelu", "l1"):  # the methods whose codes or penalty read the decoder norms
+        method = METHODS[config.sparsity]
+        decoder: torch.Tensor = self.decoder_weight
+        norms: torch.Tensor | None = None
+        if method.reads_decoder_norms:
             decoder, norms = decoder_and_norms(self.decoder_weight)  # norms [F, S]
-        if config.sparsity == "jumprelu":
-            # Inputs are normalised to mean norm sqrt(d_model), so f * ||W_D|| grows as sqrt(d_model): read in
-            # those units the tanh keeps one meaning at every width. In raw units c = 4 saturates on nearly
-            # every code, the penalty's gradient then reaches only the threshold, and L0 stays where
-            # initialisation put it (bench/hard_planted.py: 57 % of the planted features recovered).
-            tanh_scale = config.tanh_scale / math.sqrt(self.d_model)
-            entries, frequency = jumprelu(pre, norms, self.log_threshold, self.jumprelu_window.item(), tanh_scale)
-            penalty = frequency_penalty(frequency, config.frequency_scale)
-            active = active_pairs(entries, pre)
-        else:
-            if config.sparsity == "l1":
-                fires = pre > 0
-            elif config.sparsity == "topk":
-                fires = topk_fires(pre, config.k, self.process_group)
-            else:
-                fires = batch_topk_fires(pre, config.k, self.process_group)
-            entries = shared_entries(pre, fires)
-            penalty = l1_penalty(entries, norms, len(pre)) if config.sparsity == "l1" else pre.new_zeros(())
-            active = fires
+        inputs = CodeInputs(
+            pre,
+            norms,
+            self.log_threshold,
+            self.jumprelu_window.item() if method.layout == "per_snapshot" else 0.0,
+            jumprelu_tanh_scale(config.tanh_scale, self.d_model),
+            config.frequency_scale,
+            config.k,
+            self.process_group,
+        )
+        entries, penalty, active = method.codes(inputs)
         sparse_step = max_density > 0 and fired_share(entries, pre.numel(), self.n_snapshots) <= max_density
         if sparse_step:
             encoder_gradient.cells = entries.cells
@@ -274,7 +241,7 @@ class CrossCoder(nn.Module):
         the dense products of the device the weights are on."""
         if self.config.sparse_step_max_density is not None:
             return self.config.sparse_step_max_density
-        layout = "per_snapshot" if self.config.sparsity == "jumprelu" else "shared"
+        layout = METHODS[self.config.sparsity].layout
         return SPARSE_STEP_MAX_DENSITY.get(matmul_kind(self.decoder_weight.device.type), {}).get(layout, 0.0)
 
     def decode_dense(
@@ -302,6 +269,7 @@ class CrossCoder(nn.Module):
         """The same reconstruction from the entries alone (``crosscoder.sparse_codes``), and the codes as a
         torch sparse tensor."""
         n_snapshots, d_model = self.n_snapshots, self.d_model
+        size: tuple[int, ...]
         detached = entries.values.detach()
         if entries.snapshots is None:
             codes = SparseCodes(entries.values, entries.tokens, entries.features, batch_size)

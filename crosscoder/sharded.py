@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from crosscoder.config import InputError
+from crosscoder.methods import METHODS
 from crosscoder.model import CrossCoder
 
 # Parameters and buffers indexed by feature along their first axis; the rest are replicated.
@@ -41,7 +42,7 @@ def shard_of(model: CrossCoder, group: dist.ProcessGroup | None = None) -> Cross
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     features = feature_range(model.n_features, rank, world_size)
     config = model.config
-    if config.sparsity in ("topk", "batchtopk") and len(features) < config.k:
+    if METHODS[config.sparsity].uses_k and len(features) < config.k:
         raise InputError(
             f"k = {config.k} is more than the {len(features)} features a worker holds; use fewer workers or a lower k"
         )

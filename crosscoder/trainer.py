@@ -1,4 +1,7 @@
-"""Training: seeded initialisation and data order, Adam with warm-up and cool-down, checkpoints, resume."""
+"""Training: seeded initialisation and data order, Adam with warm-up and cool-down, checkpoints, resume.
+
+Over 300 lines on purpose: the loop and the checkpoints it writes and resumes from belong together.
+"""
 
 from __future__ import annotations
 
@@ -236,7 +239,9 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Para
     return [parameter for group in optimizer.param_groups for parameter in group["params"]]
 
 
-def train(
+# Over 60 lines on purpose: the training loop reads top to bottom in one place (warm-up, step, resampling,
+# logging, checkpoints); split into helpers, its order of operations, which resuming relies on, would scatter.
+def fit(
     activations: Activations | Iterable,
     config: CrossCoderConfig | None = None,
     eval_activations: Activations | None = None,
@@ -250,7 +255,7 @@ def train(
     ``on_checkpoint`` gets each checkpoint file as it is written (to copy it somewhere safer) and the
     model as it stands (to measure progress).
 
-    With a ``process_group``, every rank of it calls ``train`` with the same data and configuration
+    With a ``process_group``, every rank of it calls ``fit`` with the same data and configuration
     and trains one shard of the features (``crosscoder.sharded``); each writes its own checkpoint
     files, and each gets the whole trained crosscoder back, assembled at the end. The whole model is
     initialised on every rank before it is split, so that the shards start exactly where one
@@ -280,7 +285,8 @@ def train(
     model.to(device)
     optimizer = make_optimizer(model)
 
-    start_step, tokens_since_fired, history = 0, torch.zeros(model.n_features, device=device), []
+    history: list[dict[str, float]] = []
+    start_step, tokens_since_fired = 0, torch.zeros(model.n_features, device=device)
     last_checkpoint = resumable_checkpoint(config.checkpoint_dir, model)
     if last_checkpoint is not None:
         start_step, tokens_since_fired, history = load_checkpoint(last_checkpoint, model, optimizer, device)
@@ -317,6 +323,7 @@ def train(
             )
         tokens_since_fired = torch.where(result.active.any(0), 0.0, tokens_since_fired + batch.shape[0])
         if resamples_at(step, config):
+            assert config.resample_dead_every is not None  # resamples_at says so
             dead = tokens_since_fired >= config.resample_dead_every * config.batch_size
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             if resample_dead(model, optimizer, batch, dead, generator):
@@ -343,6 +350,7 @@ def train(
             )
             bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.0f}")
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            assert config.checkpoint_dir is not None  # CrossCoderConfig checks it
             last_checkpoint = save_checkpoint(
                 Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history
             )

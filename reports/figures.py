@@ -1,11 +1,16 @@
 """The report's plots, each a function of a SweepRecord's tables returning a matplotlib figure (or None
-when the sweep holds nothing to plot)."""
+when the sweep holds nothing to plot).
+
+Just over 300 lines: one function per figure of the report.
+"""
 
 from __future__ import annotations
 
 import math
 
 import matplotlib
+
+from study.record import METRIC
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,22 +32,28 @@ def model_curve_figure(curves: pd.DataFrame) -> Figure | None:
     if curves.empty:
         return None
     figure, (kl_axis, loss_axis, agreement_axis) = plt.subplots(1, 3, figsize=(13, 3.6))
-    for trajectory, group in curves.groupby("trajectory"):
+    for trajectory, group in curves.groupby(METRIC.trajectory):
         kl_axis.plot(
-            group["step"],
-            group["unigram_kl"],
+            group[METRIC.step],
+            group[METRIC.unigram_kl],
             "o-",
-            label=f"unigram KL ({trajectory})" if curves["trajectory"].nunique() > 1 else "unigram KL",
+            label=f"unigram KL ({trajectory})" if curves[METRIC.trajectory].nunique() > 1 else "unigram KL",
         )
-        kl_axis.plot(group["step"], group["bigram_kl"], "s-", label="bigram KL")
-        loss_axis.plot(group["step"], group["lm_loss"], "o-", label="LM loss")
-        agreement_axis.plot(group["step"], group["agreement_accuracy"], "o-", label="accuracy")
+        kl_axis.plot(group[METRIC.step], group[METRIC.bigram_kl], "s-", label="bigram KL")
+        loss_axis.plot(group[METRIC.step], group[METRIC.lm_loss], "o-", label="LM loss")
+        agreement_axis.plot(group[METRIC.step], group[METRIC.agreement_accuracy], "o-", label="accuracy")
         twin = agreement_axis.twinx()
-        twin.plot(group["step"], group["agreement_logit_difference"], "s--", color="tab:red", label="logit difference")
+        twin.plot(
+            group[METRIC.step],
+            group[METRIC.agreement_logit_difference],
+            "s--",
+            color="tab:red",
+            label="logit difference",
+        )
         twin.set_ylabel("logit difference", color="tab:red")
     first = curves.iloc[0]
-    loss_axis.axhline(first["unigram_entropy"], color="gray", linestyle=":", label="unigram entropy")
-    loss_axis.axhline(first["bigram_entropy"], color="black", linestyle=":", label="bigram entropy")
+    loss_axis.axhline(first[METRIC.unigram_entropy], color="gray", linestyle=":", label="unigram entropy")
+    loss_axis.axhline(first[METRIC.bigram_entropy], color="black", linestyle=":", label="bigram entropy")
     kl_axis.set_ylabel("KL(n-gram ‖ model), nats")
     loss_axis.set_ylabel("nats per token")
     agreement_axis.set_ylabel("agreement accuracy")
@@ -63,14 +74,18 @@ def dimensionality_figure(curve: pd.DataFrame, trials: pd.DataFrame, labels: dic
     if curve.empty:
         return None
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    turning = trials.set_index("run_id")["transition_step"] if "transition_step" in trials else pd.Series(dtype=float)
-    for run_id, group in curve.groupby("run_id"):
-        (line,) = axis.plot(group["step"], group["value"], "o-", label=labels.get(run_id, run_id[:8]))
+    turning = (
+        trials.set_index(METRIC.run_id)[METRIC.transition_step]
+        if METRIC.transition_step in trials
+        else pd.Series(dtype=float)
+    )
+    for run_id, group in curve.groupby(METRIC.run_id):
+        (line,) = axis.plot(group[METRIC.step], group[METRIC.value], "o-", label=labels.get(run_id, run_id[:8]))
         step = turning.get(run_id, math.nan)
         if not math.isnan(step):
             axis.plot(
                 [step],
-                group.loc[group["step"] == step, "value"],
+                group.loc[group[METRIC.step] == step, METRIC.value],
                 marker="v",
                 markersize=13,
                 color=line.get_color(),
@@ -84,6 +99,19 @@ def dimensionality_figure(curve: pd.DataFrame, trials: pd.DataFrame, labels: dic
     return figure
 
 
+def decoder_norm_heatmap(axis, norms: pd.DataFrame):
+    """One crosscoder's decoder norms ([features, snapshots], columns step<N>) as an image on ``axis``,
+    features by peak snapshot, strongest first."""
+    values = norms.to_numpy()
+    order = np.lexsort((-values.max(1), values.argmax(1)))
+    image = axis.imshow(values[order], aspect="auto", interpolation="nearest", cmap="viridis")
+    axis.set_xticks(
+        range(values.shape[1]), [column.removeprefix(METRIC.step) for column in norms.columns], rotation=70, fontsize=6
+    )
+    axis.set_xlabel("snapshot step")
+    return image
+
+
 def decoder_norm_heatmaps(
     decoder_norms: dict[str, pd.DataFrame], labels: dict[str, str], limit: int = 6
 ) -> Figure | None:
@@ -92,16 +120,20 @@ def decoder_norm_heatmaps(
     chosen = list(decoder_norms.items())[:limit]
     figure, axes = plt.subplots(1, len(chosen), figsize=(3.4 * len(chosen), 4), squeeze=False)
     for axis, (run_id, norms) in zip(axes[0], chosen):
-        values = norms.to_numpy()
-        order = np.lexsort((-values.max(1), values.argmax(1)))  # by peak snapshot, strongest first
-        image = axis.imshow(values[order], aspect="auto", interpolation="nearest", cmap="viridis")
-        axis.set_xticks(
-            range(values.shape[1]), [column.removeprefix("step") for column in norms.columns], rotation=70, fontsize=6
-        )
+        image = decoder_norm_heatmap(axis, norms)
         axis.set_title(labels.get(run_id, run_id[:8]), fontsize=9)
-        axis.set_xlabel("snapshot step")
         figure.colorbar(image, ax=axis, fraction=0.05)
     axes[0][0].set_ylabel("feature (by peak snapshot)")
+    figure.tight_layout()
+    return figure
+
+
+def trial_decoder_norm_figure(norms: pd.DataFrame) -> Figure:
+    """One trial's decoder-norm heatmap, logged with its run."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    image = decoder_norm_heatmap(axis, norms)
+    axis.set_ylabel("feature (by peak snapshot)")
+    figure.colorbar(image, label="decoder norm")
     figure.tight_layout()
     return figure
 
@@ -134,19 +166,19 @@ def emergence_figure(features: dict[str, pd.DataFrame], labels: dict[str, str]) 
 
 def per_snapshot_figure(curves: dict[str, pd.DataFrame], labels: dict[str, str]) -> Figure | None:
     shown = [
-        ("explained_variance_by_snapshot", "explained variance"),
-        ("delta_ce_by_snapshot", "ΔCE (nats)"),
-        ("probe_error_by_snapshot", "probe balanced error (0.5 = chance)"),
-        ("token_entropy_by_peak_snapshot", "token entropy of features peaking here"),
-        ("alignment_overlap_by_snapshot", "top-10 overlap with the previous snapshot"),
+        (METRIC.explained_variance_by_snapshot, "explained variance"),
+        (METRIC.delta_ce_by_snapshot, "ΔCE (nats)"),
+        (METRIC.probe_error_by_snapshot, "probe balanced error (0.5 = chance)"),
+        (METRIC.token_entropy_by_peak_snapshot, "token entropy of features peaking here"),
+        (METRIC.alignment_overlap_by_snapshot, "top-10 overlap with the previous snapshot"),
     ]
     shown = [(name, title) for name, title in shown if not curves.get(name, pd.DataFrame()).empty]
     if not shown:
         return None
     figure, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
     for axis, (name, title) in zip(axes[0], shown):
-        for run_id, group in curves[name].groupby("run_id"):
-            axis.plot(group["step"], group["value"], "o-", markersize=3, label=labels.get(run_id, run_id[:8]))
+        for run_id, group in curves[name].groupby(METRIC.run_id):
+            axis.plot(group[METRIC.step], group[METRIC.value], "o-", markersize=3, label=labels.get(run_id, run_id[:8]))
         step_axis(axis)
         axis.set_title(title, fontsize=9)
     axes[0][0].legend(fontsize=7)
@@ -234,8 +266,8 @@ def ablation_figure(
         learned = table[table["learned"]]
         if learned.empty:
             continue
-        step = learned["step"].max()
-        at_step = learned[learned["step"] == step]
+        step = learned[METRIC.step].max()
+        at_step = learned[learned[METRIC.step] == step]
         label = f"{labels.get(run_id, run_id[:8])} (step {int(step)})"
         ablated_axis.plot(
             at_step["k"], at_step["ablated_relative"], "o-", color=colours[run_id], markersize=3, label=label
@@ -255,10 +287,10 @@ def ablation_figure(
         (ablate_curve, "v--", f"top {ABLATE_K} ablated"),
         (keep_curve, "^-", "top features kept"),
     ):
-        for run_id, group in curve.dropna(subset=["value"]).groupby("run_id"):
+        for run_id, group in curve.dropna(subset=[METRIC.value]).groupby(METRIC.run_id):
             snapshot_axis.plot(
-                group["step"],
-                group["value"],
+                group[METRIC.step],
+                group[METRIC.value],
                 style,
                 color=colours.get(run_id),
                 markersize=5,

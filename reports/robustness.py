@@ -6,6 +6,8 @@ writes DIR/report.html (self-contained: plots embedded), DIR/summary.md (verdict
 statistics) and the plots as PNG files; DIR may be a URI (s3://bucket/reports/x, file:///abs).
 ``--log`` also stores them in the parent run's artifacts
 under ``report/``. Reads the store at $MLFLOW_TRACKING_URI (default: ./mlflow.db).
+
+Over 300 lines on purpose: the report's HTML and Markdown are written from the same tables in one place.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 from mlflow.tracking import MlflowClient
+
+from crosscoder.methods import METHODS
+from study.record import CLAIM, METRIC
 
 # MLflow draws a progress bar per downloaded artifact; a report downloads dozens.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -56,7 +61,7 @@ def trial_labels(record: SweepRecord) -> dict[str, str]:
     labels = {}
     for row in record.trials.to_dict("records"):
         described = " ".join(f"{key}={row.get(f'params.{key}')}" for key in keys if f"params.{key}" in row)
-        labels[row["run_id"]] = described or row["run_name"]
+        labels[row[METRIC.run_id]] = described or row["run_name"]
     return labels
 
 
@@ -74,13 +79,15 @@ def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
         ),
         "feature_dimensionality": (
             "Total feature dimensionality per snapshot, its turning point marked.",
-            figures.dimensionality_figure(record.curves["feature_dimensionality_by_snapshot"], record.trials, labels),
+            figures.dimensionality_figure(
+                record.curves[METRIC.feature_dimensionality_by_snapshot], record.trials, labels
+            ),
         ),
         "decoder_norms": (
             "Decoder norms of every feature over snapshots, features sorted by peak snapshot.",
             figures.decoder_norm_heatmaps(record.decoder_norms, labels),
         ),
-        "emergence": (
+        CLAIM.emergence: (
             "When features emerge (decoder norm first at half its maximum).",
             figures.emergence_figure(record.features, labels),
         ),
@@ -88,7 +95,7 @@ def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
             "Quality, probe error, token specificity and alignment per snapshot.",
             figures.per_snapshot_figure(record.curves, labels),
         ),
-        "stability": (
+        CLAIM.stability: (
             "Feature stability: share of features matched one-to-one with cosine above 0.7.",
             figures.stability_figure(record.stability, labels),
         ),
@@ -97,8 +104,8 @@ def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
             "alone (dashed: the causal claim's thresholds).",
             figures.ablation_figure(
                 record.ablation_curves,
-                record.curves["ablate_top_relative_by_snapshot"],
-                record.curves["keep_top_relative_by_snapshot"],
+                record.curves[METRIC.ablate_top_relative_by_snapshot],
+                record.curves[METRIC.keep_top_relative_by_snapshot],
                 labels,
             ),
         ),
@@ -125,12 +132,14 @@ def axis_table(record: SweepRecord) -> pd.DataFrame:
         return pd.DataFrame()
     table = record.by_axis_value.copy()
     key_columns = [f"params.{key}" for key in record.axis_keys]
-    table["value"] = table[key_columns].astype(str).agg(", ".join, axis=1) if key_columns else "all"
+    table[METRIC.value] = table[key_columns].astype(str).agg(", ".join, axis=1) if key_columns else "all"
     table["cell"] = [
         "–" if n == 0 else format_number(m) if n == 1 else f"{format_number(m)} ± {format_number(s)} ({n})"
         for m, s, n in zip(table["mean"], table["std"], table["n"])
     ]
-    pivot = table.pivot(index="statistic", columns="value", values="cell")[list(dict.fromkeys(table["value"]))]
+    pivot = table.pivot(index="statistic", columns=METRIC.value, values="cell")[
+        list(dict.fromkeys(table[METRIC.value]))
+    ]
     order = [s for s in COMPARED if s in pivot.index]
     pivot = pivot.loc[order]
     pivot.index = [LABELS[s] for s in order]
@@ -142,12 +151,13 @@ def axis_table(record: SweepRecord) -> pd.DataFrame:
 def trial_flags(row: dict) -> str:
     """What should make a reader distrust a trial's figures, in words."""
     flags = []
-    drop = row.get("loss_drop_last_fifth", float("nan"))
+    drop = row.get(METRIC.loss_drop_last_fifth, float("nan"))
     if drop == drop and drop > UNCONVERGED_LOSS_DROP:
         flags.append(f"not converged: loss fell {drop:.1%} over the last fifth")
     if (
-        row.get("params.sparsity") in ("topk", "batchtopk")
-        and abs(row.get("l0", 0) - float(row.get("params.k", -9))) < 0.5
+        row.get("params.sparsity") in METHODS
+        and METHODS[row["params.sparsity"]].uses_k
+        and abs(row.get(METRIC.l0, 0) - float(row.get("params.k", -9))) < 0.5
     ):
         flags.append("L0 pinned at k: choose k from the data's own L0 (e.g. an l1 trial's)")
     return "; ".join(flags)
@@ -159,7 +169,7 @@ def trials_table(record: SweepRecord) -> pd.DataFrame:
     labels = trial_labels(record)
     table = pd.DataFrame(
         {
-            "trial": [labels[r] for r in record.trials["run_id"]],
+            "trial": [labels[r] for r in record.trials[METRIC.run_id]],
             "status": record.trials["status"],
             "flags": [trial_flags(row) for row in record.trials.to_dict("records")],
         }

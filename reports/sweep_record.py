@@ -17,13 +17,14 @@ from study.record import (
     BY_AXIS_VALUE_ARTIFACT,
     DECODER_NORMS_ARTIFACT,
     FEATURES_ARTIFACT,
+    METRIC,
     MODEL_CURVES_ARTIFACT,
     PLOTTED_CURVES,
     ROBUSTNESS_FOLDER,
     STABILITY_ARTIFACT,
+    TAG,
     VERDICTS_ARTIFACT,
 )
-from study.tracking import STOPPED_TAG
 
 
 class ReportInputError(ValueError):
@@ -63,6 +64,7 @@ def find_parent_run(client: MlflowClient, experiment: str | None, run_id: str | 
                 f"run {run_id} is a trial; pass its sweep's parent run {run.data.tags['mlflow.parentRunId']}"
             )
         return run
+    assert experiment is not None  # the command line asks for --experiment or --run
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
@@ -89,6 +91,8 @@ def artifact_or_none(client: MlflowClient, run_id: str, path: str, folder: Path)
         return None
 
 
+# Over 60 lines on purpose: one walk over the sweep's child runs, reading each run's metrics, curves and
+# artifacts once (a download per artifact).
 def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
     parent_id = parent.info.run_id
     children = client.search_runs(
@@ -96,18 +100,20 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
     )
     rows = []
     curves: dict[str, list[dict]] = {name: [] for name in PLOTTED_CURVES}
-    decoder_norms, features, ablation_curves = {}, {}, {}
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+    decoder_norms: dict[str, pd.DataFrame] = {}
+    features: dict[str, pd.DataFrame] = {}
+    ablation_curves: dict[str, pd.DataFrame] = {}
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
         for run in children:
             run_id = run.info.run_id
             rows.append(
                 {
-                    "run_id": run_id,
+                    METRIC.run_id: run_id,
                     "run_name": run.info.run_name,
                     "status": run.info.status,
-                    "error": run.data.tags.get("error", ""),
-                    "stopped_early": run.data.tags.get(STOPPED_TAG) == "true",
+                    TAG.error: run.data.tags.get(TAG.error, ""),
+                    TAG.stopped_early: run.data.tags.get(TAG.stopped_early) == "true",
                     **{f"params.{k}": v for k, v in run.data.params.items()},
                     **run.data.metrics,
                 }
@@ -116,7 +122,7 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
                 continue
             for name in PLOTTED_CURVES:
                 curves[name] += [
-                    {"run_id": run_id, "step": m.step, "value": m.value}
+                    {METRIC.run_id: run_id, METRIC.step: m.step, METRIC.value: m.value}
                     for m in client.get_metric_history(run_id, name)
                 ]
             for name, table in (
@@ -141,7 +147,9 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
     if not trials.empty:
         trials = trials.sort_values("run_name").reset_index(drop=True)
     curve_frames = {
-        name: pd.DataFrame(entries, columns=["run_id", "step", "value"]).sort_values(["run_id", "step"])
+        name: pd.DataFrame(entries, columns=[METRIC.run_id, METRIC.step, METRIC.value]).sort_values(
+            [METRIC.run_id, METRIC.step]
+        )
         for name, entries in curves.items()
     }
     return SweepRecord(

@@ -2,11 +2,31 @@
 thresholds and rule. Trials write through these names, the verdicts and the report read through
 them; nothing else spells them, so adding a statistic is one field here and one value where it is
 computed.
+
+Over 300 lines on purpose: the record is the one place a logged name, label, cut-off or rule is spelt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
+
+
+class Names:
+    """Logged names as attributes, ``METRIC.l0 == "l0"``: code that reads or writes a name spells it through
+    the record, so a name the record does not hold fails where it is used, not as a missing column later."""
+
+    def __init__(self, names: Iterable[str]):
+        self._names = frozenset(names)
+
+    def __getattr__(self, name: str) -> str:
+        if name.startswith("_") or name not in self._names:
+            raise AttributeError(f"the record logs no name {name!r}")
+        return name
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
 
 # --- per-trial scalars (MLflow metrics without a step)
 
@@ -408,3 +428,50 @@ CLAIMS = (
 """Each claim of the two papers this harness tests, in the report's order."""
 RULES = {claim.claim: claim.rule for claim in CLAIMS}
 """claim id -> its rule."""
+
+# --- names as attributes (see Names)
+
+PROGRESS_METRICS = ("explained_variance", "l0", "dead_fraction")
+"""Held-out metrics reported with every checkpoint, so a searcher or scheduler can judge a trial while it trains."""
+TABLE_METRICS = ("explained_variance", "l0", "dead_fraction", "loss_drop_last_fifth")
+"""The metrics of the sweep's closing table and its per-trial lines."""
+TRIAL_RESULT = Names(("seconds", "mlflow_run_id", "training_step", "trial_id"))
+"""What a trial reports to Tune besides its summary: its time, its MLflow run, the step of a checkpoint, Tune's id."""
+TAG = Names(
+    (
+        "sweep_name",
+        "tune_trial_id",
+        "stopped_early",
+        "error",
+        "ray_node_id",
+        "gpu_share",
+        "ray_gpu_ids",
+        "resumed_from_step",
+        "search",
+        "scheduler",
+        "search_metric",
+    )
+)
+"""Run tags: the sweep's name and Tune's trial id (how a run is found again), a trial stopped by the scheduler,
+a trial's error, where it ran and on what, where it resumed; the parent's searcher, scheduler and their metric."""
+ERROR_ARTIFACT = "error.txt"
+"""A failed trial's traceback."""
+METRIC = Names(
+    (
+        *TrialSummary._fields,
+        *PlantedSummary._fields,
+        *TrialCurves._fields,
+        *MODEL_CURVES,
+        "step",
+        "value",
+        "run_id",
+        "trajectory",
+        "shared_share",
+        "mean_max_cosine",
+        "top_feature_jaccard",
+    )
+)
+"""Every metric name, and the columns of the tables built from them (a curve's step and value, the run, the
+trajectory of a model curve, the n-gram reference levels, the stability table's figures)."""
+CLAIM = Names(claim.claim for claim in CLAIMS)
+"""Claim ids."""

@@ -11,10 +11,8 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from study.errors import StudyInputError
+from study.record import TAG
 
-SWEEP_TAG = "sweep_name"
-TRIAL_TAG = "tune_trial_id"
-STOPPED_TAG = "stopped_early"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI overview."""
 
@@ -91,9 +89,9 @@ def _parent_run(
     if found and not EXPERIMENT_KIND.items() <= found.tags.items():  # made before the tag was set
         for key, value in EXPERIMENT_KIND.items():
             client.set_experiment_tag(experiment_id, key, value)
-    run_id = find_run(client, experiment_id, {SWEEP_TAG: sweep_name})
+    run_id = find_run(client, experiment_id, {TAG.sweep_name: sweep_name})
     if run_id is None:
-        run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name, **tags})
+        run = client.create_run(experiment_id, run_name=sweep_name, tags={TAG.sweep_name: sweep_name, **tags})
         run_id = run.info.run_id
         for key, value in params.items():
             client.log_param(run_id, key, value)
@@ -103,9 +101,9 @@ def _parent_run(
 def child_run(experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str) -> str:
     """The trial's run under the parent: found by its Tune trial id, so a restarted trial logs into the same run."""
     client = MlflowClient()
-    run_id = find_run(client, experiment_id, {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id})
+    run_id = find_run(client, experiment_id, {TAG.tune_trial_id: trial_id, "mlflow.parentRunId": parent_run_id})
     if run_id is None:
-        tags = {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id}
+        tags = {TAG.tune_trial_id: trial_id, "mlflow.parentRunId": parent_run_id}
         run_id = client.create_run(experiment_id, run_name=trial_name, tags=tags).info.run_id
     return run_id
 
@@ -113,9 +111,9 @@ def child_run(experiment_id: str, parent_run_id: str, trial_id: str, trial_name:
 def close_stopped_run(experiment_id: str, parent_run_id: str, trial_id: str) -> None:
     """A trial the scheduler stopped was killed mid-run: its run ends KILLED, tagged as stopped early."""
     client = MlflowClient()
-    run_id = find_run(client, experiment_id, {TRIAL_TAG: trial_id, "mlflow.parentRunId": parent_run_id})
+    run_id = find_run(client, experiment_id, {TAG.tune_trial_id: trial_id, "mlflow.parentRunId": parent_run_id})
     if run_id is not None:
-        client.set_tag(run_id, STOPPED_TAG, "true")
+        client.set_tag(run_id, TAG.stopped_early, "true")
         client.set_terminated(run_id, status="KILLED")
 
 
@@ -131,3 +129,12 @@ def ui_instructions(uri: str, experiment_id: str) -> list[str]:
     if uri.startswith(("http://", "https://")):
         return [f"open {uri.rstrip('/')}/{page}"]
     return [f"mlflow ui --backend-store-uri {uri}", f"then open http://127.0.0.1:{UI_PORT}/{page}"]
+
+
+def run_name(config: dict, swept: tuple[str, ...]) -> str | None:
+    """``expansion_ratio=16``, ``seed=1 · layer=2``: what tells a trial from the others; None when nothing varies."""
+
+    def shown(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return " · ".join(f"{key}={shown(config[key])}" for key in swept) or None

@@ -97,7 +97,7 @@ def store(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session, sized for a 2-core machine (see STACK_NOTES), its workers started
+    """One local Ray for the whole session, sized for a 2-core machine (Ray's defaults oversubscribe it), its workers started
     as the sweep starts them."""
     import ray
 
@@ -144,3 +144,16 @@ def s3_bucket():
     if server is not None:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_ray(request):
+    """The fast tier (``-m "not slow"``) must stay fast: a test not marked slow that starts Ray fails."""
+    before = ray_started()
+    yield
+    if request.node.get_closest_marker("slow") is None and ray_started() and not before:
+        pytest.fail("this test starts Ray: mark it (or its file) pytest.mark.slow")
+
+
+def ray_started() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()

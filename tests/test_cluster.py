@@ -21,6 +21,8 @@ from study.lm.trajectory import directory_trajectory
 from study.record import CROSSCODER_ARTIFACT
 from study.storage import Location
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 REPO = Path(__file__).parent.parent
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import crosscoder.methods
 import crosscoder.model
 import crosscoder.sparse_codes
 from crosscoder import CrossCoder, CrossCoderConfig, InputError, TrainingError, evaluate, fit
@@ -57,7 +58,7 @@ def test_the_untrained_crosscoder_does_not_start_on_the_planted_directions(plant
     assert (planted.first_snapshot > 0).any() and (planted.last_snapshot < 3).any()
 
 
-@pytest.mark.parametrize("sparsity", ["jumprelu", "l1", "topk", "batchtopk"])
+@pytest.mark.parametrize("sparsity", list(crosscoder.methods.METHODS))
 def test_the_initial_norm_is_the_candidate_with_the_lowest_error(planted, sparsity):
     """Initialisation prices every candidate decoder norm from one forward pass (the reconstruction scales as
     norm²); a forward pass at each candidate's own weights finds the same norm the lowest."""
@@ -193,24 +194,24 @@ def test_the_default_crossover_is_the_devices_own(planted, monkeypatch):
     method's code layout: shared codes (topk at 6 of 128 features firing) go sparse below their entry and
     not above it; JumpReLU reads the per-snapshot entry alone; a device with no entry (CUDA) stays dense."""
     kind = crosscoder.model.matmul_kind("cpu")
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.1, "per_snapshot": 0.01})
+    monkeypatch.setitem(crosscoder.methods.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.1, "per_snapshot": 0.01})
     model = CrossCoder(4, 32, replace(SMALL, sparsity="topk", k=6))
     model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
     batch = planted.activations[:512]
     assert model.config.sparse_step_max_density is None
     assert model(batch).codes.is_sparse
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.04, "per_snapshot": 1.0})
+    monkeypatch.setitem(crosscoder.methods.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.04, "per_snapshot": 1.0})
     assert not model(batch).codes.is_sparse
-    monkeypatch.delitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind)
+    monkeypatch.delitem(crosscoder.methods.SPARSE_STEP_MAX_DENSITY, kind)
     assert not model(batch).codes.is_sparse
     model.config = replace(model.config, sparse_step_max_density=1.0)  # a value in the config wins
     assert model(batch).codes.is_sparse
 
     jumprelu_model = CrossCoder(4, 32, replace(SMALL, sparsity="jumprelu"))
     jumprelu_model.initialize(planted.activations[:4096], torch.Generator().manual_seed(0))
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 1.0, "per_snapshot": 0.0})
+    monkeypatch.setitem(crosscoder.methods.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 1.0, "per_snapshot": 0.0})
     assert not jumprelu_model(batch).codes.is_sparse
-    monkeypatch.setitem(crosscoder.model.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.0, "per_snapshot": 1.0})
+    monkeypatch.setitem(crosscoder.methods.SPARSE_STEP_MAX_DENSITY, kind, {"shared": 0.0, "per_snapshot": 1.0})
     assert jumprelu_model(batch).codes.is_sparse
 
 
@@ -218,7 +219,7 @@ def test_each_kind_of_cpu_product_has_its_own_crossover(monkeypatch):
     """AMX marks a CPU whose dense products are faster, in float32 and far more in bf16 (its tiles), while
     the sparse products stay float32: each of the four kinds reads its own entry, bf16 below float32 on the
     same CPU and the AMX CPU below the other in the same dtype."""
-    table = crosscoder.model.SPARSE_STEP_MAX_DENSITY
+    table = crosscoder.methods.SPARSE_STEP_MAX_DENSITY
     for has_amx, prefix in ((True, "cpu-amx"), (False, "cpu")):
         monkeypatch.setattr(crosscoder.model, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
         assert crosscoder.model.matmul_kind("cpu") == prefix
@@ -231,7 +232,7 @@ def test_each_kind_of_cpu_product_has_its_own_crossover(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sparsity", ["jumprelu", "l1", "topk", "batchtopk"])
+@pytest.mark.parametrize("sparsity", list(crosscoder.methods.METHODS))
 @pytest.mark.parametrize("codes", ["initial", "trained"])
 def test_sparse_step_gives_the_dense_loss_and_gradients(planted, sparsity, codes, device):
     config = replace(SMALL, sparsity=sparsity, k=4, n_steps=300, device=device)
@@ -443,3 +444,22 @@ def test_no_resampling_in_the_cooldown_or_the_last_two_fifths():
     assert [step + 1 for step in range(1000) if resamples_at(step, config)] == [250, 500]
     longer_cooldown = replace(config, lr_cooldown_fraction=0.5)
     assert [step + 1 for step in range(1000) if resamples_at(step, longer_cooldown)] == [250]
+
+
+def test_every_sparsity_method_is_declared_once_and_named_in_the_config_type():
+    import typing
+
+    from crosscoder.methods import METHODS, SPARSE_STEP_MAX_DENSITY, SparsityName
+
+    assert set(typing.get_args(SparsityName)) == set(METHODS)
+    for name, method in METHODS.items():
+        config = CrossCoderConfig(sparsity=name)
+        assert config.lambda_ == method.default_coefficient
+        model = CrossCoder(2, 8, config)
+        assert (model.log_threshold is not None) == (method.layout == "per_snapshot")
+        assert all(method.layout in row for row in SPARSE_STEP_MAX_DENSITY.values())
+        if method.uses_k:  # k at the dictionary's size is refused before training
+            with pytest.raises(InputError):
+                CrossCoder(2, 8, CrossCoderConfig(sparsity=name, expansion_ratio=1, k=8))
+    with pytest.raises(InputError, match="unknown"):
+        CrossCoderConfig(sparsity="gated")  # type: ignore[arg-type]

@@ -25,6 +25,8 @@ from study.lm.pretrain_config import TINY
 from study.lm.trajectory import directory_trajectory, load_model, load_tokenizer
 from study.storage import Location
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 REPO = Path(__file__).parent.parent
 
 

@@ -19,6 +19,8 @@ from study.lm.planted import PLANTED_DECODER, PlantedConfig, planted_folder, rea
 from study.lm.trajectory import directory_trajectory, load_model, resolve_trajectory
 from study.sweep.cli import main
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 CONFIG = PlantedConfig()
 
 

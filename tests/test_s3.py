@@ -19,6 +19,8 @@ from study.activations.extraction import ActivationRequest, ensure_activations
 from study.lm.trajectory import directory_trajectory
 from study.storage import Location
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 REPO = Path(__file__).parent.parent
 
 

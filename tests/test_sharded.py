@@ -15,6 +15,8 @@ from safetensors import safe_open
 from crosscoder import CrossCoderConfig, fit
 from crosscoder.synthetic import planted_features
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 # checkpoint_dir is set per run. Dead features are resampled every 10 steps: on this data a few die
 # (measured in one process: topk re-aims 1-2 at 6 of the 9 draws, jumprelu 1 at the last), so the
 # shards' resampling is held to one process's too.

@@ -34,6 +34,8 @@ from study.sweep.search_space import ACTIVATION_KEYS, grid_points, load_space
 from study.tracking import store_lock
 from tests.mlflow_server import mlflow_server
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 REPO = Path(__file__).parent.parent
 
 

@@ -13,11 +13,14 @@ import sys
 import venv
 from pathlib import Path
 
+import pytest
 from conftest import migrated_store
 from mlflow.tracking import MlflowClient
 
 from study.sweep import run
 from tests.test_sweep import REPO, children, runs, sweep_arguments
+
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
 
 
 def parent_tags(store: Path, experiment: str) -> dict[str, str]:

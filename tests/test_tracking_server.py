@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from tests.mlflow_server import mlflow_server
 from tests.test_sweep import sweep_arguments
 
+pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
+
 POSTGRES = os.environ.get("MLFLOW_TEST_POSTGRES")
 if not POSTGRES and not os.environ.get("CI"):
     pytest.skip("MLFLOW_TEST_POSTGRES is not set (.ci/run starts PostgreSQL and sets it)", allow_module_level=True)

@@ -18,6 +18,8 @@ s3://bucket/prefix``; see ``study.storage``). Layout under ``<cache>/activations
 Each build writes under its own folder (``build-<random>``), so that should two builders ever
 run at once (a lease taken over from a builder that was only slow) they never mix files; whichever
 manifest lands last wins, and both are whole.
+
+Over 300 lines on purpose: the Ray Data job, its units, its resumable records and its cache manifest form one protocol.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def shard_rows(
     shard is the cached one bit for bit."""
     pieces: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(contexts), batch_size):
-        states = residual_stream(model, contexts[start : start + batch_size].to(device), layers)
+        batch = contexts[start : start + batch_size].to(device)
+        states = residual_stream(model, batch, layers)  # type: ignore[arg-type]  # any causal LM of transformers
         for layer in layers:
             pieces[layer].append(states[layer][:, 1:].flatten(0, 1).float().cpu())
     return {layer: torch.cat(rows) for layer, rows in pieces.items()}
@@ -156,7 +159,8 @@ class ShardExtractor:
             Location.of(build),
         )
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.loaded_index, self.model = None, None
+        self.loaded_index: int | None = None
+        self.model: torch.nn.Module | None = None
 
     def model_for(self, index: int):
         if index != self.loaded_index:

@@ -45,7 +45,7 @@ def residual_stream(
     is the residual before the final layer norm. Blocks after the deepest requested layer never run.
     """
     blocks = decoder_blocks(model)
-    check_layers(layers, len(blocks), model.name_or_path)
+    check_layers(layers, len(blocks), str(model.name_or_path))
     deepest = max(layers)
     captured: dict[int, torch.Tensor] = {}
     handles = []
@@ -84,7 +84,7 @@ def residual_replaced(
     """Inside the block, every forward pass sends the residual stream at ``layer`` ([batch, length, d])
     through ``replace`` and continues with what it returns (the same stream to only look at it)."""
     blocks = decoder_blocks(model)
-    check_layers([layer], len(blocks), model.name_or_path)
+    check_layers([layer], len(blocks), str(model.name_or_path))
     if layer == 0:
 
         def before_first_block(_, args, kwargs):

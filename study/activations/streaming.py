@@ -56,7 +56,7 @@ class StreamedActivations(ActivationCache):
                 for start in range(0, n_contexts, per_shard)
             ],
         }
-        self.files = self.folder = self.staged = None
+        self.files = self.folder = self.staged = None  # type: ignore[assignment]  # nothing is on disk
         self.models: dict[int, torch.nn.Module] = {}
 
     def model(self, snapshot: int) -> torch.nn.Module:

@@ -21,8 +21,6 @@ from study.errors import StudyInputError
 from study.lm.agreement import encode_items
 from study.lm.grammar import AgreementItem, flip_subject_number
 
-BASELINES = ("zero", "corrupted")
-
 
 class Task(NamedTuple):
     """Prompts, their corrupted counterparts (same length, the answer flipped), and a metric on the logits.

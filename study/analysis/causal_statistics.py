@@ -1,5 +1,5 @@
 """The causal claims' statistics for one trained crosscoder: attribution, ablation curves and RelIE on
-the agreement task at every snapshot (claims ``causal`` and ``relie`` of DESIGN.md)."""
+the agreement task at every snapshot (claims ``causal`` and ``relie`` of ``study.record.CLAIMS``, docs/claims.md)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def snapshot_terms(
     ]
 
 
+# Over 60 lines on purpose: one pass over the snapshots filling every causal figure; the summary, curves and
+# tables it assembles share that pass's arrays.
 def causal_statistics(
     crosscoder: CrossCoder,
     snapshots: list[Snapshot],
@@ -167,11 +169,11 @@ def causal_statistics(
             else float("nan")
         )
 
-    effects = torch.stack(effects, 1)  # [F, S]
+    effects_by_feature = torch.stack(effects, 1)  # [F, S]
     chosen = relie_indices(per_snapshot["task_accuracy"], relie_snapshots, relie_span)
-    relie = relative_indirect_effect(effects[:, chosen])
+    relie = relative_indirect_effect(effects_by_feature[:, chosen])
     last = chosen[-1]
-    top_last = effects[:, last].argsort(descending=True)[:TOP_FEATURES]
+    top_last = effects_by_feature[:, last].argsort(descending=True)[:TOP_FEATURES]
     learned_count = sum(accuracy >= TASK_LEARNED_ACCURACY for accuracy in per_snapshot["task_accuracy"])
     summary = CausalSummary(
         task_learned_snapshots=float(learned_count),
@@ -183,7 +185,7 @@ def causal_statistics(
     )
     features = pd.DataFrame({"feature": range(n_features)})
     for index, step in enumerate(steps):
-        features[f"{IE_COLUMN}{step}"] = effects[:, index].numpy()
+        features[f"{IE_COLUMN}{step}"] = effects_by_feature[:, index].numpy()
     for column, index in enumerate(chosen):
         features[f"{RELIE_COLUMN}{steps[index]}"] = relie[:, column].numpy()
     by_snapshot = CausalCurves(**{f"{name}_by_snapshot": values for name, values in per_snapshot.items()})

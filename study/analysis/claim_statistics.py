@@ -1,4 +1,4 @@
-"""The statistic behind each claim of DESIGN.md's table, for one trained crosscoder (one trial).
+"""The statistic behind each claim of ``study.record.CLAIMS`` (docs/claims.md), for one trained crosscoder (one trial).
 
 Everything here reads the crosscoder and held-out activations; the language-model side of
 ``quality`` (ΔCE) is measured by ``study.analysis.splicing``, and that of ``causal`` and ``relie`` by
@@ -129,6 +129,8 @@ def evolution_control(
     )
 
 
+# Over 60 lines on purpose: it assembles one TrialSummary field by field, each from a function of crosscoder/;
+# the list is long because the record is.
 def claim_statistics(
     model: CrossCoder,
     initial_model: CrossCoder,

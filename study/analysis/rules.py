@@ -2,7 +2,10 @@
 stability. The thresholds and the rule texts are in ``study.record``; the rules shared by every
 claim are here once: no verdict from fewer than two comparable trials, no evolution claim from
 snapshots that show no ordered evolution (a frozen or shuffled trajectory), and no verdict read from
-unconverged trials without saying so."""
+unconverged trials without saying so.
+
+Over 300 lines for now: one verdict function per claim; the verdict issue rewrites them per axis value.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import pandas as pd
 from study.record import (
     ABLATE_K,
     ABLATE_LEFT_BELOW,
+    CLAIM,
     EMERGENCE_SHARE_RANGE,
     KEEP_RECOVERS_ABOVE,
+    METRIC,
     MIN_COMPARABLE_TRIALS,
     MIN_ORDER_COHERENCE,
     MIN_RESOLVED_SHARE,
@@ -71,7 +76,9 @@ def too_few(claim: str, count: int, what: str) -> Verdict | None:
 
 def unordered(claim: str, frame: pd.DataFrame) -> Verdict | None:
     """The shared rule of the evolution claims: the snapshots must evolve in their order in every trial."""
-    coherence = frame["order_coherence"] if "order_coherence" in frame else pd.Series([float("nan")] * len(frame))
+    coherence = (
+        frame[METRIC.order_coherence] if METRIC.order_coherence in frame else pd.Series([float("nan")] * len(frame))
+    )
     if len(coherence) and (coherence.fillna(-1.0) >= MIN_ORDER_COHERENCE).all():
         return None
     listed = ", ".join(f"{value:.2f}" for value in coherence)
@@ -85,7 +92,7 @@ def unordered(claim: str, frame: pd.DataFrame) -> Verdict | None:
 def unconverged(frame: pd.DataFrame) -> str | None:
     """How many of the trials had not converged (training loss still falling by more than UNCONVERGED_LOSS_DROP
     over the last fifth of the steps) and how far their loss still fell; None when every trial had."""
-    drops = pd.to_numeric(frame.get("loss_drop_last_fifth", pd.Series(dtype=float)), errors="coerce").dropna()
+    drops = pd.to_numeric(frame.get(METRIC.loss_drop_last_fifth, pd.Series(dtype=float)), errors="coerce").dropna()
     moving = drops[drops > UNCONVERGED_LOSS_DROP]
     if moving.empty:
         return None
@@ -118,12 +125,12 @@ def in_every_trial(frame: pd.DataFrame, claim: str, statistic: str, passes, cond
 
 def transition_verdict(trials: Trials) -> Verdict:
     frame = trials.frame
-    found, turning = column(frame, "transition_found"), column(frame, "transition_step")
-    blocked = too_few("transition", len(found), "a dimensionality curve") or unordered("transition", frame)
+    found, turning = column(frame, METRIC.transition_found), column(frame, METRIC.transition_step)
+    blocked = too_few(CLAIM.transition, len(found), "a dimensionality curve") or unordered(CLAIM.transition, frame)
     if blocked:
         return blocked
     if (found < 1).any():
-        return verdict("transition", "fails", f"{int(found.sum())} of {len(found)} trials find a turning point")
+        return verdict(CLAIM.transition, "fails", f"{int(found.sum())} of {len(found)} trials find a turning point")
     grid = coarsest_grid(trials)
     spread = grid_interval_spread(turning.tolist(), grid)
     evidence = f"turning steps {sorted({int(step) for step in turning})}, {spread} interval(s) apart on the grid {grid}"
@@ -131,21 +138,25 @@ def transition_verdict(trials: Trials) -> Verdict:
     if trials.statistical_end is not None:
         after_statistics = bool((turning >= trials.statistical_end).all())
         evidence += f"; statistical learning ends at step {trials.statistical_end} (unigram KL at its floor)"
-    return verdict("transition", "holds" if spread <= 1 and after_statistics else "fails", evidence)
+    return verdict(CLAIM.transition, "holds" if spread <= 1 and after_statistics else "fails", evidence)
 
 
 def emergence_verdict(trials: Trials) -> Verdict:
     frame = trials.frame
-    shares, medians = column(frame, "initial_share"), column(frame, "median_emergence_step")
-    blocked = too_few("emergence", len(shares), "an emergence share") or unordered("emergence", frame)
+    shares, medians = column(frame, METRIC.initial_share), column(frame, METRIC.median_emergence_step)
+    blocked = too_few(CLAIM.emergence, len(shares), "an emergence share") or unordered(CLAIM.emergence, frame)
     if blocked:
         return blocked
-    resolved = 1 - column(frame, "unresolved_share")
-    control = column(frame, "control_initial_share")
+    resolved = 1 - column(frame, METRIC.unresolved_share)
+    control = column(frame, METRIC.control_initial_share)
     grid = coarsest_grid(trials)
     median_spread = grid_interval_spread(medians.tolist(), grid) if len(medians) else 0
-    turning = frame["transition_step"] if "transition_step" in frame else pd.Series([float("nan")] * len(frame))
-    median_steps = frame["median_emergence_step"] if "median_emergence_step" in frame else turning * float("nan")
+    turning = (
+        frame[METRIC.transition_step] if METRIC.transition_step in frame else pd.Series([float("nan")] * len(frame))
+    )
+    median_steps = (
+        frame[METRIC.median_emergence_step] if METRIC.median_emergence_step in frame else turning * float("nan")
+    )
     # Paper 1: features emerge mostly near the transition; a trial without either step is not near it.
     near_transition = all(
         median == median and turn == turn and grid_interval_spread([median, turn], grid) <= 1
@@ -167,41 +178,41 @@ def emergence_verdict(trials: Trials) -> Verdict:
         and median_spread <= 1
         and near_transition
     )
-    return verdict("emergence", "holds" if holds else "fails", evidence)
+    return verdict(CLAIM.emergence, "holds" if holds else "fails", evidence)
 
 
 def quality_verdict(trials: Trials) -> Verdict:
     frame = trials.frame
-    blocked = too_few("quality", len(frame), "quality metrics")
+    blocked = too_few(CLAIM.quality, len(frame), "quality metrics")
     if blocked:
         return blocked
     meets = (
-        (frame["explained_variance"] >= QUALITY_MIN_EV)
-        & (frame["l0"] < QUALITY_MAX_L0)
-        & (frame["delta_ce_max"] < QUALITY_MAX_DELTA_CE)
-        & (frame["dead_fraction"] <= QUALITY_MAX_DEAD)
+        (frame[METRIC.explained_variance] >= QUALITY_MIN_EV)
+        & (frame[METRIC.l0] < QUALITY_MAX_L0)
+        & (frame[METRIC.delta_ce_max] < QUALITY_MAX_DELTA_CE)
+        & (frame[METRIC.dead_fraction] <= QUALITY_MAX_DEAD)
     )
     listed = "; ".join(
         f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}"
         for row in frame.itertuples()
     )
     outcome = "holds" if meets.all() else "fails"
-    return verdict("quality", outcome, f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})")
+    return verdict(CLAIM.quality, outcome, f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})")
 
 
 def token_specificity_verdict(trials: Trials) -> Verdict:
     frame = trials.frame
-    low, high = column(frame, "token_specificity_r_low"), column(frame, "token_specificity_r_high")
-    blocked = too_few("token_specificity", min(len(low), len(high)), "a bootstrap interval")
+    low, high = column(frame, METRIC.token_specificity_r_low), column(frame, METRIC.token_specificity_r_high)
+    blocked = too_few(CLAIM.token_specificity, min(len(low), len(high)), "a bootstrap interval")
     if blocked:
         return blocked
     intervals = ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in zip(low, high))
     evidence = f"95 % intervals of Spearman r: {intervals}"
     if (low > 0).all():
-        return verdict("token_specificity", "holds", evidence)
+        return verdict(CLAIM.token_specificity, "holds", evidence)
     if (high < 0).any() or (low > 0).any():
-        return verdict("token_specificity", "fails", evidence)
-    return verdict("token_specificity", "inconclusive", evidence + "; every interval holds 0")
+        return verdict(CLAIM.token_specificity, "fails", evidence)
+    return verdict(CLAIM.token_specificity, "inconclusive", evidence + "; every interval holds 0")
 
 
 def pairs_of_kind(stabilities: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -218,20 +229,20 @@ def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
         else ""
     )
     if seeds.empty:
-        return verdict("stability", "inconclusive", "no two trials differ only in seed" + across_ratios)
-    mean_share = float(seeds["shared_share"].mean())
+        return verdict(CLAIM.stability, "inconclusive", "no two trials differ only in seed" + across_ratios)
+    mean_share = float(seeds[METRIC.shared_share].mean())
     evidence = (
         f"shared share {mean_share:.2f} (range {seeds['shared_share'].min():.2f} to "
         f"{seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
         f"mean max cosine {seeds['mean_max_cosine'].mean():.2f}{across_ratios}"
     )
-    return verdict("stability", "holds" if mean_share >= SAE_SHARED_LOW else "fails", evidence)
+    return verdict(CLAIM.stability, "holds" if mean_share >= SAE_SHARED_LOW else "fails", evidence)
 
 
 def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
     seeds, ratios = pairs_of_kind(stabilities)
     context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (
-        ", ".join(f"{value:.2f}" for value in column(frame, "relie_top_mean")) or "none"
+        ", ".join(f"{value:.2f}" for value in column(frame, METRIC.relie_top_mean)) or "none"
     )
     if len(ratios):
         context += (
@@ -239,25 +250,25 @@ def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
             f"{ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
         )
     if seeds.empty:
-        return verdict("relie", "inconclusive", "no two trials differ only in seed; " + context)
-    if (column(frame, "task_learned_snapshots") == 0).all():
+        return verdict(CLAIM.relie, "inconclusive", "no two trials differ only in seed; " + context)
+    if (column(frame, METRIC.task_learned_snapshots) == 0).all():
         # RelIE is each feature's share of the task's indirect effect: with no task, no effect to share.
         return verdict(
-            "relie", "inconclusive", f"no trial learns the task (accuracy < {TASK_LEARNED_ACCURACY}); {context}"
+            CLAIM.relie, "inconclusive", f"no trial learns the task (accuracy < {TASK_LEARNED_ACCURACY}); {context}"
         )
-    jaccard = float(seeds["top_feature_jaccard"].mean())
+    jaccard = float(seeds[METRIC.top_feature_jaccard].mean())
     evidence = (
         f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to "
         f"{seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {context}"
     )
-    return verdict("relie", "holds" if jaccard >= RELIE_JACCARD else "fails", evidence)
+    return verdict(CLAIM.relie, "holds" if jaccard >= RELIE_JACCARD else "fails", evidence)
 
 
 def causal_verdict(frame: pd.DataFrame) -> Verdict:
     learned = frame.dropna(
-        subset=[name for name in ("causal_ablate_relative", "causal_keep_relative") if name in frame]
+        subset=[name for name in (METRIC.causal_ablate_relative, METRIC.causal_keep_relative) if name in frame]
     )
-    if "causal_ablate_relative" not in frame or "causal_keep_relative" not in frame:
+    if METRIC.causal_ablate_relative not in frame or METRIC.causal_keep_relative not in frame:
         learned = frame.iloc[0:0]
     unlearned = len(frame) - len(learned)
     note = (
@@ -265,22 +276,22 @@ def causal_verdict(frame: pd.DataFrame) -> Verdict:
         if unlearned
         else ""
     )
-    blocked = too_few("causal", len(learned), "a snapshot where the task is learned")
+    blocked = too_few(CLAIM.causal, len(learned), "a snapshot where the task is learned")
     if blocked:
         return blocked._replace(evidence=blocked.evidence + note)
-    meets = (learned["causal_ablate_relative"] < ABLATE_LEFT_BELOW) & (
-        learned["causal_keep_relative"] > KEEP_RECOVERS_ABOVE
+    meets = (learned[METRIC.causal_ablate_relative] < ABLATE_LEFT_BELOW) & (
+        learned[METRIC.causal_keep_relative] > KEEP_RECOVERS_ABOVE
     )
     listed = "; ".join(
         f"top {ABLATE_K} ablated {a:.2f}, top {int(k) if k == k else '?'} kept {b:.2f}"
         for a, b, k in zip(
-            learned["causal_ablate_relative"],
-            learned["causal_keep_relative"],
-            learned.get("causal_keep_k", pd.Series([float("nan")] * len(learned))),
+            learned[METRIC.causal_ablate_relative],
+            learned[METRIC.causal_keep_relative],
+            learned.get(METRIC.causal_keep_k, pd.Series([float("nan")] * len(learned))),
         )
     )
     evidence = f"{int(meets.sum())} of {len(learned)} trials meet both thresholds (share of the clean-baseline gap: {listed}){note}"
-    return verdict("causal", "holds" if meets.all() else "fails", evidence)
+    return verdict(CLAIM.causal, "holds" if meets.all() else "fails", evidence)
 
 
 def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
@@ -291,7 +302,7 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     verdicts = [
         transition_verdict(trials),
         emergence_verdict(trials),
-        in_every_trial(frame, "norm_proxy", "norm_proxy_r", lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"),
+        in_every_trial(frame, CLAIM.norm_proxy, METRIC.norm_proxy_r, lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"),
         quality_verdict(trials),
         stability_verdict(stabilities),
         token_specificity_verdict(trials),

@@ -25,6 +25,7 @@ from study.record import (
     FEATURES_ARTIFACT,
     IE_COLUMN,
     MATCH_THRESHOLD,
+    METRIC,
     MODEL_PREFIX,
     ROBUSTNESS_FOLDER,
     RULES,
@@ -47,7 +48,11 @@ def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
     rows, steps = [], {}
     for run in runs:
         rows.append(
-            {"run_id": run.info.run_id, **{f"params.{k}": v for k, v in run.data.params.items()}, **run.data.metrics}
+            {
+                METRIC.run_id: run.info.run_id,
+                **{f"params.{k}": v for k, v in run.data.params.items()},
+                **run.data.metrics,
+            }
         )
         steps[run.info.run_id] = [
             int(m.step) for m in sorted(client.get_metric_history(run.info.run_id, STEPS_CURVE), key=lambda m: m.step)
@@ -141,7 +146,7 @@ def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
         # identical dictionaries would say nothing about what ``key`` changes.
         pairs += [
             (a, b)
-            for (a, value_a), (b, value_b) in itertools.combinations(zip(ordered["run_id"], ordered[column]), 2)
+            for (a, value_a), (b, value_b) in itertools.combinations(zip(ordered[METRIC.run_id], ordered[column]), 2)
             if value_a != value_b
         ]
     return pairs
@@ -175,7 +180,15 @@ def feature_stability(trials: Trials) -> pd.DataFrame:
     Pairs run as Ray tasks in parallel where Ray is up (as in a sweep) and some pair's crosscoders
     together exceed LOCAL_PAIR_BYTES, else one after the other here: a Ray task starts a worker process
     (about 5 s of imports), far more than matching two small dictionaries costs."""
-    columns = ["kind", "run_a", "run_b", "shared_share", "mean_max_cosine", "pairs", "top_feature_jaccard"]
+    columns = [
+        "kind",
+        "run_a",
+        "run_b",
+        METRIC.shared_share,
+        METRIC.mean_max_cosine,
+        "pairs",
+        METRIC.top_feature_jaccard,
+    ]
     pairs = [
         (kind, run_a, run_b)
         for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio"))
@@ -205,7 +218,7 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
         verdicts = [Verdict(claim, "inconclusive", rule, "no finished trial") for claim, rule in RULES.items()]
         summary, stabilities = (
             pd.DataFrame(),
-            pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"]),
+            pd.DataFrame(columns=["kind", METRIC.shared_share, METRIC.mean_max_cosine, METRIC.top_feature_jaccard]),
         )
     else:
         summary = by_axis_value(trials)
@@ -221,6 +234,8 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
     for verdict in verdicts:
         client.set_tag(parent_run_id, f"{VERDICT_TAG}{verdict.claim}", verdict.verdict)
     for kind, group in stabilities.groupby("kind"):
-        client.log_metric(parent_run_id, f"stability_{kind}_shared_share", float(group["shared_share"].mean()))
-        client.log_metric(parent_run_id, f"stability_{kind}_mean_max_cosine", float(group["mean_max_cosine"].mean()))
+        client.log_metric(parent_run_id, f"stability_{kind}_shared_share", float(group[METRIC.shared_share].mean()))
+        client.log_metric(
+            parent_run_id, f"stability_{kind}_mean_max_cosine", float(group[METRIC.mean_max_cosine].mean())
+        )
     return verdicts

@@ -23,6 +23,8 @@ What is planted (see ``PlantedConfig``):
 * a unigram phase: the final layer norm's gain is zero, so the logits do not read the residual stream;
   they are alpha_s * log p_unigram with alpha rising to 1 at ``statistical_end``, where the model's
   unigram KL reaches its floor.
+
+Over 300 lines on purpose: the planted dictionary, the model that writes it and its truth must agree, so they sit together.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -44,6 +47,7 @@ from study.errors import StudyInputError, run_cli
 from study.lm.corpus import generate_documents
 from study.lm.tokenizer import train_tokenizer
 from study.paths import build_once, cache_root
+from study.record import METRIC
 
 TRUTH = "truth.json"
 """The planted trajectory's answers, written last by a build."""
@@ -256,8 +260,8 @@ class PlantedDictionary:
             "steps": steps,
             "turning_step": turning_point(dimensionality, steps).step,
             "statistical_end": self.config.statistical_end,
-            "initial_share": float((emergence_steps == 0).double().mean()),
-            "median_emergence_step": float(later.median()) if len(later) else None,
+            METRIC.initial_share: float((emergence_steps == 0).double().mean()),
+            METRIC.median_emergence_step: float(later.median()) if len(later) else None,
             "dimensionality_by_step": dimensionality.tolist(),
             "features": features,
         }
@@ -272,7 +276,8 @@ def token_frequency(tokenizer, documents: list[str]) -> torch.Tensor:
 def silence_blocks(model: GPTNeoXForCausalLM) -> None:
     """Zero every block's attention and MLP output projections: the residual stream at every layer is then
     the token's embedding, whatever the rest of the weights."""
-    for layer in model.base_model.layers:
+    blocks: Any = model.base_model.layers  # transformers types its submodules as Tensor | Module
+    for layer in blocks:
         for projection in (layer.attention.dense, layer.mlp.dense_4h_to_h):
             projection.weight.zero_()
             projection.bias.zero_()
@@ -296,12 +301,12 @@ def planted_model(
     model = GPTNeoXForCausalLM(neox)
     silence_blocks(model)
     with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(embeddings)
-        final_norm = model.base_model.final_layer_norm
+        model.get_input_embeddings().weight.copy_(embeddings)  # type: ignore[operator]
+        final_norm: Any = model.base_model.final_layer_norm  # typed as Tensor | Module by transformers
         final_norm.weight.zero_()
         final_norm.bias.zero_()
         final_norm.bias[0] = unigram_weight
-        unembedding = model.get_output_embeddings().weight
+        unembedding: Any = model.get_output_embeddings().weight
         unembedding.zero_()
         unembedding[:, 0] = log_unigram
     return model
@@ -352,7 +357,7 @@ def planted_truth_of(snapshots: list) -> Path | None:
     return folder if (folder / TRUTH).is_file() and (folder / PLANTED_DECODER).is_file() else None
 
 
-def parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with a JSON value (lists for the step tuples), checked against PlantedConfig."""
     key, separator, value = text.partition("=")
     names = [name for name in PlantedConfig.__dataclass_fields__]

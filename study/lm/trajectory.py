@@ -133,10 +133,11 @@ def directory_trajectory(path: str | Path, name: str | None = None) -> Trajector
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise StudyInputError(f"{path} is not a directory; pass a folder holding step<N>/ checkpoint folders")
+    named = [(child, STEP_NAME.match(child.name)) for child in path.iterdir() if child.is_dir()]
     snapshots = [
-        Snapshot(int(STEP_NAME.match(child.name).group(1)), str(child))
-        for child in path.iterdir()
-        if child.is_dir() and STEP_NAME.match(child.name) and (child / "config.json").is_file()
+        Snapshot(int(match.group(1)), str(child))
+        for child, match in named
+        if match is not None and (child / "config.json").is_file()
     ]
     if not snapshots:
         raise StudyInputError(

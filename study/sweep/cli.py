@@ -18,24 +18,22 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 
 from study.analysis.verdicts import Verdict
 from study.errors import StudyInputError
-from study.sweep.execute import RunOptions, check_resumable, experiment_path, run_trials
+from study.record import TAG
+from study.sweep.execute import check_resumable, experiment_path, run_trials
+from study.sweep.options import SweepOptions, add_flags, options_of
 from study.sweep.plan import describe, plan_sweep
 from study.sweep.prepare import prepare_sweep
 from study.sweep.search_space import available_axes
 from study.sweep.summary import summarise
-from study.sweep.trial import PROGRESS_METRICS
 from study.tracking import check_artifact_location, check_store, tracking_uri, ui_instructions
-
-SEARCHES = ("grid", "optuna")
-SCHEDULERS = ("fifo", "asha")
-MODES = ("max", "min")
 
 
 class SweepResult(NamedTuple):
@@ -59,79 +57,46 @@ def as_overrides(overrides: Sequence[str] | Mapping[str, object]) -> list[str]:
     return list(overrides)
 
 
-def check_options(options: RunOptions) -> None:
-    """The Tune options, before anything runs."""
-    if options.num_samples < 1 or options.gpus_per_trial < 0 or options.max_concurrent < 0:
-        raise StudyInputError("--num-samples must be >= 1, --gpus-per-trial >= 0 and --max-concurrent >= 0")
-    if options.workers_per_trial < 1:
-        raise StudyInputError("--workers-per-trial must be >= 1")
-    if options.workers_per_trial > 1 and options.gpus_per_trial not in (0, 1):
-        raise StudyInputError(
-            "with --workers-per-trial each worker takes one whole GPU: set --gpus-per-trial 1 (or 0 for one CPU each)"
-        )
-    if options.workers_per_trial > 1 and options.scheduler == "asha":
-        raise StudyInputError(
-            "--scheduler asha cannot stop a trial split over workers; use fifo or --workers-per-trial 1"
-        )
-    for name, value, allowed in (
-        ("search", options.search, SEARCHES),
-        ("scheduler", options.scheduler, SCHEDULERS),
-        ("metric", options.metric, PROGRESS_METRICS),
-        ("mode", options.mode, MODES),
-    ):
-        if value not in allowed:
-            raise StudyInputError(f"--{name} {value!r} is unknown; choose one of {', '.join(allowed)}")
-
-
 def run(
     axis: str,
     overrides: Sequence[str] | Mapping[str, object] = (),
     experiment: str | None = None,
-    *,
-    search: str = "grid",
-    scheduler: str = "fifo",
-    metric: str = "explained_variance",
-    mode: str = "max",
-    num_samples: int = 1,
-    gpus_per_trial: float = 0.0,
-    max_concurrent: int = 0,
-    storage: str = "sweeps",
-    resume: bool = False,
-    cache_dir: str | None = None,
-    artifacts: str | None = None,
-    workers_per_trial: int = 1,
-    local_cache: str | None = None,
-    dry_run: bool = False,
+    options: SweepOptions | None = None,
+    **option_values: Any,
 ) -> SweepResult:
-    """Run a sweep from Python, e.g. ``run("seed", {"n_steps": 300}, experiment="mine")``: the same as
-    ``python -m study.sweep``, with the overrides as ``--set``. Bad input raises ``StudyInputError``
-    before Ray starts or anything is written."""
-    options = RunOptions(
-        search, num_samples, gpus_per_trial, max_concurrent, storage, resume, metric, mode, scheduler, workers_per_trial
-    )
-    check_options(options)
-    if local_cache is not None and "://" in local_cache:
-        raise StudyInputError(f"--local-cache {local_cache} is a URI; give a folder on each node's own disk")
+    """Run a sweep from Python, e.g. ``run("seed", {"n_steps": 300}, experiment="mine", search="optuna")``: the
+    same as ``python -m study.sweep``, with the overrides as ``--set`` and the options as ``SweepOptions`` or
+    its fields by name. Bad input raises ``StudyInputError`` before Ray starts or anything is written."""
+    unknown = set(option_values) - {item.name for item in fields(SweepOptions)}
+    if unknown:
+        raise StudyInputError(f"unknown sweep option(s) {', '.join(sorted(unknown))}; see study.sweep.SweepOptions")
+    options = replace(options or SweepOptions(), **option_values)
+    options.check()
     check_store(tracking_uri())
-    plan = plan_sweep(axis, as_overrides(overrides), experiment, cache_dir, workers_per_trial)
-    headline, *details = describe(plan, num_samples).splitlines()
+    plan = plan_sweep(axis, as_overrides(overrides), experiment, options.cache_dir, options.workers_per_trial)
+    headline, *details = describe(plan, options.num_samples).splitlines()
     print(headline)
-    if dry_run:
+    if options.dry_run:
         print("\n".join(details))
         return SweepResult(
             pd.DataFrame([{key: trial[key] for key in plan.swept} for trial in plan.trials]), [], None, None
         )
     check_resumable(options, plan.sweep_name)
-    check_artifact_location(plan.experiment, artifacts)
+    check_artifact_location(plan.experiment, options.artifacts)
 
-    search_tags = {"search": search, "scheduler": scheduler, "search_metric": f"{metric} ({mode})"}
+    search_tags = {
+        TAG.search: options.search,
+        TAG.scheduler: options.scheduler,
+        TAG.search_metric: f"{options.metric} ({options.mode})",
+    }
+    local_cache = None if options.local_cache is None else str(Path(options.local_cache).resolve())
     context = prepare_sweep(
         plan,
-        cache_dir,
+        options.cache_dir,
         search_tags,
-        artifacts,
+        options.artifacts,
         judged_while_training=options.judged_while_training,
-        local_cache=None if local_cache is None else str(Path(local_cache).resolve()),
+        local_cache=local_cache,
     )
     table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
     report_folder = experiment_path(options, plan.sweep_name) / "report"
@@ -170,50 +135,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--revisions", help="comma-separated hub revisions, e.g. step0,step1000,step143000")
     parser.add_argument("--tokens", type=int, help="activation rows per snapshot (n_tokens)")
-    parser.add_argument("--search", choices=SEARCHES, default="grid", help="grid, or optuna over the sampled keys")
-    parser.add_argument(
-        "--scheduler", choices=SCHEDULERS, default="fifo", help="asha stops trials that trail on --metric early"
-    )
-    parser.add_argument(
-        "--metric",
-        choices=PROGRESS_METRICS,
-        default="explained_variance",
-        help="what optuna optimises and asha judges, measured on held-out tokens at every checkpoint",
-    )
-    parser.add_argument("--mode", choices=MODES, default="max")
-    parser.add_argument("--num-samples", type=int, default=1, help="repeats of the grid, or Optuna trials")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="fraction of a GPU per trial (0 on CPU)")
-    parser.add_argument(
-        "--workers-per-trial",
-        type=int,
-        default=1,
-        help="split each trial's crosscoder by features over N Ray Train workers (one GPU each with "
-        "--gpus-per-trial 1, else one CPU each): for dictionaries larger than one device holds",
-    )
-    parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as many as resources allow)")
     parser.add_argument("--experiment", help="MLflow experiment (default crosscoder-AXIS)")
-    parser.add_argument("--resume", action="store_true", help="require an earlier run of this sweep to continue")
-    parser.add_argument("--dry-run", action="store_true", help="print the trials and activation sets, run nothing")
-    parser.add_argument(
-        "--cache-dir",
-        help="cache of trajectories and activations (a URI such as s3://bucket/cache holds the activations only)",
-    )
-    parser.add_argument(
-        "--local-cache",
-        metavar="DIR",
-        help="a folder on each node's own disk where trials keep copies of the activation files they read, "
-        "so a shared folder or object store is read once per node",
-    )
-    parser.add_argument(
-        "--storage",
-        default="sweeps",
-        help="Tune's experiment state and the report: a folder every node sees, or a URI such as s3://bucket/sweeps (default ./sweeps)",
-    )
-    parser.add_argument(
-        "--artifacts",
-        help="where a new experiment keeps its MLflow artifacts (crosscoders, plots, report), e.g. s3://bucket/mlflow; "
-        "default: beside the tracking store",
-    )
+    add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -231,24 +154,6 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    result = run(
-        args.axis,
-        overrides_of(args),
-        args.experiment,
-        search=args.search,
-        scheduler=args.scheduler,
-        metric=args.metric,
-        mode=args.mode,
-        num_samples=args.num_samples,
-        gpus_per_trial=args.gpus_per_trial,
-        max_concurrent=args.max_concurrent,
-        storage=args.storage,
-        resume=args.resume,
-        cache_dir=args.cache_dir,
-        artifacts=args.artifacts,
-        workers_per_trial=args.workers_per_trial,
-        local_cache=args.local_cache,
-        dry_run=args.dry_run,
-    )
+    result = run(args.axis, overrides_of(args), args.experiment, options_of(args))
     failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())
     return 1 if failed else 0

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple
 
 import pandas as pd
 import ray
 from ray import tune
 
+from study.analysis.measure import CHECKPOINTS_PER_TRIAL
 from study.errors import StudyInputError
+from study.record import TABLE_METRICS, TRIAL_RESULT
 from study.storage import Location
+from study.sweep.options import SweepOptions
 from study.sweep.search_space import to_tune
-from study.sweep.trial import CHECKPOINTS_PER_TRIAL, SweepContext, run_trial
+from study.sweep.trial import SweepContext, run_trial
 from study.sweep.workers import WorkerPlan
 from study.tracking import close_stopped_run
 
@@ -24,8 +26,6 @@ DRIVER_MEMORY = 256 * 1024**2
 """Bytes a trial asks for when its crosscoder is trained by Ray Train workers (it holds no CPU)."""
 COST_KEYS = ("expansion_ratio", "n_snapshots", "n_steps", "batch_size", "n_tokens")
 """Keys whose larger values make a trial slower."""
-TABLE_METRICS = ("explained_variance", "l0", "dead_fraction", "loss_drop_last_fifth")
-"""The metrics of the closing table and the per-trial lines."""
 
 
 class TrialLines(tune.Callback):
@@ -70,41 +70,11 @@ def costliest_first(param_space: dict) -> dict:
     return ordered
 
 
-class RunOptions(NamedTuple):
-    """How the trials run (the command line's Tune options)."""
-
-    search: str
-    """grid, or optuna over the sampled keys."""
-    num_samples: int
-    """Repeats of the grid, or Optuna trials."""
-    gpus_per_trial: float
-    """Share of a GPU per trial (0 on CPU)."""
-    max_concurrent: int
-    """Trials at once; 0 lets the cluster's resources decide."""
-    storage: str
-    """Tune's experiment state: a folder every node sees or a URI."""
-    resume: bool
-    """Require an earlier run of this sweep to continue."""
-    metric: str = "explained_variance"
-    """What Optuna optimises and ASHA judges: a trial metric reported at every checkpoint (PROGRESS_METRICS)."""
-    mode: str = "max"
-    """max or min of ``metric``."""
-    scheduler: str = "fifo"
-    """fifo runs every trial to the end; asha stops trials that trail on ``metric`` at a checkpoint."""
-    workers_per_trial: int = 1
-    """Ray Train workers that share each trial's crosscoder (split by features); 1 trains it in the trial."""
-
-    @property
-    def judged_while_training(self) -> bool:
-        """Whether a searcher or scheduler reads ``metric`` at every checkpoint (not so for grid and fifo)."""
-        return self.search != "grid" or self.scheduler != "fifo"
-
-
-def experiment_path(options: RunOptions, sweep_name: str) -> Location:
+def experiment_path(options: SweepOptions, sweep_name: str) -> Location:
     return Location.of(options.storage) / sweep_name
 
 
-def check_resumable(options: RunOptions, sweep_name: str) -> None:
+def check_resumable(options: SweepOptions, sweep_name: str) -> None:
     """``--resume`` needs Tune's state of an earlier run of this sweep."""
     if options.resume and not tune.Tuner.can_restore(experiment_path(options, sweep_name).uri):
         raise StudyInputError(
@@ -113,7 +83,7 @@ def check_resumable(options: RunOptions, sweep_name: str) -> None:
 
 
 def build_tuner(
-    space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: RunOptions
+    space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: SweepOptions
 ) -> tune.Tuner:
     """A new Tuner over the search space, or the sweep's earlier one restored from the storage."""
     path = experiment_path(options, sweep_name)
@@ -175,7 +145,7 @@ def build_tuner(
 
 
 def run_trials(
-    space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: RunOptions
+    space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: SweepOptions
 ) -> pd.DataFrame:
     """Run every trial; one row per trial: its swept values, done or FAILED, TABLE_METRICS."""
     tuner = build_tuner(space, swept, sweep_name, context, options)
@@ -187,12 +157,12 @@ def run_trials(
     for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     rows = []
-    for result in tuner.fit():
+    for result in tuner.fit():  # type: ignore[attr-defined]  # ResultGrid iterates by index
         metrics = result.metrics or {}
         status = "FAILED" if result.error else "done"
-        if not result.error and "seconds" not in metrics:  # the scheduler stopped it at a checkpoint
+        if not result.error and TRIAL_RESULT.seconds not in metrics:  # the scheduler stopped it at a checkpoint
             status = "stopped early"
-            close_stopped_run(context.experiment_id, context.parent_run_id, metrics.get("trial_id", ""))
+            close_stopped_run(context.experiment_id, context.parent_run_id, metrics.get(TRIAL_RESULT.trial_id, ""))
         row = {key: result.config.get(key) for key in swept}
         row.update({"status": status, **{name: metrics.get(name) for name in TABLE_METRICS}})
         rows.append(row)

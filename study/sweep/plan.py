@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from transformers import AutoConfig
 
+from crosscoder.methods import METHODS
 from study.activations.extraction import ActivationRequest
 from study.errors import StudyInputError
 from study.lm.trajectory import Trajectory, explained_load_errors, resolve_trajectory
@@ -20,7 +21,7 @@ from study.sweep.search_space import (
     load_space,
     swept_keys,
 )
-from study.sweep.trial_config import TrialConfig
+from study.trial_config import TrialConfig
 
 MIN_HELD_OUT_TOKENS = 2048
 """Fewest held-out activation rows a trial's statistics may rest on."""
@@ -156,7 +157,7 @@ def check_dictionary(config: TrialConfig, d_model: int, workers_per_trial: int =
     """TopK and BatchTopK keep k of n_features: k must be smaller, at the model's width, and (as each
     worker offers its own best k) no more than the features one worker holds."""
     crosscoder = config.crosscoder
-    if crosscoder.sparsity not in ("topk", "batchtopk"):
+    if not METHODS[crosscoder.sparsity].uses_k:
         return
     n_features = crosscoder.n_features(d_model)
     if crosscoder.k >= n_features:

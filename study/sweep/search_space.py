@@ -13,7 +13,7 @@ from ray import tune
 
 import search_spaces
 from study.errors import StudyInputError
-from study.sweep.trial_config import STUDY_CHECKS, check_key
+from study.trial_config import STUDY_KEYS, check_key
 
 SEARCH_SPACES = Path(search_spaces.__file__).resolve().parent
 DEFAULTS = "defaults"
@@ -122,7 +122,7 @@ def load_space(axis: str, overrides: list[str]) -> dict:
             raise StudyInputError(f"--set {key}: {text!r} is not a YAML value") from None
         check_value("--set", key.strip(), value)
         space[key.strip()] = value
-    missing = [key for key in STUDY_CHECKS if key not in space]
+    missing = [key for key in STUDY_KEYS if key not in space]
     if missing:
         raise StudyInputError(f"{DEFAULTS}.yaml lacks {', '.join(missing)}; restore them")
     return space

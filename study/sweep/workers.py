@@ -27,6 +27,7 @@ from pyarrow import fs
 from crosscoder import CrossCoder, CrossCoderConfig, TrainResult, evaluate, fit
 from crosscoder.sharded import gather_model
 from study.activations.extraction import ActivationRequest
+from study.record import PROGRESS_METRICS, TRIAL_RESULT
 
 FINAL_CHECKPOINT = "final"
 """Name of the checkpoint holding the assembled crosscoder (the others are ``step<N>``)."""
@@ -36,7 +37,7 @@ FINAL_FILES = ("crosscoder.safetensors", "initial.safetensors", "history.json")
 class WorkerPlan(NamedTuple):
     """How a trial's crosscoder is split over workers."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # a field, shadowing tuple.count on purpose
     """Workers per trial; each holds 1/count of the features."""
     use_gpu: bool
     """One GPU per worker (NCCL) rather than one CPU (gloo)."""
@@ -85,7 +86,6 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
 
     from study.activations.streaming import StreamedActivations, open_activations
-    from study.sweep.trial import PROGRESS_METRICS
 
     rank = dist.get_rank()
     data = TrainingData(**loop_config["data"])
@@ -102,10 +102,11 @@ def train_worker(loop_config: dict) -> None:
 
     def report(path: Path, shard: CrossCoder) -> None:
         step = path.name.split(".")[0]
-        metrics = {"training_step": int(step.removeprefix("step"))}
+        metrics = {TRIAL_RESULT.training_step: int(step.removeprefix("step"))}
         if measure_progress:
             whole = gather_model(shard)  # collective: every worker takes part, the first measures
             if rank == 0:
+                assert held_out is not None  # the first rank reads it whenever progress is measured
                 measured = evaluate(whole, held_out)
                 metrics.update({name: getattr(measured, name) for name in PROGRESS_METRICS})
         with tempfile.TemporaryDirectory() as folder:
@@ -120,7 +121,7 @@ def train_worker(loop_config: dict) -> None:
             result.initial_model.save(Path(folder) / FINAL_FILES[1])
             (Path(folder) / FINAL_FILES[2]).write_text(json.dumps(result.history))
         ray.train.report(
-            {"training_step": config.n_steps},
+            {TRIAL_RESULT.training_step: config.n_steps},
             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
             checkpoint_dir_name=FINAL_CHECKPOINT,
         )
@@ -151,12 +152,14 @@ def train_on_workers(
             storage_path=plan.storage,
             # A lost worker: the group restarts from the newest sharded checkpoint.
             failure_config=FailureConfig(max_failures=2),
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # Ray Tune's callback, typed as Train's
         ),
     )
     checkpoint = trainer.fit().checkpoint
+    assert checkpoint is not None  # the first worker always reports the final one
     with checkpoint.as_directory() as folder:
         model = CrossCoder.load(Path(folder) / FINAL_FILES[0])
         initial_model = CrossCoder.load(Path(folder) / FINAL_FILES[1])
         history = json.loads((Path(folder) / FINAL_FILES[2]).read_text())
-    return TrainResult(model, None, history, initial_model)
+    # The held-out metrics are measured by the trial, which holds the held-out shards.
+    return TrainResult(model, None, history, initial_model)  # type: ignore[arg-type]

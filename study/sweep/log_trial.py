@@ -1,0 +1,63 @@
+"""Write what one trial produced (``study.analysis.measure.TrialOutcome``) into its MLflow run, under the
+record's names."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+
+from reports.figures import trial_decoder_norm_figure
+from study.analysis.claim_statistics import ClaimStatistics
+from study.analysis.measure import TrialOutcome
+from study.record import (
+    ABLATION_CURVES_ARTIFACT,
+    CROSSCODER_ARTIFACT,
+    DECODER_NORMS_ARTIFACT,
+    DECODER_NORMS_FIGURE,
+    FEATURES_ARTIFACT,
+    TRAINING_PREFIX,
+)
+
+
+def log_statistics(statistics: ClaimStatistics, steps: list[int]) -> None:
+    mlflow.log_metrics(statistics.summary._asdict())
+    # Curves over snapshots use the snapshot's training step as MLflow's step; adjacent-pair curves
+    # sit at the later snapshot of each pair. One call per snapshot: each call is a store write.
+    by_step: dict[int, dict[str, float]] = {step: {} for step in steps}
+    for name, values in statistics.by_snapshot._asdict().items():
+        for snapshot_step, value in zip(steps[len(steps) - len(values) :], values):
+            by_step[snapshot_step][name] = value
+    for snapshot_step, values in by_step.items():
+        mlflow.log_metrics(values, step=snapshot_step)
+
+
+def log_table(frame: pd.DataFrame, name: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        frame.to_parquet(Path(folder) / name, index=False)
+        mlflow.log_artifact(str(Path(folder) / name))
+
+
+def log_outcome(outcome: TrialOutcome) -> None:
+    """Everything a trial produced, into the active MLflow run."""
+    result, statistics, steps, planted = outcome
+    if planted is not None:
+        mlflow.log_metrics(planted._asdict())
+    for entry in result.history:
+        mlflow.log_metrics(
+            {f"{TRAINING_PREFIX}{key}": value for key, value in entry.items() if key != "step"}, step=int(entry["step"])
+        )
+    log_statistics(statistics, steps)
+    log_table(statistics.features, FEATURES_ARTIFACT)
+    log_table(statistics.ablation_curves, ABLATION_CURVES_ARTIFACT)
+    decoder_norms = pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps])
+    log_table(decoder_norms, DECODER_NORMS_ARTIFACT)
+    with tempfile.TemporaryDirectory() as folder:
+        result.model.save(Path(folder) / CROSSCODER_ARTIFACT)  # the sweep's stability analysis matches these decoders
+        mlflow.log_artifact(str(Path(folder) / CROSSCODER_ARTIFACT))
+    figure = trial_decoder_norm_figure(decoder_norms)
+    mlflow.log_figure(figure, DECODER_NORMS_FIGURE)
+    plt.close(figure)
