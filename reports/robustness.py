@@ -46,7 +46,13 @@ from study.record import (
 from study.storage import Location
 from study.tracking import tracking_uri
 
-VERDICT_COLOURS = {"holds": "#1a7f37", "fails": "#cf222e", "inconclusive": "#9a6700", "not measured": "#57606a"}
+VERDICT_COLOURS = {
+    "holds": "#1a7f37",
+    "fails": "#cf222e",
+    "mixed": "#8250df",
+    "inconclusive": "#9a6700",
+    "not measured": "#57606a",
+}
 TOP_FEATURES_SHOWN = 5
 """Top features by indirect effect listed per trial, with their RelIE."""
 
@@ -235,7 +241,10 @@ def heading(record: SweepRecord) -> tuple[str, str]:
 def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path) -> Path:
     title, facts = heading(record)
     lines = [f"# {title}", "", facts, "", "## Verdicts", "", SHARED_RULES, ""]
-    verdicts = pd.DataFrame(record.verdicts, columns=["claim", "verdict", "evidence", "rule"])
+    verdicts = pd.DataFrame(
+        [{**verdict, "by_value": per_value(verdict)} for verdict in record.verdicts],
+        columns=["claim", "verdict", "by_value", "evidence", "rule"],
+    )
     lines.append(markdown_table(verdicts))
     lines += [
         "## Statistics per axis value",
@@ -252,6 +261,11 @@ def write_markdown(record: SweepRecord, figure_names: dict[str, str], out: Path)
     return path
 
 
+def per_value(verdict: dict) -> str:
+    """A verdict's outcome at each value of the swept key, e.g. ``expansion_ratio=4 holds, expansion_ratio=8 fails``."""
+    return ", ".join(f"{label} {outcome}" for label, outcome in verdict.get("by_value", [])) or "whole axis"
+
+
 def html_table(frame: pd.DataFrame, index: bool = False) -> str:
     return (
         frame.to_html(index=index, escape=True, border=0, classes="table")
@@ -266,6 +280,7 @@ def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], out: P
     verdict_rows = "".join(
         f"<tr><td><code>{html.escape(v['claim'])}</code></td>"
         f"<td><span class='verdict' style='background:{VERDICT_COLOURS.get(v['verdict'], '#57606a')}'>{html.escape(v['verdict'])}</span></td>"
+        f"<td>{html.escape(per_value(v))}</td>"
         f"<td>{html.escape(v['evidence'])}</td><td class='rule'>{html.escape(v['rule'])}</td></tr>"
         for v in record.verdicts
     )
@@ -290,7 +305,9 @@ td, th {{ border-bottom: 1px solid #d0d7de; padding: 4px 10px; text-align: left;
 figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ color: #57606a; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1><p>{facts_html}</p>
-<h2>Verdicts</h2><p>{html.escape(SHARED_RULES)}</p><table><tr><th>claim</th><th>verdict</th><th>evidence</th><th>rule</th></tr>{verdict_rows}</table>
+<h2>Verdicts</h2><p>{html.escape(SHARED_RULES)}</p>
+<table><tr><th>claim</th><th>verdict</th><th>per value</th><th>evidence</th><th>rule</th></tr>
+{verdict_rows}</table>
 {"<h2>Trials that did not finish</h2><ul>" + failures + "</ul>" if failures else ""}
 <h2>Statistics per axis value</h2>
 <p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>

@@ -39,7 +39,7 @@ class TrialConfig:
     """Everything one trial needs: which activations, which crosscoder, which causal analyses."""
 
     trajectory: str
-    """embedded, planted, a folder of step<N>/ checkpoints, a hub model id, or frozen:SPEC / shuffled:SPEC."""
+    """embedded, planted, a folder of step<N>/ checkpoints, a hub model id, planted:NAME, or frozen:SPEC / shuffled:SPEC / reversed:SPEC."""
     revisions: list[str] | None
     """Hub revisions; None takes the trajectory's own list."""
     n_snapshots: Annotated[int, AtLeast(2)]

@@ -166,6 +166,9 @@ def verdicts_of(trial_set: Trials, stabilities: pd.DataFrame | None = None) -> d
 # Three trials whose every statistic passes its claim's rule.
 GOOD_TRIALS = dict(
     transition_found=[1.0, 1.0, 1.0],
+    transition_p_value=[0.01, 0.03, 0.02],
+    transition_monotone_fit=[0.3, 0.2, 0.4],
+    emergence_near_share=[0.8, 0.6, 0.9],
     transition_step=[4.0, 4.0, 8.0],
     initial_share=[0.30, 0.35, 0.32],
     unresolved_share=[0.1, 0.2, 0.1],
@@ -206,9 +209,9 @@ def test_verdicts_follow_their_rules():
         initial_share=[0.1, 0.5, 0.3],
         norm_proxy_r=[-0.9, -0.5, -0.95],
         dead_fraction=[0.0, 0.3, 0.0],
-        token_specificity_r=[0.2, -0.1, 0.1],
-        token_specificity_r_low=[0.1, -0.3, 0.05],
-        token_specificity_r_high=[0.3, -0.05, 0.2],
+        token_specificity_r=[-0.2, -0.1, 0.1],
+        token_specificity_r_low=[-0.4, -0.3, -0.05],
+        token_specificity_r_high=[-0.1, -0.05, 0.2],
         causal_keep_relative=[0.95, 0.8, 0.92],
     )
     verdicts = verdicts_of(trials(**bad))
@@ -222,10 +225,11 @@ def test_verdicts_follow_their_rules():
     )
     assert untrained["causal"][0] == "inconclusive"
     assert "2 of 3 trials" in verdicts["norm_proxy"][1]
-    missing_turn = verdicts_of(
-        trials(**dict(good, transition_found=[1.0, 0.0, 1.0], transition_step=[4.0, math.nan, 4.0]))
-    )
-    assert missing_turn["transition"] == ("fails", "2 of 3 trials find a turning point")
+    only_rising = dict(transition_p_value=[0.01, 0.6, 0.01], transition_monotone_fit=[0.3, 0.95, 0.3])
+    missing_turn = verdicts_of(trials(**dict(good, **only_rising, transition_step=[4.0, math.nan, 4.0])))
+    assert missing_turn["transition"][0] == "fails"  # a curve a monotone one explains has no turn
+    noisy = dict(only_rising, transition_monotone_fit=[0.3, 0.4, 0.3])
+    assert verdicts_of(trials(**dict(good, **noisy)))["transition"][0] == "inconclusive"  # neither: undecided
     seeds = pd.DataFrame(
         {
             "kind": ["seed", "seed"],
@@ -238,9 +242,9 @@ def test_verdicts_follow_their_rules():
     assert verdicts_of(trials(**good), seeds.assign(shared_share=[0.1, 0.2]))["stability"][0] == "fails"
     assert verdicts_of(trials(**good), seeds)["relie"][0] == "holds"
     assert verdicts_of(trials(**good), seeds.assign(top_feature_jaccard=[0.4, 0.5]))["relie"][0] == "fails"
-    far_from_turn = verdicts_of(trials(**dict(good, median_emergence_step=[16.0, 16.0, 16.0])))
+    far_from_turn = verdicts_of(trials(**dict(good, emergence_near_share=[0.2, 0.2, 0.2])))
     assert far_from_turn["emergence"][0] == "fails"  # features emerge, but not near the transition
-    assert "against turning steps [4, 8]" in far_from_turn["emergence"][1]
+    assert "near the turning step 0.20, 0.20, 0.20" in far_from_turn["emergence"][1]
     never_learned = trials(**dict(good, task_learned_snapshots=[0.0, 0.0, 0.0]))
     assert verdicts_of(never_learned, seeds)["relie"][0] == "inconclusive"  # no task, no effect to share
 

@@ -15,7 +15,7 @@ from conftest import migrated_store
 from mlflow.tracking import MlflowClient
 
 from study.activations.residual import residual_stream
-from study.lm.planted import PLANTED_DECODER, PlantedConfig, planted_folder, read_truth
+from study.lm.planted import PLANTED_DECODER, PRESETS, PlantedConfig, planted_folder, read_truth
 from study.lm.trajectory import directory_trajectory, load_model, resolve_trajectory
 from study.sweep.cli import main
 
@@ -147,6 +147,7 @@ def test_a_sweep_on_the_planted_trajectory_reads_the_truth_back(planted_cache, t
     [
         ("shuffled", ("--set", "seed={grid_search: [0, 1]}")),
         ("frozen", ("--set", "seed=0", "--num-samples", "2")),  # two replicates of one seed as well
+        ("reversed", ("--set", "seed={grid_search: [0, 1]}")),  # time runs backwards: a model un-learning
     ],
 )
 def test_on_the_planted_null_twins_evolution_never_holds(planted_cache, tmp_path, ray_cluster, twin, extra):
@@ -158,3 +159,16 @@ def test_on_the_planted_null_twins_evolution_never_holds(planted_cache, tmp_path
     assert "metrics.planted_recovered_share" not in trials  # a twin's truth is not the planted one
     if twin == "frozen":
         assert verdicts["stability"] == "inconclusive"  # replicates are never a seed pair
+
+
+@pytest.mark.parametrize("case, claim", [("no_turn", "transition"), ("late_emergence", "emergence")])
+def test_a_false_claim_on_an_evolving_trajectory_does_not_hold(planted_cache, tmp_path, ray_cluster, case, claim):
+    """The trajectory evolves, the other claims keep their planted truth, and this one is false by construction:
+    the dimensionality only rises (no_turn), or features emerge far after the turn (late_emergence)."""
+    verdicts, trials, _ = planted_sweep(
+        planted_cache, tmp_path, f"planted:{case}", "--set", "seed={grid_search: [0, 1]}"
+    )
+    truth = read_truth(planted_folder(PRESETS[case], planted_cache))["claims"]
+    assert len(trials) == 2 and truth[claim]["verdict"] == "fails"
+    assert verdicts[claim] == "fails", verdicts
+    assert verdicts["token_specificity"] == truth["token_specificity"]["verdict"], verdicts

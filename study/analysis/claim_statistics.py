@@ -13,13 +13,20 @@ import pandas as pd
 import torch
 
 from crosscoder import CrossCoder, CrossCoderMetrics
-from crosscoder.evolution import emergence, feature_dimensionality, order_coherence, turning_point, unresolved
+from crosscoder.evolution import (
+    emergence,
+    feature_dimensionality,
+    order_coherence,
+    turning_point,
+    unresolved,
+    valley_test,
+)
 from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
 from crosscoder.metrics import evaluate
 from crosscoder.probing import norm_proxy
 from study.analysis.causal_statistics import CausalStatistics
 from study.analysis.splicing import SplicedLoss
-from study.record import TrialCurves, TrialSummary
+from study.record import TrialCurves, TrialSummary, near
 
 SAMPLED_FEATURES = 32
 """Features sampled for the probe (norm_proxy) and top-activation (alignment) analyses."""
@@ -106,6 +113,13 @@ def bootstrap_interval(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[flo
     return float(values.quantile(0.025)), float(values.quantile(0.975))
 
 
+def near_share(emergence_steps: list[int], turning_step: int | None) -> float:
+    """Share of the emergent features' emergence steps that lie near the turning step (nan without either)."""
+    if not emergence_steps or turning_step is None:
+        return float("nan")
+    return sum(near(step, turning_step) for step in emergence_steps) / len(emergence_steps)
+
+
 class EvolutionControl(NamedTuple):
     """The evolution statistics of the crosscoder as initialised, before training: what they read by construction."""
 
@@ -156,11 +170,13 @@ def claim_statistics(
     # transition: total dimensionality of the live features at each snapshot, and where it turns.
     dimensionality = feature_dimensionality(model.decoder_weight.detach().cpu())[alive].sum(0)
     turn = turning_point(dimensionality, steps)
+    valley = valley_test(dimensionality, seed=seed)
 
     # emergence: dead features are left out, their decoders never left their (flat) initial norms;
     # so are live ones whose decoders never moved measurably (unresolved), for the same reason.
     still = unresolved(model.decoder_weight, initial_model.decoder_weight)
     evolution = emergence(decoder_norms, steps, include=alive & ~still)
+    near_turn = near_share([steps[index] for index in evolution.emergence_index.tolist() if index > 0], turn.step)
     control = evolution_control(initial_model, held_out, steps, alive)
     probes = probe_statistics(model, held_out, activations, decoder_norms, seed)
 
@@ -185,9 +201,12 @@ def claim_statistics(
         loss_drop_last_fifth=loss_drop,
         transition_step=float(turn.step) if turn.step is not None else float("nan"),
         transition_found=float(turn.step is not None),
+        transition_p_value=valley.p_value,
+        transition_monotone_fit=valley.monotone_fit,
         initial_share=evolution.initial_share,
         emergent_share=evolution.emergent_share,
         median_emergence_step=evolution.median_emergence_step,
+        emergence_near_share=near_turn,
         unresolved_share=float(still[alive].double().mean()) if alive.any() else float("nan"),
         order_coherence=order_coherence(held_out),
         norm_proxy_r=probes.norm_proxy_r,

@@ -9,21 +9,23 @@ Over 300 lines for now: one verdict function per claim; the verdict issue rewrit
 
 from __future__ import annotations
 
-import bisect
 from typing import NamedTuple
 
 import pandas as pd
 
+from crosscoder.evolution import smallest_valley_p
 from study.record import (
     ABLATE_K,
     ABLATE_LEFT_BELOW,
     CLAIM,
-    EMERGENCE_SHARE_RANGE,
     KEEP_RECOVERS_ABOVE,
     METRIC,
     MIN_COMPARABLE_TRIALS,
+    MIN_EMERGENT_SHARE,
     MIN_ORDER_COHERENCE,
     MIN_RESOLVED_SHARE,
+    MONOTONE_FIT,
+    NEAR_SHARE,
     NORM_PROXY_R,
     QUALITY_MAX_DEAD,
     QUALITY_MAX_DELTA_CE,
@@ -34,16 +36,21 @@ from study.record import (
     SAE_SHARED_LOW,
     TASK_LEARNED_ACCURACY,
     TOP_FEATURES,
+    TURN_ALPHA,
     UNCONVERGED_LOSS_DROP,
+    near,
 )
 
 
 class Verdict(NamedTuple):
     claim: str
     verdict: str
-    """holds, fails, inconclusive or not measured."""
+    """holds, fails, mixed (holds at some values of the swept key, fails at others), inconclusive or not measured."""
     rule: str
     evidence: str
+    by_value: tuple[tuple[str, str], ...] = ()
+    """(value of the swept key, its verdict) per value, its seeds pooled; empty for the claims judged on pairs of
+    trials (stability, relie), which the whole axis judges."""
 
 
 class Trials(NamedTuple):
@@ -57,6 +64,11 @@ class Trials(NamedTuple):
     """run_id -> the snapshot steps its crosscoder spans."""
     statistical_end: int | None = None
     """The snapshot step where the model's unigram KL reaches its floor (None: no single model curve)."""
+    learns: bool | None = None
+    """Whether the model's held-out loss falls from the first snapshot to the last (None: no single model curve)."""
+    min_trials: int = MIN_COMPARABLE_TRIALS
+    """Fewest trials a verdict is read from: 1 for one value of the swept key, whose claims are judged on each
+    trial's own statistic against its own null or interval."""
 
 
 def verdict(claim: str, outcome: str, evidence: str) -> Verdict:
@@ -67,18 +79,28 @@ def column(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name].dropna() if name in frame else pd.Series(dtype=float)
 
 
-def too_few(claim: str, count: int, what: str) -> Verdict | None:
-    """The shared rule: a verdict compares at least MIN_COMPARABLE_TRIALS trials."""
-    if count >= MIN_COMPARABLE_TRIALS:
+def too_few(claim: str, count: int, what: str, minimum: int = MIN_COMPARABLE_TRIALS) -> Verdict | None:
+    """The shared rule: a verdict compares at least MIN_COMPARABLE_TRIALS trials (``minimum`` for one axis value)."""
+    if count >= minimum:
         return None
-    return verdict(claim, "inconclusive", f"{count} trial(s) give {what}: a verdict needs {MIN_COMPARABLE_TRIALS}")
+    return verdict(claim, "inconclusive", f"{count} trial(s) give {what}: a verdict needs {minimum}")
 
 
-def unordered(claim: str, frame: pd.DataFrame) -> Verdict | None:
-    """The shared rule of the evolution claims: the snapshots must evolve in their order in every trial."""
+def unordered(claim: str, trials: Trials) -> Verdict | None:
+    """The shared rule of the order claims (transition, emergence, token_specificity): the snapshots must evolve
+    in their order in every trial, and forward: a model whose held-out loss rises from its first snapshot to its
+    last runs backwards (checkpoints in reverse), and order coherence, which reads only how far apart
+    snapshots are, cannot tell."""
+    frame = trials.frame
     coherence = (
         frame[METRIC.order_coherence] if METRIC.order_coherence in frame else pd.Series([float("nan")] * len(frame))
     )
+    if trials.learns is False:
+        return verdict(
+            claim,
+            "inconclusive",
+            "the model's held-out loss rises from the first snapshot to the last: not a training run",
+        )
     if len(coherence) and (coherence.fillna(-1.0) >= MIN_ORDER_COHERENCE).all():
         return None
     listed = ", ".join(f"{value:.2f}" for value in coherence)
@@ -102,19 +124,13 @@ def unconverged(frame: pd.DataFrame) -> str | None:
     )
 
 
-def grid_interval_spread(steps_found: list[float], grid: list[int]) -> int:
-    """How many intervals of ``grid`` separate the smallest and largest of ``steps_found``."""
-    positions = [bisect.bisect_left(grid, step) for step in steps_found]
-    return max(positions) - min(positions)
-
-
 def coarsest_grid(trials: Trials) -> list[int]:
     return min(trials.steps.values(), key=len) if trials.steps else []
 
 
-def in_every_trial(frame: pd.DataFrame, claim: str, statistic: str, passes, condition: str) -> Verdict:
-    values = column(frame, statistic)
-    found = too_few(claim, len(values), statistic)
+def in_every_trial(trials: Trials, claim: str, statistic: str, passes, condition: str) -> Verdict:
+    values = column(trials.frame, statistic)
+    found = too_few(claim, len(values), statistic, trials.min_trials)
     if found:
         return found
     passing = int(values.map(passes).sum())
@@ -125,65 +141,71 @@ def in_every_trial(frame: pd.DataFrame, claim: str, statistic: str, passes, cond
 
 def transition_verdict(trials: Trials) -> Verdict:
     frame = trials.frame
-    found, turning = column(frame, METRIC.transition_found), column(frame, METRIC.transition_step)
-    blocked = too_few(CLAIM.transition, len(found), "a dimensionality curve") or unordered(CLAIM.transition, frame)
+    p_values, turning = column(frame, METRIC.transition_p_value), column(frame, METRIC.transition_step)
+    monotone = column(frame, METRIC.transition_monotone_fit)
+    blocked = too_few(CLAIM.transition, len(p_values), "a dimensionality curve", trials.min_trials) or unordered(
+        CLAIM.transition, trials
+    )
     if blocked:
         return blocked
-    if (found < 1).any():
-        return verdict(CLAIM.transition, "fails", f"{int(found.sum())} of {len(found)} trials find a turning point")
     grid = coarsest_grid(trials)
-    spread = grid_interval_spread(turning.tolist(), grid)
-    evidence = f"turning steps {sorted({int(step) for step in turning})}, {spread} interval(s) apart on the grid {grid}"
-    after_statistics = True
+    evidence = (
+        f"turn p-values {', '.join(f'{p:.3f}' for p in p_values)} (random snapshot orders as the null), monotone fit "
+        f"{', '.join(f'{fit:.2f}' for fit in monotone)}; turning steps {sorted({int(step) for step in turning})}"
+    )
+    if smallest_valley_p(len(grid)) > TURN_ALPHA:
+        return verdict(
+            CLAIM.transition,
+            "inconclusive",
+            f"{len(grid)} snapshots cannot tell a turn from noise at {TURN_ALPHA:.0%} (smallest possible p "
+            f"{smallest_valley_p(len(grid)):.2f}); {evidence}",
+        )
     if trials.statistical_end is not None:
-        after_statistics = bool((turning >= trials.statistical_end).all())
         evidence += f"; statistical learning ends at step {trials.statistical_end} (unigram KL at its floor)"
-    return verdict(CLAIM.transition, "holds" if spread <= 1 and after_statistics else "fails", evidence)
+    turns = p_values <= TURN_ALPHA
+    if not turns.all():
+        # A curve a monotone one explains is a curve without a turn; one that is neither is noise: undecided.
+        flat_or_monotone = (~turns & (monotone.reindex(p_values.index) >= MONOTONE_FIT)).any()
+        return verdict(CLAIM.transition, "fails" if flat_or_monotone else "inconclusive", evidence)
+    together = all(near(first, second) for first in turning for second in turning)
+    after_statistics = trials.statistical_end is None or bool(
+        all(step >= trials.statistical_end or near(step, trials.statistical_end) for step in turning)
+    )
+    return verdict(CLAIM.transition, "holds" if together and after_statistics else "fails", evidence)
 
 
-def emergence_verdict(trials: Trials) -> Verdict:
+def emergence_verdict(trials: Trials, transition: Verdict) -> Verdict:
+    """Emergence near the transition needs the transition: it fails where the transition fails, and waits where
+    the transition is undecided."""
     frame = trials.frame
-    shares, medians = column(frame, METRIC.initial_share), column(frame, METRIC.median_emergence_step)
-    blocked = too_few(CLAIM.emergence, len(shares), "an emergence share") or unordered(CLAIM.emergence, frame)
+    shares, near_shares = column(frame, METRIC.initial_share), column(frame, METRIC.emergence_near_share)
+    blocked = too_few(CLAIM.emergence, len(shares), "an emergence share", trials.min_trials) or unordered(
+        CLAIM.emergence, trials
+    )
     if blocked:
         return blocked
     resolved = 1 - column(frame, METRIC.unresolved_share)
-    control = column(frame, METRIC.control_initial_share)
-    grid = coarsest_grid(trials)
-    median_spread = grid_interval_spread(medians.tolist(), grid) if len(medians) else 0
-    turning = (
-        frame[METRIC.transition_step] if METRIC.transition_step in frame else pd.Series([float("nan")] * len(frame))
-    )
-    median_steps = (
-        frame[METRIC.median_emergence_step] if METRIC.median_emergence_step in frame else turning * float("nan")
-    )
-    # Paper 1: features emerge mostly near the transition; a trial without either step is not near it.
-    near_transition = all(
-        median == median and turn == turn and grid_interval_spread([median, turn], grid) <= 1
-        for median, turn in zip(median_steps, turning)
-    )
     evidence = (
-        f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f} of resolved features "
-        f"(untrained control: {control.min():.2f} to {control.max():.2f}); resolved share "
-        f"{resolved.min():.2f} to {resolved.max():.2f}; median emergence steps {sorted({int(m) for m in medians})} "
-        f"against turning steps {sorted({int(t) for t in turning.dropna()})}"
+        f"initialization-dependent share {shares.min():.2f} to {shares.max():.2f} of resolved features; resolved "
+        f"share {resolved.min():.2f} to {resolved.max():.2f}; share of emergent features near the turning step "
+        f"{', '.join(f'{share:.2f}' for share in near_shares) or 'none'}"
     )
-    # A share the untrained crosscoder reaches by construction (1: every decoder starts flat) says nothing.
-    apart_from_control = len(control) == len(shares) and bool(((shares - control).abs() > EMERGENCE_SHARE_RANGE).all())
+    if transition.verdict != "holds":
+        outcome = "fails" if transition.verdict == "fails" else "inconclusive"
+        return verdict(CLAIM.emergence, outcome, f"the transition {transition.verdict}; {evidence}")
     holds = (
-        apart_from_control
-        and len(resolved) == len(shares)
-        and (resolved >= MIN_RESOLVED_SHARE).all()
-        and float(shares.max() - shares.min()) <= EMERGENCE_SHARE_RANGE
-        and median_spread <= 1
-        and near_transition
+        len(resolved) == len(shares)
+        and bool((resolved >= MIN_RESOLVED_SHARE).all())
+        and bool((1 - shares >= MIN_EMERGENT_SHARE).all())
+        and len(near_shares) == len(shares)
+        and bool((near_shares >= NEAR_SHARE).all())
     )
     return verdict(CLAIM.emergence, "holds" if holds else "fails", evidence)
 
 
 def quality_verdict(trials: Trials) -> Verdict:
     frame = trials.frame
-    blocked = too_few(CLAIM.quality, len(frame), "quality metrics")
+    blocked = too_few(CLAIM.quality, len(frame), "quality metrics", trials.min_trials)
     if blocked:
         return blocked
     meets = (
@@ -201,18 +223,24 @@ def quality_verdict(trials: Trials) -> Verdict:
 
 
 def token_specificity_verdict(trials: Trials) -> Verdict:
+    """Each trial's bootstrap interval: above 0 counts for, below 0 against, holding 0 for neither (too little
+    power is not evidence against). Holds where at least half are above and none below, fails where at least
+    half are below and none above; otherwise inconclusive."""
     frame = trials.frame
     low, high = column(frame, METRIC.token_specificity_r_low), column(frame, METRIC.token_specificity_r_high)
-    blocked = too_few(CLAIM.token_specificity, min(len(low), len(high)), "a bootstrap interval")
+    blocked = too_few(
+        CLAIM.token_specificity, min(len(low), len(high)), "a bootstrap interval", trials.min_trials
+    ) or unordered(CLAIM.token_specificity, trials)
     if blocked:
         return blocked
     intervals = ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in zip(low, high))
     evidence = f"95 % intervals of Spearman r: {intervals}"
-    if (low > 0).all():
+    above, below = int((low > 0).sum()), int((high < 0).sum())
+    if above and not below and 2 * above >= len(low):
         return verdict(CLAIM.token_specificity, "holds", evidence)
-    if (high < 0).any() or (low > 0).any():
+    if below and not above and 2 * below >= len(low):
         return verdict(CLAIM.token_specificity, "fails", evidence)
-    return verdict(CLAIM.token_specificity, "inconclusive", evidence + "; every interval holds 0")
+    return verdict(CLAIM.token_specificity, "inconclusive", evidence + f"; {above} above 0, {below} below")
 
 
 def pairs_of_kind(stabilities: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -264,7 +292,8 @@ def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
     return verdict(CLAIM.relie, "holds" if jaccard >= RELIE_JACCARD else "fails", evidence)
 
 
-def causal_verdict(frame: pd.DataFrame) -> Verdict:
+def causal_verdict(trials: Trials) -> Verdict:
+    frame = trials.frame
     learned = frame.dropna(
         subset=[name for name in (METRIC.causal_ablate_relative, METRIC.causal_keep_relative) if name in frame]
     )
@@ -276,7 +305,7 @@ def causal_verdict(frame: pd.DataFrame) -> Verdict:
         if unlearned
         else ""
     )
-    blocked = too_few(CLAIM.causal, len(learned), "a snapshot where the task is learned")
+    blocked = too_few(CLAIM.causal, len(learned), "a snapshot where the task is learned", trials.min_trials)
     if blocked:
         return blocked._replace(evidence=blocked.evidence + note)
     meets = (learned[METRIC.causal_ablate_relative] < ABLATE_LEFT_BELOW) & (
@@ -299,15 +328,18 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     keeps its outcome (the 2 % line is a heuristic, and float rounding alone moves a trial's figure by a third)
     and carries the count in its evidence, where a reader of the verdicts alone sees it."""
     frame = trials.frame
+    transition = transition_verdict(trials)
     verdicts = [
-        transition_verdict(trials),
-        emergence_verdict(trials),
-        in_every_trial(frame, CLAIM.norm_proxy, METRIC.norm_proxy_r, lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"),
+        transition,
+        emergence_verdict(trials, transition),
+        in_every_trial(
+            trials, CLAIM.norm_proxy, METRIC.norm_proxy_r, lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"
+        ),
         quality_verdict(trials),
         stability_verdict(stabilities),
         token_specificity_verdict(trials),
         relie_verdict(frame, stabilities),
-        causal_verdict(frame),
+        causal_verdict(trials),
     ]
     moving = unconverged(frame)
     if moving is None:
@@ -317,4 +349,48 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
         if judged.verdict in ("holds", "fails")
         else judged
         for judged in verdicts
+    ]
+
+
+PAIR_CLAIMS = (CLAIM.stability, CLAIM.relie)
+"""Claims judged on pairs of trials across the whole axis, never per value."""
+
+
+def axis_keys(swept: list[str]) -> list[str]:
+    """The keys that name an axis value: the swept ones, seeds aside unless the seed is the axis."""
+    return [key for key in swept if key != "seed"] or swept
+
+
+def across_values(outcomes: list[str]) -> str:
+    """The overall outcome of per-value verdicts: the one they agree on where decided, mixed where some hold and
+    some fail, inconclusive where none decides."""
+    decided = {outcome for outcome in outcomes if outcome in ("holds", "fails")}
+    if len(decided) == 2:
+        return "mixed"
+    return decided.pop() if decided else "inconclusive"
+
+
+def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
+    """A verdict per claim for the whole sweep, with one per value of the swept key (its seeds pooled, each trial
+    judged on its own statistic's null or interval, so one trial suffices). A claim that paper 1 expects to
+    change along the axis is judged at each value, not failed for changing. The overall outcome combines the
+    per-value ones (``across_values``); the evidence is the whole axis's; the pair claims come from the whole axis."""
+    pooled = judge(trials, stabilities)
+    keys = [f"params.{key}" for key in axis_keys(trials.swept) if f"params.{key}" in trials.frame]
+    if not keys or trials.frame.empty:
+        return pooled
+    by_value: dict[str, list[tuple[str, str]]] = {}
+    for value, group in trials.frame.groupby(keys, sort=False):
+        values = value if isinstance(value, tuple) else (value,)
+        label = " · ".join(f"{key.removeprefix('params.')}={item}" for key, item in zip(keys, values))
+        for judged in judge(trials._replace(frame=group, min_trials=1), stabilities.iloc[0:0]):
+            by_value.setdefault(judged.claim, []).append((label, judged.verdict))
+    return [
+        judged
+        if judged.claim in PAIR_CLAIMS
+        else judged._replace(
+            verdict=across_values([outcome for _, outcome in by_value[judged.claim]]),
+            by_value=tuple(by_value[judged.claim]),
+        )
+        for judged in pooled
     ]

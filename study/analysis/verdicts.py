@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from crosscoder.matching import matched_jaccard, stability
 from crosscoder.model import CrossCoder
-from study.analysis.rules import Trials, Verdict, judge
+from study.analysis.rules import Trials, Verdict, axis_keys, judge_sweep
 from study.record import (
     BY_AXIS_VALUE_ARTIFACT,
     COMPARED,
@@ -59,9 +59,10 @@ def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
         ]
     frame = pd.DataFrame(rows)
     statistical_end = end_of_statistical_learning(client, parent_run_id)
+    learns = learns_forward(client, parent_run_id)
     param_columns = [c for c in frame.columns if c.startswith("params.")]
     swept = sorted(c[len("params.") :] for c in param_columns if frame[c].nunique(dropna=False) > 1)
-    return Trials(frame, swept, steps, statistical_end)
+    return Trials(frame, swept, steps, statistical_end, learns)
 
 
 def end_of_statistical_learning(client: MlflowClient, parent_run_id: str) -> int | None:
@@ -75,9 +76,13 @@ def end_of_statistical_learning(client: MlflowClient, parent_run_id: str) -> int
     return next(m.step for m in history if m.value <= floor + STATISTICAL_END_TOLERANCE * (top - floor))
 
 
-def axis_keys(swept: list[str]) -> list[str]:
-    """The keys that name an axis value: the swept ones, seeds aside unless the seed is the axis."""
-    return [key for key in swept if key != "seed"] or swept
+def learns_forward(client: MlflowClient, parent_run_id: str) -> bool | None:
+    """Whether the model's held-out loss is lower at its last snapshot than at its first: a training run, not
+    checkpoints in reverse (a model un-learning). None without one model curve."""
+    history = sorted(client.get_metric_history(parent_run_id, f"{MODEL_PREFIX}{METRIC.lm_loss}"), key=lambda m: m.step)
+    if len({m.step for m in history}) != len(history) or len(history) < 2:
+        return None
+    return history[-1].value < history[0].value
 
 
 def by_axis_value(trials: Trials) -> pd.DataFrame:
@@ -223,7 +228,7 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
     else:
         summary = by_axis_value(trials)
         stabilities = feature_stability(trials)
-        verdicts = judge(trials, stabilities)
+        verdicts = judge_sweep(trials, stabilities)
     with tempfile.TemporaryDirectory() as folder:
         summary.to_csv(Path(folder) / BY_AXIS_VALUE_ARTIFACT, index=False)
         stabilities.to_csv(Path(folder) / STABILITY_ARTIFACT, index=False)

@@ -45,6 +45,7 @@ from transformers.utils.logging import disable_progress_bar
 from crosscoder.evolution import EMERGENCE_FRACTION, feature_dimensionality, turning_point
 from study.errors import StudyInputError, run_cli
 from study.lm.corpus import generate_documents
+from study.lm.planted_truth import expected_verdicts
 from study.lm.tokenizer import train_tokenizer
 from study.paths import build_once, cache_root
 from study.record import METRIC
@@ -53,7 +54,7 @@ TRUTH = "truth.json"
 """The planted trajectory's answers, written last by a build."""
 PLANTED_DECODER = "planted_decoder.pt"
 """The planted dictionary [features, snapshots, d_model], in the units a crosscoder's decoder has."""
-PLANTED_VERSION = "planted-v2"
+PLANTED_VERSION = "planted-v3"
 """Part of the cache key: raise it when the construction changes."""
 
 
@@ -86,14 +87,16 @@ class PlantedConfig:
     """Frequency rank of the first token-specific token. Not the top ranks: they carry much of the residual
     stream's norm, and a feature vanishing from them would, under the crosscoder's per-snapshot
     normalisation, rescale every other feature."""
-    specific_gone_at: int = 64
-    """First step at which the token-specific features are gone."""
+    specific_gone_at: int | None = 64
+    """First step at which the token-specific features are gone; None: they never fade, growing as the shared
+    ones do (no feature's share of the dictionary shrinks, so nothing fakes a dip in its dimensionality)."""
     n_groups: int = 8
     """Group directions the shared features collapse onto."""
     collapse_from: int = 8
     """Last step at which the shared features still have their own early directions."""
-    turning_step: int = 128
-    """Step of full collapse, after which the shared features spread into new directions."""
+    turning_step: int | None = 128
+    """Step of full collapse, after which the shared features spread into new directions; None: they never
+    collapse and keep their directions (no turning point)."""
     statistical_end: int = 32
     """Step from which the logits are the corpus's unigram distribution."""
     coefficient_range: tuple[float, float] = field(default=(0.5, 1.5))
@@ -106,10 +109,14 @@ class PlantedConfig:
         named = {"turning_step": self.turning_step, "statistical_end": self.statistical_end}
         named |= {"specific_gone_at": self.specific_gone_at, "collapse_from": self.collapse_from}
         for name, step in named.items():
-            if step not in steps[1:-1]:
+            if step is not None and step not in steps[1:-1]:
                 raise StudyInputError(f"planted {name} {step} must be an inner step of {steps}")
-        if not self.collapse_from < self.turning_step:
+        if self.turning_step is not None and not self.collapse_from < self.turning_step:
             raise StudyInputError("planted collapse_from must come before turning_step")
+        gone, turn = self.specific_gone_at, self.turning_step
+        if gone is not None and turn is not None and gone > turn:
+            # Fading features lower the dictionary's dimensionality too: the dip would last past the turn.
+            raise StudyInputError("planted specific_gone_at must come at or before turning_step")
         if self.specific_from_rank < 0 or min(self.n_shared, self.n_specific) < 0:
             raise StudyInputError("planted specific_from_rank, n_shared and n_specific must be >= 0")
         if any(step not in steps[1:] for step in self.appear_steps):
@@ -118,6 +125,61 @@ class PlantedConfig:
     def cache_key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True) + PLANTED_VERSION
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+LOG_STEPS_32 = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    6,
+    8,
+    11,
+    16,
+    22,
+    32,
+    45,
+    64,
+    90,
+    128,
+    180,
+    256,
+    300,
+    362,
+    430,
+    512,
+    560,
+    610,
+    660,
+    710,
+    760,
+    810,
+    860,
+    900,
+    940,
+    970,
+    1000,
+)
+"""32 snapshot steps, dense early, for the snapshot-count case."""
+PRESETS = {
+    "default": PlantedConfig(),
+    "no_turn": PlantedConfig(turning_step=None, specific_gone_at=None),
+    "late_emergence": PlantedConfig(appear_steps=(512, 1000)),
+    "mostly_emergent": PlantedConfig(appearing_share=0.85),
+    "mostly_initial": PlantedConfig(appearing_share=0.1),
+    "turn_32": PlantedConfig(
+        turning_step=32, collapse_from=4, specific_gone_at=32, statistical_end=16, appear_steps=(16, 32, 64)
+    ),
+    "turn_512": PlantedConfig(turning_step=512, collapse_from=32, appear_steps=(256, 512, 1000)),
+    "steps_4": PlantedConfig(
+        steps=(0, 16, 128, 1000), collapse_from=16, statistical_end=16, specific_gone_at=16, appear_steps=(128,)
+    ),
+    "steps_32": PlantedConfig(steps=LOG_STEPS_32),
+}
+"""Named planted cases (``--trajectory planted:NAME``), each with its truth per claim in its truth.json: the
+default layout; no turning point; features emerging well after the turn; other initialization-dependent
+shares; other turning steps; 4 and 32 snapshots."""
 
 
 def positions(steps: tuple[int, ...]) -> torch.Tensor:
@@ -182,8 +244,11 @@ def magnitudes(config: PlantedConfig, appearing: torch.Tensor) -> torch.Tensor:
     magnitude[: config.n_shared] = 0.6 + 0.4 * at
     for order, feature in enumerate(appearing.tolist()):
         magnitude[feature, : step_index[config.appear_steps[order % len(config.appear_steps)]]] = 0.0
+    if config.specific_gone_at is None:
+        magnitude[config.n_shared :] = 0.6 + 0.4 * at
+        return magnitude
     gone = step_index[config.specific_gone_at]
-    fading = 1.0 - 0.5 * at / at[gone - 1]
+    fading = 1.0 - 0.5 * at / max(float(at[gone - 1]), 1e-9)  # gone at the second step: present at 0 only
     magnitude[config.n_shared :, :gone] = fading[:gone]
     return magnitude
 
@@ -196,6 +261,8 @@ def planted_directions(config: PlantedConfig, generator: torch.Generator) -> tor
     at, step_index = positions(config.steps), {step: index for index, step in enumerate(config.steps)}
     early, late = unit_vectors(n_features, d, generator), unit_vectors(n_features, d, generator)
     groups = unit_vectors(config.n_groups, d, generator)
+    if config.turning_step is None:
+        return early[:, None].expand(-1, len(at), -1).clone()
     group_of = torch.arange(n_features) % config.n_groups
     collapse_at, turn_at = float(at[step_index[config.collapse_from]]), float(at[step_index[config.turning_step]])
     collapsing = ramp(at, collapse_at, turn_at) - ramp(at, turn_at, 1.0)  # 0 .. 1 at the turn .. 0
@@ -255,7 +322,7 @@ class PlantedDictionary:
             )
         emergence_steps = torch.tensor([f["emergence_step"] for f in features], dtype=torch.float64)
         later = emergence_steps[emergence_steps > 0]
-        return {
+        truth = {
             "config": asdict(self.config),
             "steps": steps,
             "turning_step": turning_point(dimensionality, steps).step,
@@ -265,6 +332,8 @@ class PlantedDictionary:
             "dimensionality_by_step": dimensionality.tolist(),
             "features": features,
         }
+        truth["claims"] = expected_verdicts(truth)
+        return truth
 
 
 def token_frequency(tokenizer, documents: list[str]) -> torch.Tensor:
@@ -332,8 +401,14 @@ def build_planted(config: PlantedConfig, out: Path) -> None:
         )
         model.save_pretrained(out / f"step{step}")
         tokenizer.save_pretrained(out / f"step{step}")
+    truth = dictionary.truth()
+    if truth["turning_step"] != config.turning_step:
+        raise StudyInputError(
+            f"the planted dictionary turns at step {truth['turning_step']}, not at the configured turning_step "
+            f"{config.turning_step}; move specific_gone_at or appear_steps away from the turn"
+        )
     torch.save(dictionary.decoder.float(), out / PLANTED_DECODER)
-    (out / TRUTH).write_text(json.dumps(dictionary.truth(), indent=1))
+    (out / TRUTH).write_text(json.dumps(truth, indent=1))
 
 
 def planted_folder(config: PlantedConfig | None = None, cache_dir: str | Path | None = None) -> Path:

@@ -155,17 +155,20 @@ def embedded_trajectory(config: PretrainConfig | None = None, cache_dir: str | P
     return directory_trajectory(folder, name=f"embedded-{config.cache_key()}")
 
 
-NULL_TWINS = ("frozen", "shuffled")
-"""Controls for the evolution claims, ``frozen:SPEC`` and ``shuffled:SPEC``: SPEC's step names over
-checkpoints whose order means nothing."""
+NULL_TWINS = ("frozen", "shuffled", "reversed")
+"""Controls for the order claims, ``frozen:SPEC``, ``shuffled:SPEC`` and ``reversed:SPEC``: SPEC's step names
+over checkpoints whose order means nothing, or runs backwards (a model un-learning)."""
 
 
 def null_twin(trajectory: Trajectory, kind: str, seed: int = 0) -> Trajectory:
     """``frozen``: the last checkpoint under every step name (nothing evolves); ``shuffled``: each step
-    name over another step's checkpoint, a seeded permutation with no step left in place."""
+    name over another step's checkpoint, a seeded permutation with no step left in place; ``reversed``: the
+    first step name over the last checkpoint and so on (time runs backwards)."""
     snapshots = trajectory.snapshots
     if kind == "frozen":
         sources = [snapshots[-1]] * len(snapshots)
+    elif kind == "reversed":
+        sources = list(reversed(snapshots))
     else:
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(snapshots), generator=generator)
@@ -182,12 +185,18 @@ def resolve_trajectory(
     spec: str, revisions: list[str] | None = None, cache_dir: str | Path | None = None
 ) -> Trajectory:
     """``embedded``, ``planted`` (known answers, see ``study.lm.planted``), a local folder of ``step<N>/``
-    checkpoints, a hub model id (with revisions), or a null twin of one of those (``frozen:SPEC``,
-    ``shuffled:SPEC``)."""
+    checkpoints, a hub model id (with revisions), a named planted case (``planted:NAME``, ``study.lm.planted
+    .PRESETS``), or a null twin of one of those (``frozen:SPEC``, ``shuffled:SPEC``, ``reversed:SPEC``)."""
     kind, separator, rest = spec.partition(":")
     if separator and kind in NULL_TWINS:
         return null_twin(resolve_trajectory(rest, revisions, cache_dir), kind)
-    local = spec in ("embedded", "planted") or Path(spec).expanduser().exists()
+    if separator and kind == "planted":
+        from study.lm.planted import PRESETS, planted_folder  # built only when asked for
+
+        if rest not in PRESETS:
+            raise StudyInputError(f"no planted case '{rest}'; choose one of {', '.join(PRESETS)}")
+        return directory_trajectory(planted_folder(PRESETS[rest], cache_dir), name=f"planted-{rest}")
+    local = spec in ("embedded", "planted") or kind == "planted" or Path(spec).expanduser().exists()
     if revisions and local:
         raise StudyInputError(
             f"revisions name hub commits, but trajectory '{spec}' is local; drop --revisions and choose its "

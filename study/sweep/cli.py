@@ -131,7 +131,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--trajectory",
-        help="embedded, planted, a folder of step<N>/ checkpoints, a hub model id, or frozen:SPEC / shuffled:SPEC",
+        help="embedded, planted, a folder of step<N>/ checkpoints, a hub model id, planted:NAME, or frozen:SPEC / shuffled:SPEC / reversed:SPEC",
     )
     parser.add_argument("--revisions", help="comma-separated hub revisions, e.g. step0,step1000,step143000")
     parser.add_argument("--tokens", type=int, help="activation rows per snapshot (n_tokens)")

@@ -59,5 +59,6 @@ def summarise(parent_run_id: str, table: pd.DataFrame, report_folder: Location) 
     failed = log_trials_table(parent_run_id, table)
     verdicts = analyse_sweep(parent_run_id)
     for verdict in verdicts:
-        print(f"  {verdict.claim:<18} {verdict.verdict:<13} {verdict.evidence}")
+        values = ", ".join(f"{label} {outcome}" for label, outcome in verdict.by_value) or "whole axis"
+        print(f"  {verdict.claim:<18} {verdict.verdict:<13} [{values}] {verdict.evidence}")
     return failed, verdicts, publish_report(parent_run_id, report_folder)

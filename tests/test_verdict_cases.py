@@ -1,0 +1,158 @@
+"""The reviewer's counter-examples to the order rules, each coming out as its truth says, and the planted cases'
+stated truths: noise curves never turn beyond the nominal rate, four snapshots cannot decide a turn, a model
+running backwards is not judged, "mostly near the transition" is read on the share of features."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from crosscoder.evolution import smallest_valley_p, valley_test
+from study.analysis.claim_statistics import near_share
+from study.analysis.rules import Trials, judge
+from study.lm.planted import PRESETS, planted_folder, read_truth
+from study.record import TURN_ALPHA
+
+GRID = [0, 1, 2, 4, 8, 16, 32, 64, 128]
+TURNING = dict(
+    transition_found=[1.0, 1.0],
+    transition_p_value=[0.01, 0.02],
+    transition_monotone_fit=[0.3, 0.4],
+    transition_step=[16.0, 16.0],
+    emergence_near_share=[0.8, 0.7],
+    initial_share=[0.3, 0.32],
+    unresolved_share=[0.1, 0.2],
+    order_coherence=[0.9, 0.95],
+    token_specificity_r_low=[0.1, 0.2],
+    token_specificity_r_high=[0.3, 0.5],
+    explained_variance=[0.9, 0.9],
+    l0=[30.0, 40.0],
+    delta_ce_max=[0.1, 0.2],
+    dead_fraction=[0.0, 0.05],
+)
+NO_PAIRS = pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
+ORDER_CLAIMS = ("transition", "emergence", "token_specificity")
+
+
+def outcomes(grid: list[int] = GRID, learns: bool | None = True, **changes) -> dict[str, str]:
+    columns = dict(TURNING, **changes)
+    frame = pd.DataFrame({"run_id": ["a", "b"], **columns})
+    trials = Trials(frame, ["seed"], {run_id: grid for run_id in frame["run_id"]}, 2, learns)
+    return {verdict.claim: verdict.verdict for verdict in judge(trials, NO_PAIRS)}
+
+
+@pytest.mark.parametrize("n_snapshots", [4, 9])
+def test_noise_curves_turn_no_more_often_than_the_nominal_rate(n_snapshots):
+    generator = torch.Generator().manual_seed(n_snapshots)
+    p_values = [valley_test(torch.randn(n_snapshots, generator=generator), 199, seed).p_value for seed in range(200)]
+    false_turns = sum(p <= TURN_ALPHA for p in p_values) / len(p_values)
+    # The rate's sampling error over 200 curves is about 1.5 points.
+    assert false_turns <= TURN_ALPHA + 0.03, false_turns
+    if n_snapshots == 4:
+        assert false_turns == 0 and smallest_valley_p(4) == 0.25  # four snapshots can never show a turn at 5 %
+
+
+def test_a_real_turn_is_found_and_a_monotone_curve_fails():
+    valley = [17.0, 17.6, 17.8, 18.0, 18.1, 17.3, 14.2, 7.0, 6.3, 8.4, 18.7, 19.3]  # the planted dictionary's
+    rising = [18.1] * 7 + [19.6, 20.7, 21.4, 21.4, 21.4]  # the no_turn case's
+    assert valley_test(valley).p_value <= TURN_ALPHA
+    flat = valley_test(rising)
+    assert flat.p_value > TURN_ALPHA and flat.monotone_fit >= 0.99
+    assert outcomes()["transition"] == "holds"
+    assert outcomes(transition_p_value=[0.01, 0.7], transition_monotone_fit=[0.3, 0.95])["transition"] == "fails"
+    # An exchangeable-noise curve has a minimum inside most of the time; it is undecided, not a turn.
+    assert outcomes(transition_p_value=[0.4, 0.7], transition_monotone_fit=[0.3, 0.2])["transition"] == "inconclusive"
+
+
+def test_four_snapshots_cannot_decide_a_turn():
+    assert outcomes(grid=[0, 16, 128, 1000])["transition"] == "inconclusive"
+
+
+def test_a_model_running_backwards_is_not_judged_on_order():
+    """The reversed trajectory: its order coherence is a training run's (it reads |i - j|), its held-out loss rises."""
+    reversed_run = outcomes(learns=False)
+    assert all(reversed_run[claim] == "inconclusive" for claim in ORDER_CLAIMS), reversed_run
+    assert all(outcomes()[claim] == "holds" for claim in ORDER_CLAIMS)
+
+
+def test_a_shuffled_twin_is_not_judged_on_token_specificity():
+    """A permutation that leaves early checkpoints early can give positive intervals; the order gate stops it."""
+    assert outcomes(order_coherence=[0.1, 0.2])["token_specificity"] == "inconclusive"
+
+
+def test_emergence_is_read_on_the_share_near_the_transition():
+    """40 % of the emergent features at step 2, 20 % at 128, 40 % at 1000: the median is 128, the share near it 0.2."""
+    steps = [2] * 4 + [128] * 2 + [1000] * 4
+    share = near_share(steps, 128)
+    assert share == pytest.approx(0.2)
+    assert outcomes(emergence_near_share=[share, share])["emergence"] == "fails"
+    assert near_share([64, 128, 256], 128) == 1.0 and math.isnan(near_share(steps, None))
+    assert outcomes(transition_p_value=[0.4, 0.7], transition_monotone_fit=[0.9, 0.9])["emergence"] == "fails"
+
+
+def test_an_underpowered_interval_beside_positive_ones_is_not_a_failure():
+    intervals = dict(token_specificity_r_low=[0.54, -0.14], token_specificity_r_high=[0.80, 0.43])
+    assert outcomes(**intervals)["token_specificity"] == "holds"
+
+
+@pytest.fixture(scope="module")
+def planted_truths(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("planted-cases")
+    return {name: read_truth(planted_folder(config, cache)) for name, config in PRESETS.items()}
+
+
+def test_every_planted_case_states_its_truth_per_claim(planted_truths):
+    expected = {
+        "default": ("holds", "holds", "holds"),
+        "no_turn": ("fails", "fails", "inconclusive"),
+        "late_emergence": ("holds", "fails", "holds"),
+        "mostly_emergent": ("holds", "holds", "holds"),
+        "mostly_initial": ("holds", "holds", "holds"),
+        "turn_32": ("holds", "holds", "holds"),
+        "turn_512": ("holds", "holds", "holds"),
+        "steps_4": ("inconclusive", "inconclusive", "holds"),
+        "steps_32": ("holds", "holds", "holds"),
+    }
+    for name, truth in planted_truths.items():
+        claims = truth["claims"]
+        assert tuple(claims[claim]["verdict"] for claim in ORDER_CLAIMS) == expected[name], (name, claims)
+        assert claims["causal"]["verdict"] == claims["relie"]["verdict"] == "inconclusive"
+        assert truth["turning_step"] == PRESETS[name].turning_step  # the truth turns where it was told to
+
+
+def test_the_no_turn_case_is_monotone_and_initial_shares_differ(planted_truths):
+    dimensionality = planted_truths["no_turn"]["dimensionality_by_step"]
+    assert all(later >= earlier - 1e-6 for earlier, later in zip(dimensionality, dimensionality[1:]))
+    assert (
+        planted_truths["mostly_initial"]["initial_share"]
+        > 0.9
+        > 0.4
+        > planted_truths["mostly_emergent"]["initial_share"]
+    )
+
+
+def test_a_claim_is_judged_per_value_of_the_swept_key_and_across_it():
+    from study.analysis.rules import judge_sweep
+
+    frame = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c", "d"],
+            "params.expansion_ratio": ["4", "4", "16", "16"],
+            **{key: values * 2 for key, values in TURNING.items()},
+        }
+    )
+    # x16 has a dimensionality curve a monotone one explains: no turn there, a turn at x4.
+    frame.loc[frame["params.expansion_ratio"] == "16", ["transition_p_value", "transition_monotone_fit"]] = [0.6, 0.95]
+    trials = Trials(frame, ["expansion_ratio"], {run_id: GRID for run_id in frame["run_id"]}, 2, True)
+    verdicts = {verdict.claim: verdict for verdict in judge_sweep(trials, NO_PAIRS)}
+    transition = verdicts["transition"]
+    assert transition.by_value == (("expansion_ratio=4", "holds"), ("expansion_ratio=16", "fails"))
+    assert transition.verdict == "mixed"
+    assert verdicts["emergence"].by_value == (("expansion_ratio=4", "holds"), ("expansion_ratio=16", "fails"))
+    assert verdicts["quality"].verdict == "holds" and verdicts["stability"].by_value == ()  # pairs: the whole axis
+    one_each = Trials(frame.iloc[[0, 2]], ["expansion_ratio"], trials.steps, 2, True)
+    single = {verdict.claim: verdict for verdict in judge_sweep(one_each, NO_PAIRS)}
+    assert single["transition"].by_value == (("expansion_ratio=4", "holds"), ("expansion_ratio=16", "fails"))
