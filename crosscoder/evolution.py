@@ -164,28 +164,35 @@ def monotone_fit(values: list[float]) -> float:
     return max(fit_share(values, isotonic(values, increasing)) for increasing in (True, False))
 
 
-def valley_fit(values: list[float]) -> float:
-    """How much of the curve's variance a valley explains: falling to an inner snapshot, rising after it."""
+VALLEY_MIN_DEPTH = 0.25
+"""A valley's shallower arm must rise at least this share of the curve's range above its bottom: a dip of a few
+per cent inside a rising curve is noise, not a turn."""
+
+
+def valley_fit(values: list[float], min_depth: float = VALLEY_MIN_DEPTH) -> float:
+    """How much of the curve's variance a valley explains: falling to an inner snapshot and rising after it, each
+    arm by at least ``min_depth`` of the curve's range (0 where no such valley exists, as for a monotone curve)."""
+    span = max(values) - min(values)
     best = 0.0
     for bottom in range(1, len(values) - 1):
         falling, rising = isotonic(values[: bottom + 1], False), isotonic(values[bottom:], True)
-        if falling[-1] >= falling[0] or rising[-1] <= rising[0]:
-            continue  # an arm that does not move is no valley
-        joined = falling[:-1] + [min(falling[-1], rising[0])] + rising[1:]
-        best = max(best, fit_share(values, joined))
+        lowest = min(falling[-1], rising[0])
+        if span <= 0 or min(falling[0] - lowest, rising[-1] - lowest) < min_depth * span:
+            continue
+        best = max(best, fit_share(values, falling[:-1] + [lowest] + rising[1:]))
     return best
 
 
 class ValleyTest(NamedTuple):
-    """Whether a curve over snapshots falls and rises again more than its own values in random order do."""
+    """Whether a curve over snapshots falls and rises again more clearly than its own values in random order do."""
 
-    valley_gain: float
-    """Share of the variance a valley explains beyond the best monotone curve (0 for a monotone curve)."""
+    valley_fit: float
+    """Share of the variance a valley with two real arms explains (``valley_fit``; 0 without one)."""
     monotone_fit: float
     """Share of the variance the best monotone curve explains."""
     p_value: float
-    """Share of orderings of the same values (the snapshot order permuted) whose valley gain is at least as large:
-    the chance of so clear a turn in a curve whose order means nothing."""
+    """Share of orderings of the same values (the snapshot order permuted) whose valley fits at least as well: the
+    chance of so clear a turn in a curve whose order means nothing."""
 
 
 def valley_test(values: list[float] | torch.Tensor, permutations: int = 999, seed: int = 0) -> ValleyTest:
@@ -194,17 +201,16 @@ def valley_test(values: list[float] | torch.Tensor, permutations: int = 999, see
     curve = [float(value) for value in torch.as_tensor(values, dtype=torch.float64)]
     if len(curve) < 3:
         return ValleyTest(0.0, 1.0, 1.0)
-
-    def gain(ordered: list[float]) -> float:
-        return max(0.0, valley_fit(ordered) - monotone_fit(ordered))
-
-    observed = gain(curve)
+    observed = valley_fit(curve)
+    if observed == 0.0:
+        return ValleyTest(0.0, monotone_fit(curve), 1.0)
     generator = torch.Generator().manual_seed(seed)
-    as_large = sum(
-        gain([curve[index] for index in torch.randperm(len(curve), generator=generator).tolist()]) >= observed - 1e-12
+    as_good = sum(
+        valley_fit([curve[index] for index in torch.randperm(len(curve), generator=generator).tolist()])
+        >= observed - 1e-12
         for _ in range(permutations)
     )
-    return ValleyTest(observed, monotone_fit(curve), (1 + as_large) / (1 + permutations))
+    return ValleyTest(observed, monotone_fit(curve), (1 + as_good) / (1 + permutations))
 
 
 def smallest_valley_p(n_snapshots: int) -> float:

@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from crosscoder.evolution import VALLEY_MIN_DEPTH
+
 
 class Names:
     """Logged names as attributes, ``METRIC.l0 == "l0"``: code that reads or writes a name spells it through
@@ -386,8 +388,9 @@ CLAIMS = (
         "transition",
         "statistical then feature learning, turning near step 1000 (paper 1)",
         "transition_p_value, transition_monotone_fit, transition_step, model/unigram_kl",
-        "per trial, the total feature dimensionality's turn (how much better a fall-then-rise explains the curve than "
-        "a monotone curve) is tested against the same values in random snapshot orders; holds if every trial turns at "
+        "per trial, the total feature dimensionality's turn (how much of the curve a fall-then-rise explains, each arm "
+        f"at least {VALLEY_MIN_DEPTH:.0%} of its range) is tested against the same values in random snapshot orders; "
+        "holds if every trial turns at "
         f"p <= {TURN_ALPHA}, the turning steps are near each other (within a factor of {NEAR_FACTOR} in 1 + step) and at "
         "or near the end of statistical learning (the first snapshot whose unigram KL is within "
         f"{STATISTICAL_END_TOLERANCE:.0%} of its range of its floor); fails if they are not, or if a trial without a "

@@ -60,7 +60,7 @@ def test_a_real_turn_is_found_and_a_monotone_curve_fails():
     rising = [18.1] * 7 + [19.6, 20.7, 21.4, 21.4, 21.4]  # the no_turn case's
     assert valley_test(valley).p_value <= TURN_ALPHA
     flat = valley_test(rising)
-    assert flat.p_value > TURN_ALPHA and flat.monotone_fit >= 0.99
+    assert flat.p_value > TURN_ALPHA and flat.valley_fit == 0 and flat.monotone_fit >= 0.99
     assert outcomes()["transition"] == "holds"
     assert outcomes(transition_p_value=[0.01, 0.7], transition_monotone_fit=[0.3, 0.95])["transition"] == "fails"
     # An exchangeable-noise curve has a minimum inside most of the time; it is undecided, not a turn.
