@@ -9,11 +9,13 @@ import io
 import os
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from conftest import migrated_store
 from mlflow.tracking import MlflowClient
 
+from crosscoder import CrossCoder
 from study.activations.residual import residual_stream
 from study.lm.planted import PLANTED_DECODER, PRESETS, PlantedConfig, planted_folder, read_truth
 from study.lm.trajectory import directory_trajectory, load_model, resolve_trajectory
@@ -161,10 +163,13 @@ def test_on_the_planted_null_twins_evolution_never_holds(planted_cache, tmp_path
         assert verdicts["stability"] == "inconclusive"  # replicates are never a seed pair
 
 
-@pytest.mark.parametrize("case, claim", [("no_turn", "transition"), ("late_emergence", "emergence")])
+@pytest.mark.parametrize(
+    "case, claim", [("no_turn", "transition"), ("late_emergence", "emergence"), ("task_dense", "causal")]
+)
 def test_a_false_claim_on_an_evolving_trajectory_does_not_hold(planted_cache, tmp_path, ray_cluster, case, claim):
     """The trajectory evolves, the other claims keep their planted truth, and this one is false by construction:
-    the dimensionality only rises (no_turn), or features emerge far after the turn (late_emergence)."""
+    the dimensionality only rises (no_turn), features emerge far after the turn (late_emergence), or a mixture of
+    every shared feature carries the task (task_dense)."""
     verdicts, trials, _ = planted_sweep(
         planted_cache, tmp_path, f"planted:{case}", "--set", "seed={grid_search: [0, 1]}"
     )
@@ -172,3 +177,29 @@ def test_a_false_claim_on_an_evolving_trajectory_does_not_hold(planted_cache, tm
     assert len(trials) == 2 and truth[claim]["verdict"] == "fails"
     assert verdicts[claim] == "fails", verdicts
     assert verdicts["token_specificity"] == truth["token_specificity"]["verdict"], verdicts
+
+
+def test_on_the_planted_task_causal_holds_and_its_top_features_are_the_planted_ones(
+    planted_cache, tmp_path, ray_cluster
+):
+    """A few planted features carry the task from step 256: ablating them removes it, keeping them restores it, and
+    the crosscoder's top features by indirect effect are those features (decoder cosine >= 0.9 over snapshots)."""
+    verdicts, trials, _ = planted_sweep(planted_cache, tmp_path, "planted:task", "--set", "seed={grid_search: [0, 1]}")
+    folder = planted_folder(PRESETS["task"], planted_cache)
+    task, planted = read_truth(folder)["task"], torch.load(folder / PLANTED_DECODER)
+    assert verdicts["causal"] == "holds", verdicts
+    # Compared where the task features exist (from the onset): before it their planted decoders are zero.
+    present = [index for index, step in enumerate(PRESETS["task"].steps) if step >= task["onset"]]
+    planted_task_decoders = planted[task["features"]][:, present].flatten(1)
+    planted_task_decoders = planted_task_decoders / planted_task_decoders.norm(dim=-1, keepdim=True)
+    last = f"ie_step{max(PRESETS['task'].steps)}"
+    for run_id in trials["run_id"]:
+        client = MlflowClient()
+        features = pd.read_parquet(client.download_artifacts(run_id, "features.parquet", str(tmp_path)))
+        decoder = CrossCoder.load(
+            client.download_artifacts(run_id, "crosscoder.safetensors", str(tmp_path))
+        ).decoder_weight
+        top = features.sort_values(last, ascending=False)["feature"].head(len(task["features"])).tolist()
+        directions = decoder[top][:, present].detach().flatten(1)
+        cosines = (directions / directions.norm(dim=-1, keepdim=True)) @ planted_task_decoders.T
+        assert (cosines.max(1).values >= 0.9).double().mean() >= 0.8, cosines

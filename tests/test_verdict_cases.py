@@ -115,11 +115,16 @@ def test_every_planted_case_states_its_truth_per_claim(planted_truths):
         "turn_512": ("holds", "holds", "holds"),
         "steps_4": ("inconclusive", "inconclusive", "holds"),
         "steps_32": ("holds", "holds", "holds"),
+        "task": ("holds", "holds", "holds"),
+        "task_dense": ("holds", "holds", "holds"),
     }
+    causal = {"task": "holds", "task_dense": "fails"}
     for name, truth in planted_truths.items():
         claims = truth["claims"]
         assert tuple(claims[claim]["verdict"] for claim in ORDER_CLAIMS) == expected[name], (name, claims)
-        assert claims["causal"]["verdict"] == claims["relie"]["verdict"] == "inconclusive"
+        assert claims["causal"]["verdict"] == causal.get(name, "inconclusive"), (name, claims["causal"])
+        if name not in causal:  # no task: nothing to ablate, nothing to date
+            assert claims["relie"]["verdict"] == "inconclusive"
         assert truth["turning_step"] == PRESETS[name].turning_step  # the truth turns where it was told to
 
 
@@ -156,3 +161,10 @@ def test_a_claim_is_judged_per_value_of_the_swept_key_and_across_it():
     one_each = Trials(frame.iloc[[0, 2]], ["expansion_ratio"], trials.steps, 2, True)
     single = {verdict.claim: verdict for verdict in judge_sweep(one_each, NO_PAIRS)}
     assert single["transition"].by_value == (("expansion_ratio=4", "holds"), ("expansion_ratio=16", "fails"))
+
+
+def test_the_planted_task_is_carried_by_its_features_and_the_dense_one_by_none(planted_truths):
+    sparse, dense = planted_truths["task"]["task"], planted_truths["task_dense"]["task"]
+    assert sparse["ablate_left"] == pytest.approx(0.0, abs=1e-9) and sparse["keep_recovered"] == pytest.approx(1.0)
+    assert sorted(sparse["top_features"]) == sparse["features"]  # the planted task features carry it all
+    assert dense["features"] == [] and dense["keep_recovered"] < 0.9  # twenty features do not restore it

@@ -56,6 +56,28 @@ def agreement_task(items: list[AgreementItem], tokenizer: PreTrainedTokenizerBas
     return Task(clean.input_ids, corrupted.input_ids, logit_difference)
 
 
+def planted_task(task: dict, items: int) -> Task:
+    """The task a planted trajectory's truth describes (``study.lm.planted_task``): prompts of its first token and
+    a class token, the metric the logit difference of the right answer over the other, the corrupted prompt the
+    same with a class token of the other class. ``items`` prompts at most, the two classes in turn."""
+    tokens, classes = task["prompt_tokens"], task["classes"]
+    by_class = {sign: [token for token, c in zip(tokens, classes) if c == sign] for sign in (1, -1)}
+    count = min(items, 2 * min(len(by_class[1]), len(by_class[-1])))
+    chosen = [by_class[1 if index % 2 == 0 else -1][index // 2] for index in range(count)]
+    other = [by_class[-1 if index % 2 == 0 else 1][index // 2] for index in range(count)]
+    signs = torch.tensor([1.0 if index % 2 == 0 else -1.0 for index in range(count)])
+    first = task["first_token"]
+    clean = torch.tensor([[first, token] for token in chosen])
+    corrupted = torch.tensor([[first, token] for token in other])
+    right, wrong = task["answers"]
+
+    def logit_difference(logits: torch.Tensor) -> torch.Tensor:
+        final = logits[:, -1]
+        return signs.to(final.device) * (final[:, right] - final[:, wrong])
+
+    return Task(clean, corrupted, logit_difference)
+
+
 class Terms(NamedTuple):
     """One snapshot's residual stream at the layer, positions 1 onwards, split by the crosscoder."""
 

@@ -16,13 +16,13 @@ from study.activations.cache import ActivationCache
 from study.activations.contexts import sample_contexts
 from study.activations.extraction import ActivationRequest
 from study.activations.streaming import open_activations
-from study.analysis.attribution import agreement_task
+from study.analysis.attribution import agreement_task, planted_task
 from study.analysis.causal_statistics import causal_statistics
 from study.analysis.claim_statistics import ClaimStatistics, claim_statistics
 from study.analysis.planted_recovery import planted_recovery
 from study.analysis.splicing import spliced_loss
 from study.lm.agreement import agreement_items
-from study.lm.planted import planted_truth_of
+from study.lm.planted import planted_truth_of, read_truth
 from study.lm.trajectory import Snapshot, load_tokenizer
 from study.record import PROGRESS_METRICS, PlantedSummary
 from study.trial_config import TrialConfig
@@ -135,7 +135,13 @@ def measure(trial: TrialConfig, result: TrainResult, data: TrialData, snapshots:
     spliced = spliced_loss(
         snapshots, contexts, layer, lambda activations: model.reconstruct(activations.to(device)).cpu(), device
     )
-    task = agreement_task(agreement_items(trial.task_items), tokenizer)
+    folder = planted_truth_of(snapshots)
+    planted_task_truth = read_truth(folder).get("task") if folder is not None else None
+    task = (
+        planted_task(planted_task_truth, 4 * trial.task_items)
+        if planted_task_truth is not None
+        else agreement_task(agreement_items(trial.task_items), tokenizer)
+    )
     causal = causal_statistics(
         model,
         snapshots,
@@ -161,7 +167,6 @@ def measure(trial: TrialConfig, result: TrainResult, data: TrialData, snapshots:
         trial.crosscoder.seed,
         loss_drop_last_fifth(result.history),
     )
-    folder = planted_truth_of(snapshots)
     planted = None
     if folder is not None:
         features = statistics.features

@@ -45,6 +45,7 @@ from transformers.utils.logging import disable_progress_bar
 from crosscoder.evolution import EMERGENCE_FRACTION, feature_dimensionality, turning_point
 from study.errors import StudyInputError, run_cli
 from study.lm.corpus import generate_documents
+from study.lm.planted_task import TaskKind, add_sparse_task, dense_readout, sparse_readout, task_plan, task_truth
 from study.lm.planted_truth import expected_verdicts
 from study.lm.tokenizer import train_tokenizer
 from study.paths import build_once, cache_root
@@ -55,6 +56,8 @@ TRUTH = "truth.json"
 PLANTED_DECODER = "planted_decoder.pt"
 """The planted dictionary [features, snapshots, d_model], in the units a crosscoder's decoder has."""
 PLANTED_VERSION = "planted-v3"
+TASK_LOGIT_SCALE = 4.0
+"""How strongly the answers' logits read the task direction (after the final layer norm): a few nats."""
 """Part of the cache key: raise it when the construction changes."""
 
 
@@ -101,6 +104,15 @@ class PlantedConfig:
     """Step from which the logits are the corpus's unigram distribution."""
     coefficient_range: tuple[float, float] = field(default=(0.5, 1.5))
     """A feature's coefficient on each of its tokens is drawn uniformly from this range."""
+    task: TaskKind = "none"
+    """A task the logits read (``study.lm.planted_task``): none, sparse (a few planted features carry it) or dense
+    (a mixture of every shared feature does)."""
+    task_onset: int = 128
+    """Step from which the logits read the task (it is learned there)."""
+    task_features: int = 4
+    """Features carrying a sparse task, half for each answer."""
+    task_tokens: int = 32
+    """Class tokens the task's prompts end with."""
 
     def __post_init__(self) -> None:
         steps = list(self.steps)
@@ -119,6 +131,12 @@ class PlantedConfig:
             raise StudyInputError("planted specific_gone_at must come at or before turning_step")
         if self.specific_from_rank < 0 or min(self.n_shared, self.n_specific) < 0:
             raise StudyInputError("planted specific_from_rank, n_shared and n_specific must be >= 0")
+        if self.task != "none" and (
+            self.task_onset not in steps[1:] or self.task_features < 2 or self.task_features % 2
+        ):
+            raise StudyInputError(
+                "a planted task needs task_onset among the steps after 0 and an even task_features >= 2"
+            )
         if any(step not in steps[1:] for step in self.appear_steps):
             raise StudyInputError(f"planted appear_steps {self.appear_steps} must be steps of {steps} after 0")
 
@@ -176,6 +194,8 @@ PRESETS = {
         steps=(0, 16, 128, 1000), collapse_from=16, statistical_end=16, specific_gone_at=16, appear_steps=(128,)
     ),
     "steps_32": PlantedConfig(steps=LOG_STEPS_32),
+    "task": PlantedConfig(task="sparse", task_onset=256, task_tokens=64),
+    "task_dense": PlantedConfig(task="dense", task_onset=256, task_tokens=96),
 }
 """Named planted cases (``--trajectory planted:NAME``), each with its truth per claim in its truth.json: the
 default layout; no turning point; features emerging well after the turn; other initialization-dependent
@@ -286,6 +306,19 @@ class PlantedDictionary:
         ]
         self.coefficients = token_coefficients(config, frequency, appearing, generator)
         decoder = magnitudes(config, appearing)[:, :, None] * planted_directions(config, generator)
+        self.task_features: list[int] = []
+        if config.task == "sparse":
+            self.coefficients, decoder, self.task_features = add_sparse_task(
+                self.coefficients,
+                decoder,
+                frequency,
+                config.steps,
+                config.task_onset,
+                config.task_features,
+                config.task_tokens,
+                generator,
+            )
+            self.kinds = self.kinds + ["task"] * len(self.task_features)
         # Each snapshot scaled to the same frequency-weighted mean norm, so that the crosscoder's
         # per-snapshot normalisation leaves the planted magnitudes as they are.
         weights = frequency.double() / frequency.sum()
@@ -293,6 +326,29 @@ class PlantedDictionary:
             [(self.coefficients.T @ decoder[:, s]).norm(dim=-1) @ weights for s in range(len(config.steps))]
         )
         self.decoder = decoder * (norms[0] / norms)[None, :, None]
+        self.readouts = [self.readout(index) for index in range(len(config.steps))]
+        self.plan = (
+            task_plan(
+                config.task,
+                self.coefficients,
+                self.decoder,
+                frequency,
+                self.readouts[-1],
+                self.task_features,
+                config.task_tokens,
+            )
+            if config.task != "none"
+            else None
+        )
+
+    def readout(self, snapshot: int) -> torch.Tensor:
+        """[d] the direction the task's logit difference reads at ``snapshot`` (zero before the onset or with no task)."""
+        config = self.config
+        if config.task == "none" or config.steps[snapshot] < config.task_onset:
+            return torch.zeros(config.hidden_size, dtype=torch.float64)
+        if config.task == "sparse":
+            return sparse_readout(config.hidden_size, config.task_features)
+        return dense_readout(self.decoder, config.n_shared, snapshot, config.seed)
 
     def embeddings(self, snapshot: int) -> torch.Tensor:
         """[vocab, d] the embedding matrix at snapshot index ``snapshot``."""
@@ -332,6 +388,12 @@ class PlantedDictionary:
             "dimensionality_by_step": dimensionality.tolist(),
             "features": features,
         }
+        if self.plan is not None:
+            truth["task"] = {
+                "kind": self.config.task,
+                "onset": self.config.task_onset,
+                **task_truth(self.plan, self.coefficients, self.decoder, self.readouts[-1]),
+            }
         truth["claims"] = expected_verdicts(truth)
         return truth
 
@@ -353,10 +415,16 @@ def silence_blocks(model: GPTNeoXForCausalLM) -> None:
 
 
 def planted_model(
-    config: PlantedConfig, embeddings: torch.Tensor, log_unigram: torch.Tensor, unigram_weight: float
+    config: PlantedConfig,
+    embeddings: torch.Tensor,
+    log_unigram: torch.Tensor,
+    unigram_weight: float,
+    readout: torch.Tensor | None = None,
+    answers: tuple[int, int] | None = None,
 ) -> GPTNeoXForCausalLM:
     """A GPT-NeoX whose residual stream is ``embeddings`` at every layer and whose logits are
-    ``unigram_weight * log_unigram`` whatever the input."""
+    ``unigram_weight * log_unigram`` whatever the input, but for the two ``answers`` of a planted task, whose
+    logits also read the residual along ``readout`` (``+`` for the first, ``-`` for the second)."""
     vocab, d = embeddings.shape
     neox = GPTNeoXConfig(
         vocab_size=vocab,
@@ -378,6 +446,10 @@ def planted_model(
         unembedding: Any = model.get_output_embeddings().weight
         unembedding.zero_()
         unembedding[:, 0] = log_unigram
+        if readout is not None and answers is not None and bool(readout.any()):
+            final_norm.weight[1:] = 1.0  # only the answers' rows read dimensions 1 onwards
+            unembedding[answers[0], 1:] = TASK_LOGIT_SCALE * readout[1:]
+            unembedding[answers[1], 1:] = -TASK_LOGIT_SCALE * readout[1:]
     return model
 
 
@@ -397,7 +469,12 @@ def build_planted(config: PlantedConfig, out: Path) -> None:
     )
     for index, step in enumerate(config.steps):
         model = planted_model(
-            config, dictionary.embeddings(index).float(), log_unigram.float(), float(unigram_weights[index])
+            config,
+            dictionary.embeddings(index).float(),
+            log_unigram.float(),
+            float(unigram_weights[index]),
+            dictionary.readouts[index].float(),
+            dictionary.plan.answers if dictionary.plan is not None else None,
         )
         model.save_pretrained(out / f"step{step}")
         tokenizer.save_pretrained(out / f"step{step}")

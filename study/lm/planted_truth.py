@@ -89,14 +89,24 @@ def token_specificity_truth(truth: dict) -> dict[str, str]:
 
 def expected_verdicts(truth: dict) -> dict[str, dict[str, str]]:
     """Claim id -> the right verdict on the planted trajectory whose ``truth`` this is."""
-    no_task = expected("inconclusive", "the planted model learns no task: its logits read no input")
-    return {
+    verdicts = {
         CLAIM.transition: transition_truth(truth),
         CLAIM.emergence: emergence_truth(truth),
         CLAIM.token_specificity: token_specificity_truth(truth),
-        CLAIM.causal: no_task,
-        CLAIM.relie: no_task,
     }
+    task = truth.get("task")
+    if task is None:
+        no_task = expected("inconclusive", "the planted model learns no task: its logits read no input")
+        return verdicts | {CLAIM.causal: no_task, CLAIM.relie: no_task}
+    shares = f"the top planted features ablated leave {task['ablate_left']:.2f}, kept alone recover {task['keep_recovered']:.2f}"
+    if task["carried_by_few"]:
+        verdicts[CLAIM.causal] = expected("holds", f"{len(task['features'])} planted features carry the task: {shares}")
+        verdicts[CLAIM.relie] = expected(
+            "holds", f"the same {len(task['features'])} features start to matter at step {task['onset']} in every seed"
+        )
+    else:
+        verdicts[CLAIM.causal] = expected("fails", f"a mixture of every shared feature carries the task: {shares}")
+    return verdicts
 
 
 def null_twin_verdicts() -> dict[str, dict[str, str]]:
