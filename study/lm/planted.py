@@ -195,7 +195,7 @@ PRESETS = {
     ),
     "steps_32": PlantedConfig(steps=LOG_STEPS_32),
     "task": PlantedConfig(task="sparse", task_onset=256, task_tokens=64),
-    "task_dense": PlantedConfig(task="dense", task_onset=256, task_tokens=96),
+    "task_dense": PlantedConfig(task="dense", task_onset=256, task_tokens=128, n_shared=96),
 }
 """Named planted cases (``--trajectory planted:NAME``), each with its truth per claim in its truth.json: the
 default layout; no turning point; features emerging well after the turn; other initialization-dependent
