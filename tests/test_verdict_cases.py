@@ -59,6 +59,8 @@ def test_a_real_turn_is_found_and_a_monotone_curve_fails():
     valley = [17.0, 17.6, 17.8, 18.0, 18.1, 17.3, 14.2, 7.0, 6.3, 8.4, 18.7, 19.3]  # the planted dictionary's
     rising = [18.1] * 7 + [19.6, 20.7, 21.4, 21.4, 21.4]  # the no_turn case's
     assert valley_test(valley).p_value <= TURN_ALPHA
+    # The embedded model's x4 crosscoder: a collapse from initialisation, then a rise of a sixth of the range.
+    assert valley_test([46.05, 46.09, 45.95, 26.38, 7.83, 7.57, 9.36, 11.35, 13.49]).p_value <= TURN_ALPHA
     flat = valley_test(rising)
     assert flat.p_value > TURN_ALPHA and flat.valley_fit == 0 and flat.monotone_fit >= 0.99
     assert outcomes()["transition"] == "holds"

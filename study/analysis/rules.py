@@ -370,6 +370,19 @@ def across_values(outcomes: list[str]) -> str:
     return decided.pop() if decided else "inconclusive"
 
 
+def natural_order(value) -> tuple:
+    """Axis values in their numeric order where they are numbers (logged params are strings: "16" after "8")."""
+    items = value if isinstance(value, tuple) else (value,)
+
+    def key(item) -> tuple:
+        try:
+            return (0, float(item), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(item))
+
+    return tuple(key(item) for item in items)
+
+
 def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     """A verdict per claim for the whole sweep, with one per value of the swept key (its seeds pooled, each trial
     judged on its own statistic's null or interval, so one trial suffices). A claim that paper 1 expects to
@@ -380,7 +393,7 @@ def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     if not keys or trials.frame.empty:
         return pooled
     by_value: dict[str, list[tuple[str, str]]] = {}
-    for value, group in trials.frame.groupby(keys, sort=False):
+    for value, group in sorted(trials.frame.groupby(keys, sort=False), key=lambda item: natural_order(item[0])):
         values = value if isinstance(value, tuple) else (value,)
         label = " · ".join(f"{key.removeprefix('params.')}={item}" for key, item in zip(keys, values))
         for judged in judge(trials._replace(frame=group, min_trials=1), stabilities.iloc[0:0]):
