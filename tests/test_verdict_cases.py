@@ -170,3 +170,11 @@ def test_the_planted_task_is_carried_by_its_features_and_the_dense_one_by_none(p
     assert sparse["ablate_left"] == pytest.approx(0.0, abs=1e-9) and sparse["keep_recovered"] == pytest.approx(1.0)
     assert sorted(sparse["top_features"]) == sparse["features"]  # the planted task features carry it all
     assert dense["features"] == [] and dense["keep_recovered"] < 0.9  # twenty features do not restore it
+
+
+def test_seeds_must_turn_together_but_another_key_may_move_the_turn():
+    apart = dict(transition_step=[2.0, 128.0])
+    assert outcomes(**apart)["transition"] == "fails"  # two seeds of one configuration, turning far apart
+    frame = pd.DataFrame({"run_id": ["a", "b"], "params.expansion_ratio": ["4", "16"], **dict(TURNING, **apart)})
+    trials = Trials(frame, ["expansion_ratio"], {run_id: GRID for run_id in frame["run_id"]}, 2, True)
+    assert next(v for v in judge(trials, NO_PAIRS) if v.claim == "transition").verdict == "holds"

@@ -167,7 +167,16 @@ def transition_verdict(trials: Trials) -> Verdict:
         # A curve a monotone one explains is a curve without a turn; one that is neither is noise: undecided.
         flat_or_monotone = (~turns & (monotone.reindex(p_values.index) >= MONOTONE_FIT)).any()
         return verdict(CLAIM.transition, "fails" if flat_or_monotone else "inconclusive", evidence)
-    together = all(near(first, second) for first in turning for second in turning)
+    # Seeds of one configuration must turn at about the same step; another swept key may move it (the evidence
+    # lists the steps, and the per-value verdicts judge each value on its own).
+    configuration = [f"params.{key}" for key in trials.swept if key != "seed" and f"params.{key}" in frame]
+    groups = [group for _, group in frame.groupby(configuration)] if configuration else [frame]
+    together = all(
+        near(first, second)
+        for group in groups
+        for first in column(group, METRIC.transition_step)
+        for second in column(group, METRIC.transition_step)
+    )
     after_statistics = trials.statistical_end is None or bool(
         all(step >= trials.statistical_end or near(step, trials.statistical_end) for step in turning)
     )
