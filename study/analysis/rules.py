@@ -398,7 +398,8 @@ def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     change along the axis is judged at each value, not failed for changing. The overall outcome combines the
     per-value ones (``across_values``); the evidence is the whole axis's; the pair claims come from the whole axis."""
     pooled = judge(trials, stabilities)
-    keys = [f"params.{key}" for key in axis_keys(trials.swept) if f"params.{key}" in trials.frame]
+    # Seeds are replicates of one value, never values: a seed sweep is one value, its seeds pooled.
+    keys = [f"params.{key}" for key in trials.swept if key != "seed" and f"params.{key}" in trials.frame]
     if not keys or trials.frame.empty:
         return pooled
     by_value: dict[str, list[tuple[str, str]]] = {}
