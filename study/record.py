@@ -9,7 +9,7 @@ Over 300 lines on purpose: the record is the one place a logged name, label, cut
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from crosscoder.evolution import VALLEY_MIN_DEPTH
@@ -29,6 +29,9 @@ class Names:
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
 
 
 # --- per-trial scalars (MLflow metrics without a step)
