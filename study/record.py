@@ -27,9 +27,6 @@ class Names:
             raise AttributeError(f"the record logs no name {name!r}")
         return name
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._names))
 

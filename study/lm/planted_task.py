@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from study.record import ABLATE_K, ABLATE_LEFT_BELOW, KEEP_MIN, KEEP_RECOVERS_ABOVE
+from study.record import ABLATE_K, ABLATE_LEFT_BELOW, KEEP_MIN, KEEP_RECOVERS_ABOVE, TOP_FEATURES
 
 TaskKind = Literal["none", "sparse", "dense"]
 
@@ -150,5 +150,6 @@ def task_truth(plan: TaskPlan, coefficients: torch.Tensor, decoder: torch.Tensor
         "ablate_left": left,
         "keep_recovered": kept,
         "carried_by_few": left < ABLATE_LEFT_BELOW and kept > KEEP_RECOVERS_ABOVE,
-        "top_features": effects.argsort(descending=True)[: max(1, len(plan.features) or 10)].tolist(),
+        # As many as carry a sparse task; the top TOP_FEATURES where none does (dense).
+        "top_features": effects.argsort(descending=True)[: len(plan.features) or TOP_FEATURES].tolist(),
     }

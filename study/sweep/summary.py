@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from reports.robustness import write_report
+from reports.robustness import per_value, write_report
 from study.analysis.rules import unconverged
 from study.analysis.verdicts import Verdict, analyse_sweep
 from study.record import TRIALS_ARTIFACT
@@ -59,6 +59,5 @@ def summarise(parent_run_id: str, table: pd.DataFrame, report_folder: Location) 
     failed = log_trials_table(parent_run_id, table)
     verdicts = analyse_sweep(parent_run_id)
     for verdict in verdicts:
-        values = ", ".join(f"{label} {outcome}" for label, outcome in verdict.by_value) or "whole axis"
-        print(f"  {verdict.claim:<18} {verdict.verdict:<13} [{values}] {verdict.evidence}")
+        print(f"  {verdict.claim:<18} {verdict.verdict:<13} [{per_value(verdict._asdict())}] {verdict.evidence}")
     return failed, verdicts, publish_report(parent_run_id, report_folder)
