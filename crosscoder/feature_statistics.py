@@ -3,6 +3,9 @@ read the same tokens at every snapshot."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 
@@ -22,6 +25,27 @@ def token_entropy(feature_activations: torch.Tensor, token_ids: torch.Tensor) ->
     share = mass / total.clamp_min(1e-300)
     entropy = -(share * share.clamp_min(1e-300).log()).sum(0)
     return torch.where(total > 0, entropy, float("nan")).float()
+
+
+def equal_count_entropy(
+    feature_activations: torch.Tensor, token_ids: torch.Tensor, count: int, seed: int = 0, chunk: int = 256
+) -> torch.Tensor:
+    """[F] ``token_entropy`` of each feature on ``count`` of its firing tokens drawn at random; nan where it fires
+    on fewer. The plug-in entropy grows with the tokens it is counted on, so a feature that fires more often reads
+    as less token-specific for that alone: on equal counts, every feature's estimate has the same bias."""
+    generator = torch.Generator().manual_seed(seed)
+    n_tokens, n_features = feature_activations.shape
+    result = torch.full((n_features,), float("nan"))
+    for start in range(0, n_features, chunk):
+        block = feature_activations[:, start : start + chunk].float().clamp_min(0)
+        keys = torch.rand(block.shape, generator=generator)
+        keys = torch.where(block > 0, keys, -1.0)  # silent tokens are never drawn
+        drawn = keys.topk(min(count, n_tokens), dim=0).indices  # [count, chunk]
+        enough = (block > 0).sum(0) >= count
+        subsample = torch.zeros_like(block).scatter_(0, drawn, block.gather(0, drawn))
+        entropy = token_entropy(subsample, token_ids)
+        result[start : start + chunk] = torch.where(enough, entropy, float("nan"))
+    return result
 
 
 def top_activation_overlap(snapshot_activations: torch.Tensor, top_k: int = 10) -> torch.Tensor:
@@ -64,3 +88,26 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denominator = (x.square().sum() * y.square().sum()).sqrt()
     return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+class Interval(NamedTuple):
+    """A statistic with its 95 % percentile bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+def bootstrap(statistic: Callable[[torch.Tensor], float], n_items: int, seed: int, samples: int = 200) -> Interval:
+    """``statistic`` of index tensors: on all ``n_items`` items, and its 95 % interval over ``samples`` resamples
+    of the items (nan where fewer than 3 items or every resample is nan)."""
+    value = statistic(torch.arange(n_items)) if n_items else float("nan")
+    if n_items < 3:
+        return Interval(value, float("nan"), float("nan"))
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n_items, (samples, n_items), generator=generator)
+    values = torch.tensor([statistic(draw) for draw in draws], dtype=torch.float64)
+    values = values[~values.isnan()]
+    if len(values) == 0:
+        return Interval(value, float("nan"), float("nan"))
+    return Interval(value, float(values.quantile(0.025)), float(values.quantile(0.975)))

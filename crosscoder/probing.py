@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from crosscoder.feature_statistics import pearson
+from crosscoder.feature_statistics import Interval, bootstrap, pearson
 
 
 class NormProxy(NamedTuple):
@@ -17,7 +17,11 @@ class NormProxy(NamedTuple):
     relative_decoder_norm: torch.Tensor
     """[K, S] decoder norm divided by the feature's largest over snapshots."""
     correlation: float
-    """Pearson r over all (feature, snapshot) pairs; paper 1 reports about -0.87."""
+    """Pearson r over all (feature, snapshot) pairs, as paper 1 reports it (about -0.87): a time trend both share
+    (errors falling while norms grow, in every feature alike) makes it large with no association between them."""
+    within_snapshot: Interval
+    """Pearson r after each snapshot's mean over features is taken out of both, with its bootstrap interval over
+    features: whether, at one snapshot, the features with larger norms are the ones a probe finds."""
 
 
 def probe_errors(activations: torch.Tensor, active: torch.Tensor, seed: int = 0, ridge: float = 1e-2) -> torch.Tensor:
@@ -68,4 +72,20 @@ def norm_proxy(
     relative = decoder_norms.float() / decoder_norms.float().max(1, keepdim=True).values.clamp_min(1e-12)
     probed = ~errors.isnan()
     correlation = pearson(errors[probed], relative[probed]) if probed.sum() >= 3 else float("nan")
-    return NormProxy(errors, relative, correlation)
+    within = bootstrap(lambda rows: within_snapshot_correlation(errors[rows], relative[rows]), len(errors), seed)
+    return NormProxy(errors, relative, correlation, within)
+
+
+def within_snapshot_correlation(errors: torch.Tensor, relative: torch.Tensor) -> float:
+    """Pearson r of [K, S] probe errors and relative norms, each snapshot's mean over the probed features removed
+    (the time-partialled correlation); nan with fewer than 3 probed pairs."""
+    probed = ~errors.isnan()
+    if probed.sum() < 3:
+        return float("nan")
+    counts = probed.sum(0).clamp_min(1)
+
+    def centred(values: torch.Tensor) -> torch.Tensor:
+        values = torch.where(probed, values.double(), 0.0)
+        return values - values.sum(0) / counts
+
+    return pearson(centred(errors)[probed], centred(relative)[probed])

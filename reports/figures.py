@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from study.record import ABLATE_K, ABLATE_LEFT_BELOW, COMPARED, KEEP_RECOVERS_ABOVE, LABELS  # noqa: E402
+from study.record import ABLATE_LEFT_BELOW, COMPARED, KEEP_RECOVERS_ABOVE, LABELS  # noqa: E402
 
 
 def step_axis(axis) -> None:
@@ -284,7 +284,7 @@ def ablation_figure(
     ablated_axis.axhline(ABLATE_LEFT_BELOW, color="tab:red", linestyle="--", linewidth=0.8)
     kept_axis.axhline(KEEP_RECOVERS_ABOVE, color="tab:red", linestyle="--", linewidth=0.8)
     for curve, style, what in (
-        (ablate_curve, "v--", f"top {ABLATE_K} ablated"),
+        (ablate_curve, "v--", "top features ablated"),
         (keep_curve, "^-", "top features kept"),
     ):
         for run_id, group in curve.dropna(subset=[METRIC.value]).groupby(METRIC.run_id):

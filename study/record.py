@@ -35,20 +35,42 @@ class Names:
 
 
 class CausalSummary(NamedTuple):
-    """The causal analyses' scalars (``study.analysis.causal_statistics``)."""
+    """The causal analyses' scalars (``study.analysis.causal_statistics``); features are ranked on half the task's
+    prompts and every ablation is measured on the other half, averaged over the snapshots where the task is learned."""
 
     task_learned_snapshots: float
-    """Snapshots whose clean agreement accuracy reaches TASK_LEARNED_ACCURACY."""
+    """Snapshots whose clean task accuracy reaches TASK_LEARNED_ACCURACY."""
+    task_learned_step: float
+    """The first of them (nan: never learned)."""
     causal_ablate_relative: float
-    """Task metric left with the top ABLATE_K features ablated, relative to clean, mean over learned snapshots."""
+    """Task metric left with the top causal_ablate_k features ablated, as a share of clean minus baseline."""
+    causal_ablate_relative_low: float
+    """Low end of its 95 % bootstrap interval over the measuring prompts."""
+    causal_ablate_relative_high: float
+    """High end."""
     causal_keep_relative: float
-    """Task metric with only the top causal_keep_k features kept (errors kept), relative to clean, same mean."""
+    """Task metric with only the top causal_keep_k features kept (errors kept), the same share."""
+    causal_keep_relative_low: float
+    """Low end of its 95 % bootstrap interval over the measuring prompts."""
+    causal_keep_relative_high: float
+    """High end."""
+    causal_random_ablate_relative: float
+    """The same with as many random features ablated: the baseline the top features must beat."""
+    causal_random_keep_relative: float
+    """The same with only as many random features kept."""
+    causal_ablate_k: float
+    """Features ablated (``ablate_count``)."""
     causal_keep_k: float
-    """Features kept for causal_keep_relative: KEEP_SHARE of the dictionary, at least KEEP_MIN."""
+    """Features kept (``keep_count``)."""
     attribution_gap_max: float
-    """Largest relative shortfall of integrated gradients' completeness over snapshots."""
+    """Largest relative shortfall of integrated gradients' completeness over the learned snapshots."""
+    error_effect_share_max: float
+    """Largest share of the attributed effect that goes through the reconstruction error, same snapshots."""
     relie_top_mean: float
     """Mean RelIE at the last RelIE snapshot of its TOP_FEATURES features by indirect effect."""
+    relie_onset_step: float
+    """First step where the TOP_FEATURES features by indirect effect at the last snapshot start to matter: their
+    pooled RelIE against the last snapshot reaches RELIE_ONSET (nan: never)."""
 
 
 class PlantedSummary(NamedTuple):
@@ -75,6 +97,8 @@ class TrialSummary(NamedTuple):
     """The lowest per-snapshot explained variance."""
     l0: float
     """Mean active features per token."""
+    l0_per_dimension: float
+    """L0 as a share of the activations' dimension (d_model): sparsity in the model's own units."""
     dead_fraction: float
     """Share of features that never fire on held-out tokens."""
     mse: float
@@ -103,13 +127,21 @@ class TrialSummary(NamedTuple):
     order_coherence: float
     """How well the snapshot order explains the activations' distances (1: a training run; ~0: shuffled; nan: frozen)."""
     norm_proxy_r: float
-    """Pearson r between probe error and relative decoder norm over sampled features and snapshots."""
+    """Pearson r between probe error and relative decoder norm over sampled features and snapshots (paper 1's)."""
+    norm_proxy_r_within: float
+    """The same with each snapshot's mean taken out of both (a time trend they share does not count)."""
+    norm_proxy_r_within_low: float
+    """Low end of its 95 % bootstrap interval over the sampled features."""
+    norm_proxy_r_within_high: float
+    """High end of that interval."""
     delta_ce_mean: float
     """Mean over snapshots of the next-token loss increase with the reconstruction spliced in (nats)."""
     delta_ce_max: float
     """Largest such increase over snapshots (nats)."""
+    min_loss_recovered_by_snapshot: float
+    """The lowest per-snapshot share of the mean-ablation loss increase the reconstruction avoids."""
     token_specificity_r: float
-    """Spearman r between a feature's peak snapshot and the entropy of its token ids."""
+    """Spearman r between a feature's peak snapshot and the entropy of its token ids, on equal counts of firings."""
     token_specificity_r_low: float
     """Low end of its 95 % bootstrap interval over features."""
     token_specificity_r_high: float
@@ -127,11 +159,21 @@ class TrialSummary(NamedTuple):
     control_transition_found: float
     """...and whether its dimensionality curve turns."""
     task_learned_snapshots: float
+    task_learned_step: float
     causal_ablate_relative: float
+    causal_ablate_relative_low: float
+    causal_ablate_relative_high: float
     causal_keep_relative: float
+    causal_keep_relative_low: float
+    causal_keep_relative_high: float
+    causal_random_ablate_relative: float
+    causal_random_keep_relative: float
+    causal_ablate_k: float
     causal_keep_k: float
     attribution_gap_max: float
+    error_effect_share_max: float
     relie_top_mean: float
+    relie_onset_step: float
 
 
 # --- per-trial curves over snapshots (MLflow metrics, step = the snapshot's training step)
@@ -146,6 +188,8 @@ class CausalCurves(NamedTuple):
     attribution_gap_by_snapshot: list[float]
     ablate_top_relative_by_snapshot: list[float]
     keep_top_relative_by_snapshot: list[float]
+    relie_top_by_snapshot: list[float]
+    """The top features' pooled RelIE at each snapshot against the last (``relie_onset_step``)."""
 
 
 class TrialCurves(NamedTuple):
@@ -157,6 +201,7 @@ class TrialCurves(NamedTuple):
     feature_dimensionality_by_snapshot: list[float]
     clean_loss_by_snapshot: list[float]
     delta_ce_by_snapshot: list[float]
+    loss_recovered_by_snapshot: list[float]
     probe_error_by_snapshot: list[float]
     token_entropy_by_peak_snapshot: list[float]
     alignment_overlap_by_snapshot: list[float]
@@ -196,6 +241,8 @@ COMPARED = (
     "dead_fraction",
     "loss_drop_last_fifth",
     "delta_ce_max",
+    "min_loss_recovered_by_snapshot",
+    "l0_per_dimension",
     "transition_step",
     "control_transition_found",
     "planted_turning_step",
@@ -209,11 +256,15 @@ COMPARED = (
     "median_emergence_step",
     "order_coherence",
     "norm_proxy_r",
+    "norm_proxy_r_within",
     "token_specificity_r",
     "token_specificity_r_low",
     "alignment_overlap",
     "causal_ablate_relative",
+    "causal_random_ablate_relative",
     "causal_keep_relative",
+    "task_learned_step",
+    "relie_onset_step",
     "relie_top_mean",
 )
 """Trial scalars summarised per axis value (mean and spread over seeds) and listed per trial in the report;
@@ -222,24 +273,40 @@ PLOTTED_CURVES = (
     "feature_dimensionality_by_snapshot",
     "explained_variance_by_snapshot",
     "delta_ce_by_snapshot",
+    "loss_recovered_by_snapshot",
     "probe_error_by_snapshot",
     "token_entropy_by_peak_snapshot",
     "alignment_overlap_by_snapshot",
     "ablate_top_relative_by_snapshot",
     "keep_top_relative_by_snapshot",
+    "relie_top_by_snapshot",
 )
 """Trial curves the report reads and plots."""
 
 
 ABLATE_K = 15
-"""Paper 1: ablating the top 15 features lowers the task metric by more than half..."""
+"""Paper 1: ablating the top 15 of its 98,304 features lowers the task metric by more than half..."""
 KEEP_SHARE = 500 / 98_304
-"""...and keeping only the top 500 of its 98,304 features recovers more than 90 % of it: kept as a share."""
+"""...and keeping only the top 500 recovers more than 90 % of it: kept as a share."""
+KEEP_MIN = 20
+"""Fewest features kept, for dictionaries where that share is a handful."""
+ABLATE_MAX_SHARE, KEEP_MAX_SHARE = 0.05, 0.10
+"""The most of the dictionary ablated and kept: paper 1's counts are a small set only in a large dictionary (15 of
+128 features is an eighth of it), so in a small one the counts shrink to stay a small share."""
 UNCONVERGED_LOSS_DROP = 0.02
 """A trial whose training loss still fell by more than this share over its last fifth had not converged:
 its statistics describe a dictionary still moving, and the report flags it."""
-KEEP_MIN = 20
-"""Fewest features kept, for dictionaries where that share is a handful (at most a quarter of the dictionary)."""
+
+
+def ablate_count(n_features: int) -> int:
+    """Features the causal claim ablates: paper 1's ABLATE_K, at most ABLATE_MAX_SHARE of the dictionary, at least 1."""
+    return max(1, min(ABLATE_K, round(ABLATE_MAX_SHARE * n_features)))
+
+
+def keep_count(n_features: int) -> int:
+    """Features it keeps: KEEP_SHARE of the dictionary, at least KEEP_MIN, at most KEEP_MAX_SHARE of it, at least 1."""
+    return max(1, min(max(KEEP_MIN, round(KEEP_SHARE * n_features)), round(KEEP_MAX_SHARE * n_features)))
+
 
 LABELS = {
     "planted_turning_step": "planted turning step (truth)",
@@ -266,7 +333,15 @@ LABELS = {
     "norm_proxy_r": "r(probe error, norm)",
     "token_specificity_r": "r(peak snapshot, entropy)",
     "alignment_overlap": "top-10 overlap",
-    "causal_ablate_relative": f"metric left, top {ABLATE_K} ablated",
+    "causal_ablate_relative": "metric left, top features ablated",
+    "causal_random_ablate_relative": "metric left, as many random features ablated",
+    "norm_proxy_r_within": "r(probe error, norm) within snapshots",
+    "min_loss_recovered_by_snapshot": "lowest loss recovered over snapshots",
+    "l0_per_dimension": "L0 / d_model",
+    "relie_onset_step": "top features' RelIE onset step",
+    "task_learned_step": "task learned at step",
+    "loss_recovered_by_snapshot": "loss recovered (vs mean ablation)",
+    "relie_top_by_snapshot": "top features' RelIE vs last snapshot",
     "causal_keep_relative": "metric kept, top features only",
     "relie_top_mean": "RelIE of top features, last snapshot",
     "feature_dimensionality_by_snapshot": "total feature dimensionality",
@@ -275,7 +350,7 @@ LABELS = {
     "probe_error_by_snapshot": "probe balanced error",
     "token_entropy_by_peak_snapshot": "token entropy (nats), by peak snapshot",
     "alignment_overlap_by_snapshot": "top-10 overlap with previous snapshot",
-    "ablate_top_relative_by_snapshot": f"top {ABLATE_K} ablated",
+    "ablate_top_relative_by_snapshot": "top features ablated",
     "keep_top_relative_by_snapshot": "top features kept",
 }
 """Plot and table labels of the compared statistics and plotted curves."""
@@ -321,8 +396,13 @@ MATCH_THRESHOLD = 0.7
 """Cosine above which two matched features count as the same feature."""
 SAE_SHARED_LOW = 0.30
 """Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
-RELIE_JACCARD = 0.5
-"""Mean Jaccard index of the top features by indirect effect, across seeds, for the relie claim to hold."""
+RELIE_ONSET = 1 / 3
+"""A feature starts to matter at the first snapshot where its RelIE against the last snapshot, |IE_s| / (|IE_s| +
+|IE_last|), reaches this: its indirect effect half of what it ends with."""
+ATTRIBUTION_GAP_MAX, ERROR_SHARE_MAX = 0.2, 0.5
+"""The causal claim is judged only where integrated gradients account for the metric (the effects add up to it
+within this share) and the features carry most of the effect (the reconstruction error at most this share): a
+ranking that explains little of the metric ranks nothing."""
 TURN_ALPHA = 0.05
 """The transition's test level: a curve turns when random snapshot orders of its values turn as clearly in at most
 this share of orderings (the nominal rate of a false turn in a curve whose order means nothing)."""
@@ -334,10 +414,16 @@ NEAR_SHARE = 0.5
 the transition", read on the share, not on the median)."""
 MIN_EMERGENT_SHARE = 0.1
 """Emergence needs at least this share of resolved features to emerge after the first snapshot."""
-NORM_PROXY_R = -0.8
-"""Correlation between probe error and decoder norm below which the norm is a proxy."""
-QUALITY_MIN_EV, QUALITY_MAX_L0, QUALITY_MAX_DELTA_CE, QUALITY_MAX_DEAD = 0.85, 120, 0.5, 0.10
-"""Explained variance, L0, ΔCE (nats, every snapshot) and dead share a trial must meet for quality."""
+NORM_PROXY_R = -0.5
+"""The smallest within-snapshot correlation of probe error and decoder norm that counts as tracking (a large effect):
+paper 1's -0.87 pools features and snapshots, and a time trend both share makes most of such a figure."""
+TOKEN_SPECIFICITY_R = 0.1
+"""The smallest Spearman r of peak snapshot and token entropy that counts as "early token-specific, later abstract"."""
+QUALITY_MIN_EV, QUALITY_MIN_LOSS_RECOVERED, QUALITY_MAX_DEAD = 0.85, 0.8, 0.10
+"""Explained variance (paper 1's 85 %) and share of the mean-ablation loss increase avoided (ΔCE relative to what the
+layer is worth; paper 2's < 0.5 nats is in one model's units), both at the worst snapshot, and dead share."""
+QUALITY_MAX_L0_PER_DIMENSION = 120 / 768
+"""Most active features per token as a share of d_model: paper 1's L0 < 120 on Pythia-160M's 768 dimensions."""
 ABLATE_LEFT_BELOW, KEEP_RECOVERS_ABOVE = 0.5, 0.9
 """Paper 1's causal figures: ablating the top features leaves under half, keeping them recovers over 90 %."""
 
@@ -355,19 +441,21 @@ STATISTICAL_END_TOLERANCE = 0.05
 """Statistical learning ends at the first snapshot whose unigram KL lies within this share of the curve's range of its floor."""
 
 SHARED_RULES = (
-    "Every claim but stability and relie is judged at each value of the swept key, its seeds pooled (one trial "
-    "suffices: each trial's statistic comes with its own null or interval), and overall: holds or fails where the "
-    "decided values agree, mixed where some hold and some fail, inconclusive where none decides. A claim a paper "
-    "expects to change along the axis is judged at each value, not failed for changing. "
+    "Every claim but stability is judged at each value of the swept key, its seeds pooled (one trial suffices: each "
+    "trial's statistic comes with its own null or interval), and overall: holds or fails where the decided values "
+    "agree, mixed where some hold and some fail, inconclusive where none decides. A claim a paper expects to change "
+    "along the axis is judged at each value, not failed for changing. A claim read as an effect with a 95 % interval "
+    "(the trials of a value pooled: their mean, and the larger of the standard errors their own intervals and their "
+    "spread give) holds where the interval lies beyond its smallest effect of interest, fails where it lies on the "
+    "null's side of it, and is inconclusive where it holds it: too little power reads as neither. "
     f"No verdict across the axis from fewer than {MIN_COMPARABLE_TRIALS} comparable trials (finished trials that "
-    "give the claim's statistic): inconclusive. Pairs of trials (stability, relie) differ in the compared key; trials with the same "
-    "configuration are replicates, never pairs. The order claims (transition, emergence, token_specificity) are inconclusive "
-    f"unless every trial's snapshots evolve in their order (order coherence >= {MIN_ORDER_COHERENCE}; a frozen or "
-    "shuffled trajectory has none) and forward (the model's held-out loss lower at the last snapshot than at the "
-    "first; checkpoints in reverse order have the same coherence). A verdict read from trials that had not "
+    "give the claim's statistic): inconclusive. Pairs of trials (stability) differ in the compared key; trials with "
+    "the same configuration are replicates, never pairs. The order claims (transition, emergence, token_specificity) "
+    f"are inconclusive unless every trial's snapshots evolve in their order (order coherence >= {MIN_ORDER_COHERENCE}; "
+    "a frozen or shuffled trajectory has none) and forward (the model's held-out loss lower at the last snapshot than "
+    "at the first; checkpoints in reverse order have the same coherence). A verdict read from trials that had not "
     f"converged (training loss still falling by more than {UNCONVERGED_LOSS_DROP:.0%} over the last fifth of the "
-    "steps) keeps its outcome and says so in its evidence: "
-    "it describes dictionaries still moving."
+    "steps) keeps its outcome and says so in its evidence: it describes dictionaries still moving."
 )
 """The rules every claim obeys, as the report states them."""
 
@@ -412,17 +500,20 @@ CLAIMS = (
     Claim(
         "norm_proxy",
         "decoder norm tracks feature presence, r about -0.87 with probe error (paper 1)",
-        "norm_proxy_r",
-        f"holds if the correlation between probe error and decoder norm is below {NORM_PROXY_R} in every trial; "
-        "fails otherwise",
+        "norm_proxy_r_within, norm_proxy_r_within_low, norm_proxy_r_within_high",
+        "per trial, the correlation between probe error and relative decoder norm within snapshots (each snapshot's "
+        "mean over features taken out, so a time trend both share does not count) with its 95 % bootstrap interval "
+        f"over features; the trials' effects pooled: holds if the interval lies below {NORM_PROXY_R}, fails if it "
+        "lies above, inconclusive if it holds it",
     ),
     Claim(
         "quality",
         "EV >= 85 %, L0 < 120 (paper 1); ΔCE < 0.5, few dead features (paper 2)",
-        "explained_variance, l0, delta_ce_max, dead_fraction",
-        f"holds if every trial has explained variance >= {QUALITY_MIN_EV}, L0 < {QUALITY_MAX_L0}, "
-        f"ΔCE < {QUALITY_MAX_DELTA_CE} nats at every snapshot and at most {QUALITY_MAX_DEAD:.0%} dead features; "
-        "fails otherwise",
+        "min_explained_variance_by_snapshot, min_loss_recovered_by_snapshot, l0_per_dimension, dead_fraction",
+        f"holds if every trial, at its worst snapshot, explains at least {QUALITY_MIN_EV:.0%} of the variance (and more "
+        f"than the untrained control) and recovers at least {QUALITY_MIN_LOSS_RECOVERED:.0%} of the loss that "
+        f"replacing the layer by its mean costs, with L0 at most {QUALITY_MAX_L0_PER_DIMENSION:.3f} of d_model and "
+        f"at most {QUALITY_MAX_DEAD:.0%} dead features; fails otherwise",
     ),
     Claim(
         "stability",
@@ -434,30 +525,36 @@ CLAIMS = (
     Claim(
         "token_specificity",
         "early features are token-specific, later ones abstract (paper 2)",
-        "token_specificity_r_low, token_specificity_r_high",
-        "per trial, the 95 % bootstrap interval (over features) of the Spearman r between the snapshot where a "
-        "feature's decoder norm peaks and the entropy of its token ids; holds if at least half lie above 0 and none "
-        "below, fails if at least half lie below 0 and none above, inconclusive otherwise (an interval holding 0 is "
-        "too little power, not evidence against)",
+        "token_specificity_r, token_specificity_r_low, token_specificity_r_high",
+        "per trial, the Spearman r between the snapshot where a feature's decoder norm peaks and the entropy of its "
+        f"token ids, each read on the same count of its firings (a feature that fires more often is not more abstract for "
+        "that), with its 95 % bootstrap interval over features; the trials' effects pooled: holds if the interval "
+        f"lies above {TOKEN_SPECIFICITY_R}, fails if below, inconclusive if it holds it",
     ),
     Claim(
         "relie",
         "RelIE locates where a feature starts to matter (paper 2)",
-        "top_feature_jaccard (seed pairs)",
-        f"holds if, between trials whose seeds differ and nothing else, the top {TOP_FEATURES} features by indirect "
-        f"effect at the last snapshot share a mean Jaccard index of at least {RELIE_JACCARD} after one-to-one matching "
-        f"(cosine > {MATCH_THRESHOLD}); fails below; inconclusive when no trial learns the task "
-        f"(accuracy >= {TASK_LEARNED_ACCURACY} at some snapshot)",
+        "relie_onset_step, task_learned_step",
+        f"per trial, the top {TOP_FEATURES} features by indirect effect at the last snapshot start to matter where "
+        f"their pooled RelIE against the last snapshot reaches {RELIE_ONSET:.2f} (their effect half the last); holds if "
+        "in every trial that onset is near the first snapshot where the task is learned (accuracy >= "
+        f"{TASK_LEARNED_ACCURACY}), fails if in most it is not, inconclusive otherwise and where the task is never "
+        "learned or learned at the first snapshot; the top features' overlap across seeds is shown, as stability",
     ),
     Claim(
         "causal",
         "ablating tens of features breaks the task; keeping a few hundred restores it (paper 1)",
-        "causal_ablate_relative, causal_keep_relative, causal_keep_k",
+        "causal_ablate_relative, causal_keep_relative and their intervals, causal_random_*",
         f"over the trials whose task is learned at some snapshot (accuracy >= {TASK_LEARNED_ACCURACY}; the others are "
-        f"left out, not failed), averaged over the learned snapshots and measured as a share of metric(clean) - "
-        f"metric(baseline): holds if in every trial ablating the top {ABLATE_K} features by indirect effect leaves "
-        f"under {ABLATE_LEFT_BELOW:.0%} and keeping only the top {KEEP_SHARE:.2%} of the dictionary (at least {KEEP_MIN}), "
-        f"errors kept, recovers over {KEEP_RECOVERS_ABOVE:.0%}; fails otherwise",
+        "left out, not failed): features ranked by indirect effect on half of the prompts, every figure measured on "
+        "the other half as a share of metric(clean) - metric(baseline), averaged over the learned snapshots, with 95 % "
+        f"intervals over the measuring prompts. Ablated: paper 1's {ABLATE_K} features, at most "
+        f"{ABLATE_MAX_SHARE:.0%} of the dictionary; kept: its {KEEP_SHARE:.2%} of the dictionary, at least {KEEP_MIN}, at "
+        f"most {KEEP_MAX_SHARE:.0%}. Inconclusive where attribution misses the metric by more than "
+        f"{ATTRIBUTION_GAP_MAX:.0%} or the reconstruction error carries more than {ERROR_SHARE_MAX:.0%} of the effect; "
+        f"holds if ablating leaves under {ABLATE_LEFT_BELOW:.0%} and keeping recovers over {KEEP_RECOVERS_ABOVE:.0%} "
+        "(intervals clear of both) while as many random features do neither; fails if an interval lies on the wrong "
+        "side or random features do as well; inconclusive otherwise",
     ),
 )
 """Each claim of the two papers this harness tests, in the report's order."""

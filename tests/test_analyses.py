@@ -17,6 +17,7 @@ from reports.robustness import trial_flags
 from study.analysis.model_curves import NgramStatistics
 from study.analysis.rules import Trials, judge
 from study.sweep.summary import convergence_warning
+from tests.trial_tables import good_trials
 
 
 def orthonormal(count: int, dimension: int, seed: int = 0) -> torch.Tensor:
@@ -164,30 +165,7 @@ def verdicts_of(trial_set: Trials, stabilities: pd.DataFrame | None = None) -> d
 
 
 # Three trials whose every statistic passes its claim's rule.
-GOOD_TRIALS = dict(
-    transition_found=[1.0, 1.0, 1.0],
-    transition_p_value=[0.01, 0.03, 0.02],
-    transition_monotone_fit=[0.3, 0.2, 0.4],
-    emergence_near_share=[0.8, 0.6, 0.9],
-    transition_step=[4.0, 4.0, 8.0],
-    initial_share=[0.30, 0.35, 0.32],
-    unresolved_share=[0.1, 0.2, 0.1],
-    control_initial_share=[1.0, 1.0, 1.0],
-    order_coherence=[0.9, 0.9, 0.95],
-    median_emergence_step=[4.0, 8.0, 8.0],
-    norm_proxy_r=[-0.9, -0.85, -0.95],
-    explained_variance=[0.9, 0.9, 0.95],
-    l0=[30.0, 40.0, 50.0],
-    delta_ce_max=[0.1, 0.2, 0.1],
-    dead_fraction=[0.0, 0.05, 0.1],
-    token_specificity_r=[0.2, 0.3, 0.1],
-    token_specificity_r_low=[0.1, 0.2, 0.05],
-    token_specificity_r_high=[0.3, 0.4, 0.2],
-    causal_ablate_relative=[0.2, 0.4, -0.1],
-    causal_keep_relative=[0.95, 1.1, 0.92],
-    relie_top_mean=[0.9, 0.8, 0.95],
-    task_learned_snapshots=[3.0, 2.0, 3.0],
-)
+GOOD_TRIALS = good_trials(3)
 
 
 def test_verdicts_follow_their_rules():
@@ -200,31 +178,36 @@ def test_verdicts_follow_their_rules():
         "quality": "holds",
         "stability": "inconclusive",
         "token_specificity": "holds",
-        "relie": "inconclusive",
+        "relie": "holds",
         "causal": "holds",
     }
     bad = dict(
         good,
         transition_step=[1.0, 4.0, 16.0],
         initial_share=[0.1, 0.5, 0.3],
-        norm_proxy_r=[-0.9, -0.5, -0.95],
+        norm_proxy_r_within=[-0.2, -0.1, -0.3],
+        norm_proxy_r_within_low=[-0.35, -0.25, -0.4],
+        norm_proxy_r_within_high=[-0.05, 0.05, -0.2],
         dead_fraction=[0.0, 0.3, 0.0],
-        token_specificity_r=[-0.2, -0.1, 0.1],
-        token_specificity_r_low=[-0.4, -0.3, -0.05],
-        token_specificity_r_high=[-0.1, -0.05, 0.2],
-        causal_keep_relative=[0.95, 0.8, 0.92],
+        token_specificity_r=[-0.2, -0.1, 0.0],
+        token_specificity_r_low=[-0.4, -0.3, -0.1],
+        token_specificity_r_high=[-0.1, 0.05, 0.08],
+        causal_keep_relative=[0.6, 0.5, 0.7],
+        causal_keep_relative_low=[0.5, 0.4, 0.6],
+        causal_keep_relative_high=[0.7, 0.6, 0.8],
+        relie_onset_step=[16.0, 16.0, 16.0],
     )
     verdicts = verdicts_of(trials(**bad))
     assert all(
         verdicts[claim][0] == "fails"
-        for claim in ("transition", "emergence", "norm_proxy", "quality", "token_specificity", "causal")
+        for claim in ("transition", "emergence", "norm_proxy", "quality", "token_specificity", "causal", "relie")
     )
-    assert "2 of 3 trials meet both" in verdicts["causal"][1]
+    assert "2 of 3 trials meet all cut-offs" in verdicts["quality"][1]
+    assert "0 of 3 trials' top features start to matter near" in verdicts["relie"][1]
     untrained = verdicts_of(
         trials(**dict(good, causal_ablate_relative=[math.nan] * 3, causal_keep_relative=[math.nan] * 3))
     )
     assert untrained["causal"][0] == "inconclusive"
-    assert "2 of 3 trials" in verdicts["norm_proxy"][1]
     only_rising = dict(transition_p_value=[0.01, 0.6, 0.01], transition_monotone_fit=[0.3, 0.95, 0.3])
     missing_turn = verdicts_of(trials(**dict(good, **only_rising, transition_step=[4.0, math.nan, 4.0])))
     assert missing_turn["transition"][0] == "fails"  # a curve a monotone one explains has no turn
@@ -240,17 +223,23 @@ def test_verdicts_follow_their_rules():
     )
     assert verdicts_of(trials(**good), seeds)["stability"][0] == "holds"
     assert verdicts_of(trials(**good), seeds.assign(shared_share=[0.1, 0.2]))["stability"][0] == "fails"
-    assert verdicts_of(trials(**good), seeds)["relie"][0] == "holds"
-    assert verdicts_of(trials(**good), seeds.assign(top_feature_jaccard=[0.4, 0.5]))["relie"][0] == "fails"
+    assert "top-feature Jaccard across seeds 0.55" in verdicts_of(trials(**good), seeds)["relie"][1]
     far_from_turn = verdicts_of(trials(**dict(good, emergence_near_share=[0.2, 0.2, 0.2])))
     assert far_from_turn["emergence"][0] == "fails"  # features emerge, but not near the transition
     assert "near the turning step 0.20, 0.20, 0.20" in far_from_turn["emergence"][1]
-    never_learned = trials(**dict(good, task_learned_snapshots=[0.0, 0.0, 0.0]))
-    assert verdicts_of(never_learned, seeds)["relie"][0] == "inconclusive"  # no task, no effect to share
+    never_learned = dict(good, task_learned_step=[math.nan] * 3, task_learned_snapshots=[0.0] * 3)
+    assert verdicts_of(trials(**never_learned), seeds)["relie"][0] == "inconclusive"  # no task, nothing to date
+    from_the_start = verdicts_of(trials(**dict(good, task_learned_step=[0.0] * 3)))["relie"]
+    assert from_the_start[0] == "inconclusive" and "first snapshot" in from_the_start[1]
 
 
 def test_a_verdict_from_unconverged_trials_says_so_and_keeps_its_outcome():
-    judged = dict(GOOD_TRIALS, norm_proxy_r=[-0.9, -0.5, -0.95])
+    judged = dict(
+        GOOD_TRIALS,
+        norm_proxy_r_within=[-0.2, -0.1, -0.3],
+        norm_proxy_r_within_low=[-0.3, -0.2, -0.4],
+        norm_proxy_r_within_high=[-0.1, 0.0, -0.2],
+    )
     flat = verdicts_of(trials(**judged, loss_drop_last_fifth=[0.01, 0.001, 0.015]))
     moving = verdicts_of(trials(**judged, loss_drop_last_fifth=[0.05, 0.001, 0.08]))
     assert not any("not converged" in evidence for _, evidence in flat.values())

@@ -64,8 +64,8 @@ def planted(tmp_path_factory):
         snapshots.append(Snapshot(step, str(folder / f"step{step}")))
 
     prompts = torch.tensor(
-        [[0, 1, 2, SINGULAR_SUBJECT], [0, 3, 4, SINGULAR_SUBJECT], [0, 5, 6, PLURAL_SUBJECT], [0, 7, 8, PLURAL_SUBJECT]]
-    )
+        [[0, 1, 2, SINGULAR_SUBJECT], [0, 5, 6, PLURAL_SUBJECT], [0, 3, 4, SINGULAR_SUBJECT], [0, 7, 8, PLURAL_SUBJECT]]
+    )  # each half of the prompts (ranking: the first two, measuring: the last two) holds both numbers
     corrupted = prompts.clone()
     corrupted[:, -1] = torch.where(prompts[:, -1] == SINGULAR_SUBJECT, PLURAL_SUBJECT, SINGULAR_SUBJECT)
     correct = torch.where(prompts[:, -1] == SINGULAR_SUBJECT, SINGULAR_VERB, PLURAL_VERB)

@@ -16,6 +16,7 @@ from study.activations.direct import direct_activations
 from study.analysis.rules import Trials, judge
 from study.analysis.verdicts import pairs_differing_in
 from study.lm.trajectory import directory_trajectory, load_tokenizer, null_twin, resolve_trajectory
+from tests.trial_tables import good_trials
 
 
 def test_null_twins_keep_the_step_names_and_lose_the_order(tiny_trajectory_folder):
@@ -56,28 +57,7 @@ def trials(**columns) -> Trials:
     return Trials(frame, ["expansion_ratio"], {run_id: [0, 1, 2, 4, 8, 16] for run_id in frame["run_id"]}, 2)
 
 
-GOOD = dict(
-    transition_found=[1.0, 1.0],
-    transition_p_value=[0.01, 0.02],
-    transition_monotone_fit=[0.3, 0.4],
-    emergence_near_share=[0.8, 0.7],
-    transition_step=[4.0, 4.0],
-    initial_share=[0.30, 0.32],
-    unresolved_share=[0.1, 0.2],
-    control_initial_share=[1.0, 1.0],
-    median_emergence_step=[4.0, 8.0],
-    order_coherence=[0.9, 0.95],
-    norm_proxy_r=[-0.9, -0.85],
-    explained_variance=[0.9, 0.9],
-    l0=[30.0, 40.0],
-    delta_ce_max=[0.1, 0.2],
-    dead_fraction=[0.0, 0.05],
-    token_specificity_r_low=[0.1, 0.2],
-    token_specificity_r_high=[0.3, 0.5],
-    causal_ablate_relative=[0.2, 0.4],
-    causal_keep_relative=[0.95, 1.1],
-    causal_keep_k=[20.0, 20.0],
-)
+GOOD = good_trials(2)
 NO_PAIRS = pd.DataFrame(columns=["kind", "shared_share", "mean_max_cosine", "top_feature_jaccard"])
 
 
@@ -118,14 +98,15 @@ def test_a_task_never_learned_is_left_out_not_failed():
 
 
 @pytest.mark.parametrize(
-    "interval, expected", [([0.1, 0.4], "holds"), ([-0.2, 0.3], "inconclusive"), ([-0.4, -0.1], "fails")]
+    "interval, expected", [([0.15, 0.45], "holds"), ([-0.2, 0.3], "inconclusive"), ([-0.3, 0.05], "fails")]
 )
-def test_token_specificity_reads_its_interval(interval, expected):
+def test_token_specificity_reads_its_interval_against_the_smallest_effect(interval, expected):
     low, high = interval
-    assert (
-        outcomes(token_specificity_r_low=[low, low], token_specificity_r_high=[high, high])["token_specificity"]
-        == expected
+    middle = (low + high) / 2
+    columns = dict(
+        token_specificity_r=[middle] * 2, token_specificity_r_low=[low] * 2, token_specificity_r_high=[high] * 2
     )
+    assert outcomes(**columns)["token_specificity"] == expected  # holds above 0.1, fails below it, else undecided
 
 
 def test_replicates_are_never_a_seed_pair():

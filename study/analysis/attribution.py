@@ -90,24 +90,43 @@ class Terms(NamedTuple):
 class Attribution(NamedTuple):
     """Integrated gradients of the mean task metric, from the baseline's terms to the clean ones."""
 
-    feature_effects: torch.Tensor
-    """[F] each feature's indirect effect (its share of metric(clean) - metric(baseline))."""
+    item_effects: torch.Tensor
+    """[items, F] each feature's indirect effect through each prompt (prompts never mix: a prompt's metric has
+    no gradient through another's stream), so features can be ranked on some prompts and tested on others."""
     error_effect: float
     """The reconstruction error's share."""
-    clean_metric: float
-    baseline_metric: float
-    accuracy: float
-    """Share of items whose clean metric is positive (for agreement: the agreeing verb is preferred)."""
+    clean_values: torch.Tensor
+    """[items] the metric of each clean prompt."""
+    baseline_values: torch.Tensor
+    """[items] the metric of each prompt at the baseline's terms."""
+
+    @property
+    def feature_effects(self) -> torch.Tensor:
+        """[F] each feature's indirect effect on the mean metric (its share of metric(clean) - metric(baseline))."""
+        return self.item_effects.sum(0)
+
+    @property
+    def clean_metric(self) -> float:
+        return self.clean_values.mean().item()
+
+    @property
+    def baseline_metric(self) -> float:
+        return self.baseline_values.mean().item()
+
+    @property
+    def accuracy(self) -> float:
+        """Share of items whose clean metric is positive (for agreement: the agreeing verb is preferred)."""
+        return (self.clean_values > 0).float().mean().item()
 
 
 class AblationCurves(NamedTuple):
-    """The mean task metric with features changed to their baseline values, error kept clean."""
+    """The task metric per prompt with features changed to their baseline values, error kept clean."""
 
     ks: list[int]
-    ablated: list[float]
-    """The top-k features set to their baseline value, the rest clean."""
-    kept: list[float]
-    """Only the top-k features clean, the rest at their baseline value."""
+    ablated: list[torch.Tensor]
+    """[items] per k: the top-k features set to their baseline value, the rest clean."""
+    kept: list[torch.Tensor]
+    """[items] per k: only the top-k features clean, the rest at their baseline value."""
 
 
 class SnapshotModel:
@@ -148,18 +167,12 @@ class SnapshotModel:
             gradient_sum += gradient
         mean_gradient = gradient_sum / steps  # [items, positions, d]
         code_change = (clean.codes - baseline.codes).to(self.device)
-        feature_effects = torch.einsum("ipf,ipf->f", code_change, mean_gradient @ self.decoder.T)
+        item_effects = torch.einsum("ipf,ipf->if", code_change, mean_gradient @ self.decoder.T)
         error_effect = ((clean.error - baseline.error).to(self.device) * mean_gradient).sum()
         with torch.no_grad():
-            clean_values = self.metric(clean_residual)
-            baseline_value = self.metric(baseline_residual).mean().item()
-        return Attribution(
-            feature_effects.cpu(),
-            error_effect.item(),
-            clean_values.mean().item(),
-            baseline_value,
-            (clean_values > 0).float().mean().item(),
-        )
+            clean_values = self.metric(clean_residual).cpu()
+            baseline_values = self.metric(baseline_residual).cpu()
+        return Attribution(item_effects.cpu(), error_effect.item(), clean_values, baseline_values)
 
     @torch.no_grad()
     def ablation_curves(self, clean: Terms, baseline: Terms, ranking: torch.Tensor, ks: list[int]) -> AblationCurves:
@@ -169,10 +182,10 @@ class SnapshotModel:
             top = ranking[:k].to(clean.codes.device)
             codes = clean.codes.clone()
             codes[..., top] = baseline.codes[..., top]
-            ablated.append(self.metric(self.residual(codes, clean.error)).mean().item())
+            ablated.append(self.metric(self.residual(codes, clean.error)).cpu())
             codes = baseline.codes.clone()
             codes[..., top] = clean.codes[..., top]
-            kept.append(self.metric(self.residual(codes, clean.error)).mean().item())
+            kept.append(self.metric(self.residual(codes, clean.error)).cpu())
         return AblationCurves(list(ks), ablated, kept)
 
 

@@ -9,19 +9,21 @@ import pandas as pd
 import torch
 
 from crosscoder import CrossCoder
+from crosscoder.feature_statistics import bootstrap
 from study.activations.direct import direct_activations
 from study.analysis.attribution import SnapshotModel, Task, Terms, relative_indirect_effect
+from study.errors import StudyInputError
 from study.lm.trajectory import Snapshot, load_model
 from study.record import (
-    ABLATE_K,
     IE_COLUMN,
-    KEEP_MIN,
-    KEEP_SHARE,
     RELIE_COLUMN,
+    RELIE_ONSET,
     TASK_LEARNED_ACCURACY,
     TOP_FEATURES,
     CausalCurves,
     CausalSummary,
+    ablate_count,
+    keep_count,
 )
 
 ABLATION_KS = (1, 2, 5, 10, 15, 20, 50, 100, 200, 500, 1000)
@@ -32,7 +34,8 @@ class CausalStatistics(NamedTuple):
     summary: CausalSummary
     by_snapshot: CausalCurves
     curves: pd.DataFrame
-    """One row per (snapshot step, k): metric with the top k ablated / kept, and relative to clean."""
+    """One row per (snapshot step, k): metric with the top k ablated / kept, and relative to clean, on the
+    measuring prompts."""
     features: pd.DataFrame
     """One row per feature: ie_step<N> at every snapshot, relie_step<N> at the RelIE snapshots."""
 
@@ -42,9 +45,14 @@ def relative(value: float, clean: float, baseline: float) -> float:
     return (value - baseline) / (clean - baseline) if clean != baseline else float("nan")
 
 
-def keep_k(n_features: int) -> int:
-    """Paper 1's share of the dictionary (500 of 98,304), at least KEEP_MIN and at most a quarter of it."""
-    return min(max(KEEP_MIN, round(KEEP_SHARE * n_features)), max(1, n_features // 4))
+def split_prompts(items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranking rows, measuring rows): features are ranked on one half of the prompts and tested on the other, so
+    a ranking cannot fit the noise of the prompts it is judged on. Pairs of neighbours go to each half in turn, so
+    a task listing its classes or conditions in turn has them in both halves."""
+    if items < 4:
+        raise StudyInputError(f"the causal analyses need at least 4 task prompts, got {items}: raise task_items")
+    rows = torch.arange(items)
+    return rows[rows % 4 < 2], rows[rows % 4 >= 2]
 
 
 def relie_indices(accuracies: list[float], count: int, span: str = "emergence") -> list[int]:
@@ -80,6 +88,40 @@ def snapshot_terms(
     ]
 
 
+class Measured(NamedTuple):
+    """One learned snapshot's metric per measuring prompt: clean, at the baseline, and with features changed."""
+
+    clean: torch.Tensor
+    baseline: torch.Tensor
+    top_ablated: torch.Tensor
+    top_kept: torch.Tensor
+    random_ablated: torch.Tensor
+    random_kept: torch.Tensor
+
+
+def mean_relative(measured: list[Measured], field: str, rows: torch.Tensor) -> float:
+    """The share of the clean-minus-baseline gap ``field`` keeps on the prompts ``rows``, mean over snapshots."""
+    shares = [
+        relative(
+            float(getattr(snapshot, field)[rows].mean()),
+            float(snapshot.clean[rows].mean()),
+            float(snapshot.baseline[rows].mean()),
+        )
+        for snapshot in measured
+    ]
+    return float(torch.tensor(shares, dtype=torch.float64).nanmean()) if shares else float("nan")
+
+
+def relie_onset(effects: torch.Tensor, steps: list[int], top: torch.Tensor) -> tuple[list[float], float]:
+    """The ``top`` features' RelIE at each snapshot against the last one, their indirect effects pooled
+    (|IE_s| / (|IE_s| + |IE_last|) over the set), and the first step where it reaches RELIE_ONSET: where they
+    start to matter (nan where they matter at none)."""
+    magnitude = effects[top].abs().sum(0)  # [S]
+    curve = (magnitude / (magnitude + magnitude[-1]).clamp_min(1e-30)).tolist()
+    onset = next((float(step) for step, value in zip(steps, curve) if value >= RELIE_ONSET), float("nan"))
+    return curve, onset
+
+
 # Over 60 lines on purpose: one pass over the snapshots filling every causal figure; the summary, curves and
 # tables it assembles share that pass's arrays.
 def causal_statistics(
@@ -91,23 +133,27 @@ def causal_statistics(
     attribution_steps: int,
     relie_snapshots: int,
     relie_span: str = "emergence",
+    seed: int = 0,
 ) -> CausalStatistics:
-    """Attribute the task metric at every snapshot, rank features by indirect effect (largest first),
-    and measure ablation curves; RelIE compares ``relie_snapshots`` snapshots (see ``relie_indices``)."""
+    """Attribute the task metric at every snapshot, rank features by indirect effect (largest first) on half the
+    prompts and measure ablation curves on the other half, beside as many random features (drawn with ``seed``);
+    RelIE compares ``relie_snapshots`` snapshots (see ``relie_indices``) and dates the top features' onset."""
     crosscoder = crosscoder.eval()
     device = crosscoder.decoder_weight.device
     steps = [snapshot.step for snapshot in snapshots]
     items = len(task.input_ids)
+    ranking_rows, measuring_rows = split_prompts(items)
     # Clean and corrupted prompts have the same shape: one pass per snapshot gives both.
     prompts = torch.cat([task.input_ids, task.corrupted_ids]) if baseline == "corrupted" else task.input_ids
     activations = direct_activations(snapshots, prompts, layer, device=device).split(items * (prompts.shape[1] - 1))
     clean_terms = snapshot_terms(crosscoder, activations[0], items)
     corrupted_terms = snapshot_terms(crosscoder, activations[1], items) if baseline == "corrupted" else None
     n_features = crosscoder.n_features
-    kept_k = keep_k(n_features)
-    ks = sorted({k for k in ABLATION_KS if k <= n_features} | {kept_k})
+    ablated_k, kept_k = ablate_count(n_features), keep_count(n_features)
+    ks = sorted({k for k in ABLATION_KS if k <= n_features} | {ablated_k, kept_k})
+    random_order = torch.randperm(n_features, generator=torch.Generator().manual_seed(seed))
 
-    effects, rows = [], []
+    effects, rows, measured = [], [], []
     per_snapshot: dict[str, list[float]] = {
         name: []
         for name in (
@@ -127,13 +173,19 @@ def causal_statistics(
             reference = corrupted_terms[index][0]
         model = SnapshotModel(load_model(snapshot, device=device), layer, task, decoder, bias)
         attribution = model.integrated_gradients(clean, reference, attribution_steps)
-        ranking = attribution.feature_effects.argsort(descending=True)
+        ranking = attribution.item_effects[ranking_rows].sum(0).argsort(descending=True)
         curves = model.ablation_curves(clean, reference, ranking, ks)
+        random_curves = model.ablation_curves(clean, reference, random_order, [ablated_k, kept_k])
         effects.append(attribution.feature_effects)
 
-        clean_metric = attribution.clean_metric
+        clean_values, baseline_values = attribution.clean_values, attribution.baseline_values
+        clean_metric, baseline_metric = (
+            float(clean_values[measuring_rows].mean()),
+            float(baseline_values[measuring_rows].mean()),
+        )
         learned = attribution.accuracy >= TASK_LEARNED_ACCURACY
         for k, ablated, kept in zip(curves.ks, curves.ablated, curves.kept):
+            ablated_mean, kept_mean = float(ablated[measuring_rows].mean()), float(kept[measuring_rows].mean())
             rows.append(
                 {
                     "step": snapshot.step,
@@ -141,16 +193,26 @@ def causal_statistics(
                     "accuracy": attribution.accuracy,
                     "learned": learned,
                     "clean": clean_metric,
-                    "baseline": attribution.baseline_metric,
-                    "ablated": ablated,
-                    "kept": kept,
-                    "ablated_relative": relative(ablated, clean_metric, attribution.baseline_metric),
-                    "kept_relative": relative(kept, clean_metric, attribution.baseline_metric),
+                    "baseline": baseline_metric,
+                    "ablated": ablated_mean,
+                    "kept": kept_mean,
+                    "ablated_relative": relative(ablated_mean, clean_metric, baseline_metric),
+                    "kept_relative": relative(kept_mean, clean_metric, baseline_metric),
                 }
             )
-        difference = clean_metric - attribution.baseline_metric
+        snapshot_measured = Measured(
+            clean_values,
+            baseline_values,
+            curves.ablated[curves.ks.index(ablated_k)],
+            curves.kept[curves.ks.index(kept_k)],
+            random_curves.ablated[0],
+            random_curves.kept[1],
+        )
+        if learned:
+            measured.append(snapshot_measured)
+        difference = attribution.clean_metric - attribution.baseline_metric
         total_effect = float(attribution.feature_effects.sum()) + attribution.error_effect
-        per_snapshot["task_logit_difference"].append(clean_metric)
+        per_snapshot["task_logit_difference"].append(attribution.clean_metric)
         per_snapshot["task_accuracy"].append(attribution.accuracy)
         per_snapshot["error_effect_share"].append(
             abs(attribution.error_effect)
@@ -158,35 +220,59 @@ def causal_statistics(
         )
         # Integrated gradients are complete: the effects add up to the metric difference, up to the Riemann sum's error.
         per_snapshot["attribution_gap"].append(abs(total_effect - difference) / max(abs(difference), 1e-6))
-        per_snapshot["ablate_top_relative"].append(
-            relative(curves.ablated[curves.ks.index(ABLATE_K)], clean_metric, attribution.baseline_metric)
-            if learned and ABLATE_K in curves.ks
-            else float("nan")
-        )
-        per_snapshot["keep_top_relative"].append(
-            relative(curves.kept[curves.ks.index(kept_k)], clean_metric, attribution.baseline_metric)
-            if learned
-            else float("nan")
-        )
+        for name, field in (("ablate_top_relative", "top_ablated"), ("keep_top_relative", "top_kept")):
+            per_snapshot[name].append(
+                mean_relative([snapshot_measured], field, measuring_rows) if learned else float("nan")
+            )
 
     effects_by_feature = torch.stack(effects, 1)  # [F, S]
     chosen = relie_indices(per_snapshot["task_accuracy"], relie_snapshots, relie_span)
     relie = relative_indirect_effect(effects_by_feature[:, chosen])
-    last = chosen[-1]
-    top_last = effects_by_feature[:, last].argsort(descending=True)[:TOP_FEATURES]
-    learned_count = sum(accuracy >= TASK_LEARNED_ACCURACY for accuracy in per_snapshot["task_accuracy"])
+    top_last = effects_by_feature[:, -1].argsort(descending=True)[:TOP_FEATURES]
+    onset_curve, onset = relie_onset(effects_by_feature, steps, top_last)
+    learned_steps = [
+        step for step, accuracy in zip(steps, per_snapshot["task_accuracy"]) if accuracy >= TASK_LEARNED_ACCURACY
+    ]
+    learned_snapshots = [
+        index for index, accuracy in enumerate(per_snapshot["task_accuracy"]) if accuracy >= TASK_LEARNED_ACCURACY
+    ]
+    # The intervals resample the measuring prompts, the same draw at every learned snapshot.
+    on_measuring = [Measured(*(values[measuring_rows] for values in snapshot)) for snapshot in measured]
+    every_prompt = torch.arange(len(measuring_rows))
+    n_prompts = len(measuring_rows) if measured else 0
+    ablate = bootstrap(lambda draw: mean_relative(on_measuring, "top_ablated", draw), n_prompts, seed)
+    keep = bootstrap(lambda draw: mean_relative(on_measuring, "top_kept", draw), n_prompts, seed)
+    nan = float("nan")
     summary = CausalSummary(
-        task_learned_snapshots=float(learned_count),
-        causal_ablate_relative=float(torch.tensor(per_snapshot["ablate_top_relative"]).nanmean()),
-        causal_keep_relative=float(torch.tensor(per_snapshot["keep_top_relative"]).nanmean()),
+        task_learned_snapshots=float(len(learned_steps)),
+        task_learned_step=float(learned_steps[0]) if learned_steps else nan,
+        causal_ablate_relative=ablate.value,
+        causal_ablate_relative_low=ablate.low,
+        causal_ablate_relative_high=ablate.high,
+        causal_keep_relative=keep.value,
+        causal_keep_relative_low=keep.low,
+        causal_keep_relative_high=keep.high,
+        causal_random_ablate_relative=mean_relative(on_measuring, "random_ablated", every_prompt),
+        causal_random_keep_relative=mean_relative(on_measuring, "random_kept", every_prompt),
+        causal_ablate_k=float(ablated_k),
         causal_keep_k=float(kept_k),
-        attribution_gap_max=max(per_snapshot["attribution_gap"]),
-        relie_top_mean=float(relie[top_last, -1].mean()),
+        attribution_gap_max=max(per_snapshot["attribution_gap"][index] for index in learned_snapshots)
+        if learned_snapshots
+        else nan,
+        error_effect_share_max=max(per_snapshot["error_effect_share"][index] for index in learned_snapshots)
+        if learned_snapshots
+        else nan,
+        relie_top_mean=float(
+            relie[effects_by_feature[:, chosen[-1]].argsort(descending=True)[:TOP_FEATURES], -1].mean()
+        ),
+        relie_onset_step=onset,
     )
     features = pd.DataFrame({"feature": range(n_features)})
     for index, step in enumerate(steps):
         features[f"{IE_COLUMN}{step}"] = effects_by_feature[:, index].numpy()
     for column, index in enumerate(chosen):
         features[f"{RELIE_COLUMN}{steps[index]}"] = relie[:, column].numpy()
-    by_snapshot = CausalCurves(**{f"{name}_by_snapshot": values for name, values in per_snapshot.items()})
+    by_snapshot = CausalCurves(
+        **{f"{name}_by_snapshot": values for name, values in per_snapshot.items()}, relie_top_by_snapshot=onset_curve
+    )
     return CausalStatistics(summary, by_snapshot, pd.DataFrame(rows), features)

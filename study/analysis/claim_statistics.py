@@ -21,7 +21,14 @@ from crosscoder.evolution import (
     unresolved,
     valley_test,
 )
-from crosscoder.feature_statistics import spearman, token_entropy, top_activation_overlap
+from crosscoder.feature_statistics import (
+    Interval,
+    bootstrap,
+    equal_count_entropy,
+    spearman,
+    token_entropy,
+    top_activation_overlap,
+)
 from crosscoder.metrics import evaluate
 from crosscoder.probing import norm_proxy
 from study.analysis.causal_statistics import CausalStatistics
@@ -31,11 +38,10 @@ from study.record import TrialCurves, TrialSummary, near
 SAMPLED_FEATURES = 32
 """Features sampled for the probe (norm_proxy) and top-activation (alignment) analyses."""
 MIN_FIRINGS = 20
-"""Held-out tokens a feature must fire on to be sampled (its probe fits and scores on 10 each) or to count in token_specificity."""
+"""Held-out tokens a feature must fire on to be sampled (its probe fits and scores on 10 each) or to count in
+token_specificity, whose entropy is read on this many of its firing tokens (``equal_count_entropy``)."""
 TOP_K = 10
 """Top-activating tokens compared between adjacent snapshots (alignment)."""
-BOOTSTRAP_SAMPLES = 200
-"""Resamples of the features behind token_specificity's interval."""
 PRESENT = 0.5
 """A feature counts as present at a snapshot when its decoder norm is at least this share of its maximum."""
 
@@ -69,6 +75,7 @@ class ProbeStatistics(NamedTuple):
 
     sampled: torch.Tensor
     norm_proxy_r: float
+    norm_proxy_within: Interval
     probe_error_curve: list[float]
     overlap_curve: list[float]
     overlap_mean: float
@@ -84,8 +91,9 @@ def probe_statistics(
     generator = torch.Generator().manual_seed(seed)
     sampled = candidates[torch.randperm(len(candidates), generator=generator)[:SAMPLED_FEATURES]].sort().values
     if len(sampled) < 2:
+        nan = float("nan")
         return ProbeStatistics(
-            sampled, float("nan"), [float("nan")] * n_snapshots, [float("nan")] * (n_snapshots - 1), float("nan")
+            sampled, nan, Interval(nan, nan, nan), [nan] * n_snapshots, [nan] * (n_snapshots - 1), nan
         )
     proxy = norm_proxy(held_out, activations[:, sampled] > 0, decoder_norms[sampled], seed)
     device = model.decoder_weight.device
@@ -96,21 +104,36 @@ def probe_statistics(
     overlap = torch.where(both_present, overlap, float("nan"))
     overlap_mean = float(overlap.nanmean()) if both_present.any() else float("nan")
     return ProbeStatistics(
-        sampled, proxy.correlation, proxy.probe_error.nanmean(0).tolist(), overlap.nanmean(0).tolist(), overlap_mean
+        sampled,
+        proxy.correlation,
+        proxy.within_snapshot,
+        proxy.probe_error.nanmean(0).tolist(),
+        overlap.nanmean(0).tolist(),
+        overlap_mean,
     )
 
 
-def bootstrap_interval(x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[float, float]:
-    """The 95 % percentile interval of Spearman r(x, y) over BOOTSTRAP_SAMPLES resamples of the points."""
-    if len(x) < 3:
-        return float("nan"), float("nan")
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(len(x), (BOOTSTRAP_SAMPLES, len(x)), generator=generator)
-    values = torch.tensor([spearman(x[draw], y[draw]) for draw in draws], dtype=torch.float64)
-    values = values[~values.isnan()]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    return float(values.quantile(0.025)), float(values.quantile(0.975))
+class TokenSpecificity(NamedTuple):
+    r: Interval
+    """Spearman r(peak snapshot, token entropy) with its bootstrap interval over features."""
+    entropy_by_peak: list[float]
+    """Mean entropy of the features peaking at each snapshot."""
+
+
+def token_specificity(
+    activations: torch.Tensor, token_ids: torch.Tensor, peak: torch.Tensor, n_snapshots: int, seed: int
+) -> TokenSpecificity:
+    """Early token-specific, later abstract: the entropy of each feature's token ids on MIN_FIRINGS of its firings
+    (a feature that fires more often is not read as more abstract for that alone) against the snapshot where its
+    decoder norm peaks (``peak`` [F], -1 for dead features); features firing less often are left out."""
+    entropy = equal_count_entropy(activations, token_ids, MIN_FIRINGS, seed)
+    counted = ~entropy.isnan() & (peak >= 0)
+    by_peak = [
+        float(entropy[counted & (peak == index)].mean()) if (counted & (peak == index)).any() else float("nan")
+        for index in range(n_snapshots)
+    ]
+    peaks, entropies = peak[counted].float(), entropy[counted]
+    return TokenSpecificity(bootstrap(lambda rows: spearman(peaks[rows], entropies[rows]), len(peaks), seed), by_peak)
 
 
 def near_share(emergence_steps: list[int], turning_step: int | None) -> float:
@@ -180,22 +203,17 @@ def claim_statistics(
     control = evolution_control(initial_model, held_out, steps, alive)
     probes = probe_statistics(model, held_out, activations, decoder_norms, seed)
 
-    # token_specificity: entropy of each feature's token ids, grouped by the snapshot of its peak norm.
+    # token_specificity: entropy of each feature's token ids on equal counts of its firings, against its peak snapshot.
     entropy = token_entropy(activations, token_ids)
-    counted = firings >= MIN_FIRINGS
     peak = torch.where(alive, decoder_norms.argmax(1), -1)
-    entropy_by_peak = [
-        float(entropy[counted & (peak == index)].mean()) if (counted & (peak == index)).any() else float("nan")
-        for index in range(n_snapshots)
-    ]
-    specificity_r = spearman(peak[counted].float(), entropy[counted])
-    specificity_low, specificity_high = bootstrap_interval(peak[counted].float(), entropy[counted], seed)
+    specificity = token_specificity(activations, token_ids, peak, n_snapshots, seed)
 
     delta_ce = torch.tensor(spliced.delta_ce)
     summary = TrialSummary(
         explained_variance=metrics.explained_variance,
         min_explained_variance_by_snapshot=min(metrics.explained_variance_per_snapshot),
         l0=metrics.l0,
+        l0_per_dimension=metrics.l0 / held_out.shape[-1],
         dead_fraction=metrics.dead_fraction,
         mse=metrics.mse,
         loss_drop_last_fifth=loss_drop,
@@ -210,11 +228,15 @@ def claim_statistics(
         unresolved_share=float(still[alive].double().mean()) if alive.any() else float("nan"),
         order_coherence=order_coherence(held_out),
         norm_proxy_r=probes.norm_proxy_r,
+        norm_proxy_r_within=probes.norm_proxy_within.value,
+        norm_proxy_r_within_low=probes.norm_proxy_within.low,
+        norm_proxy_r_within_high=probes.norm_proxy_within.high,
         delta_ce_mean=float(delta_ce.mean()),
         delta_ce_max=float(delta_ce.max()),
-        token_specificity_r=specificity_r,
-        token_specificity_r_low=specificity_low,
-        token_specificity_r_high=specificity_high,
+        min_loss_recovered_by_snapshot=min(spliced.loss_recovered),
+        token_specificity_r=specificity.r.value,
+        token_specificity_r_low=specificity.r.low,
+        token_specificity_r_high=specificity.r.high,
         alignment_overlap=probes.overlap_mean,
         sampled_features=float(len(probes.sampled)),
         control_explained_variance=control.explained_variance,
@@ -232,8 +254,9 @@ def claim_statistics(
         feature_dimensionality_by_snapshot=dimensionality.tolist(),
         clean_loss_by_snapshot=spliced.clean_loss,
         delta_ce_by_snapshot=spliced.delta_ce,
+        loss_recovered_by_snapshot=spliced.loss_recovered,
         probe_error_by_snapshot=probes.probe_error_curve,
-        token_entropy_by_peak_snapshot=entropy_by_peak,
+        token_entropy_by_peak_snapshot=specificity.entropy_by_peak,
         alignment_overlap_by_snapshot=probes.overlap_curve,
         **causal.by_snapshot._asdict(),
     )

@@ -151,6 +151,7 @@ def measure(trial: TrialConfig, result: TrainResult, data: TrialData, snapshots:
         trial.attribution_steps,
         trial.relie_snapshots,
         trial.relie_span,
+        trial.crosscoder.seed,
     )
     held_out_tokens = torch.from_numpy(
         cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64")

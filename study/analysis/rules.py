@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from crosscoder.evolution import smallest_valley_p
+from crosscoder.feature_statistics import Interval
 from study.record import (
-    ABLATE_K,
     ABLATE_LEFT_BELOW,
+    ATTRIBUTION_GAP_MAX,
     CLAIM,
+    ERROR_SHARE_MAX,
     KEEP_RECOVERS_ABOVE,
     METRIC,
     MIN_COMPARABLE_TRIALS,
@@ -28,14 +31,13 @@ from study.record import (
     NEAR_SHARE,
     NORM_PROXY_R,
     QUALITY_MAX_DEAD,
-    QUALITY_MAX_DELTA_CE,
-    QUALITY_MAX_L0,
+    QUALITY_MAX_L0_PER_DIMENSION,
     QUALITY_MIN_EV,
-    RELIE_JACCARD,
+    QUALITY_MIN_LOSS_RECOVERED,
     RULES,
     SAE_SHARED_LOW,
     TASK_LEARNED_ACCURACY,
-    TOP_FEATURES,
+    TOKEN_SPECIFICITY_R,
     TURN_ALPHA,
     UNCONVERGED_LOSS_DROP,
     near,
@@ -77,6 +79,11 @@ def verdict(claim: str, outcome: str, evidence: str) -> Verdict:
 
 def column(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name].dropna() if name in frame else pd.Series(dtype=float)
+
+
+def numeric(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column as numbers, nan where the trial did not log it (an older run, or a statistic that does not exist)."""
+    return pd.to_numeric(frame[name], errors="coerce") if name in frame else pd.Series(np.nan, index=frame.index)
 
 
 def too_few(claim: str, count: int, what: str, minimum: int = MIN_COMPARABLE_TRIALS) -> Verdict | None:
@@ -128,15 +135,51 @@ def coarsest_grid(trials: Trials) -> list[int]:
     return min(trials.steps.values(), key=len) if trials.steps else []
 
 
-def in_every_trial(trials: Trials, claim: str, statistic: str, passes, condition: str) -> Verdict:
-    values = column(trials.frame, statistic)
-    found = too_few(claim, len(values), statistic, trials.min_trials)
+def pooled(frame: pd.DataFrame, name: str) -> Interval:
+    """The trials' effect ``name`` pooled (its interval logged as ``name``_low and _high): their mean effect, and a
+    95 % interval from the mean's standard error, the larger of the one their own intervals give (read as normal)
+    and the one their spread gives."""
+    values, lows, highs = (
+        numeric(frame, column).to_numpy(dtype=float) for column in (name, f"{name}_low", f"{name}_high")
+    )
+    keep = ~(np.isnan(values) | np.isnan(lows) | np.isnan(highs))
+    values, lows, highs = values[keep], lows[keep], highs[keep]
+    if len(values) == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    own = float(np.sqrt(np.sum(((highs - lows) / (2 * 1.96)) ** 2))) / len(values)
+    spread = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    mean, error = float(np.mean(values)), max(own, spread)
+    return Interval(mean, mean - 1.96 * error, mean + 1.96 * error)
+
+
+def against_smallest_effect(effect: Interval, smallest: float, larger_holds: bool) -> str:
+    """holds where the interval lies beyond the smallest effect of interest, fails where it lies on the null's
+    side of it, inconclusive where it holds it (too little power is not evidence either way)."""
+    if np.isnan(effect.low) or np.isnan(effect.high):
+        return "inconclusive"
+    low, high = (effect.low, effect.high) if larger_holds else (-effect.high, -effect.low)
+    smallest = smallest if larger_holds else -smallest
+    return "holds" if low > smallest else "fails" if high < smallest else "inconclusive"
+
+
+def interval_text(effect: Interval) -> str:
+    return f"{effect.value:.2f} [{effect.low:.2f}, {effect.high:.2f}]"
+
+
+def interval_verdict(trials: Trials, claim: str, name: str, smallest: float, larger_holds: bool, what: str) -> Verdict:
+    """A claim read as one effect with its interval (``pooled``), pooled over the trials and held against its
+    smallest effect of interest."""
+    frame = trials.frame
+    values = column(frame, name)
+    found = too_few(claim, len(values), name, trials.min_trials)
     if found:
         return found
-    passing = int(values.map(passes).sum())
-    listed = ", ".join(f"{value:.3g}" for value in values)
-    outcome = "holds" if passing == len(values) else "fails"
-    return verdict(claim, outcome, f"{condition} in {passing} of {len(values)} trials ({statistic}: {listed})")
+    names = [name, f"{name}_low", f"{name}_high"]
+    per_trial = ", ".join(interval_text(Interval(*row)) for row in frame[names].dropna().itertuples(index=False))
+    effect = pooled(frame, name)
+    sign = ">" if larger_holds else "<"
+    evidence = f"{what} {interval_text(effect)} pooled over {len(values)} trial(s) (each: {per_trial}); holds {sign} {smallest}"
+    return verdict(claim, against_smallest_effect(effect, smallest, larger_holds), evidence)
 
 
 def transition_verdict(trials: Trials) -> Verdict:
@@ -213,43 +256,61 @@ def emergence_verdict(trials: Trials, transition: Verdict) -> Verdict:
 
 
 def quality_verdict(trials: Trials) -> Verdict:
+    """Each trial at its worst snapshot, in units of the model and the dictionary: explained variance (against the
+    mean, and above the untrained control's), loss recovered (against mean ablation), L0 per dimension, dead share."""
     frame = trials.frame
     blocked = too_few(CLAIM.quality, len(frame), "quality metrics", trials.min_trials)
     if blocked:
         return blocked
+
+    worst_ev, recovered = (
+        numeric(frame, METRIC.min_explained_variance_by_snapshot),
+        numeric(frame, METRIC.min_loss_recovered_by_snapshot),
+    )
+    per_dimension, dead = numeric(frame, METRIC.l0_per_dimension), numeric(frame, METRIC.dead_fraction)
+    control = numeric(frame, METRIC.control_explained_variance)
     meets = (
-        (frame[METRIC.explained_variance] >= QUALITY_MIN_EV)
-        & (frame[METRIC.l0] < QUALITY_MAX_L0)
-        & (frame[METRIC.delta_ce_max] < QUALITY_MAX_DELTA_CE)
-        & (frame[METRIC.dead_fraction] <= QUALITY_MAX_DEAD)
+        (worst_ev >= QUALITY_MIN_EV)
+        & ~(worst_ev <= control)
+        & (recovered >= QUALITY_MIN_LOSS_RECOVERED)
+        & (per_dimension <= QUALITY_MAX_L0_PER_DIMENSION)
+        & (dead <= QUALITY_MAX_DEAD)
     )
     listed = "; ".join(
-        f"EV {row.explained_variance:.3f}, L0 {row.l0:.1f}, max ΔCE {row.delta_ce_max:.3f}, dead {row.dead_fraction:.2f}"
-        for row in frame.itertuples()
+        f"worst EV {ev:.3f}, worst loss recovered {rec:.2f}, L0/d_model {dim:.3f}, dead {gone:.2f}"
+        for ev, rec, dim, gone in zip(worst_ev, recovered, per_dimension, dead)
     )
     outcome = "holds" if meets.all() else "fails"
-    return verdict(CLAIM.quality, outcome, f"{int(meets.sum())} of {len(frame)} trials meet all thresholds ({listed})")
+    return verdict(CLAIM.quality, outcome, f"{int(meets.sum())} of {len(frame)} trials meet all cut-offs ({listed})")
 
 
 def token_specificity_verdict(trials: Trials) -> Verdict:
-    """Each trial's bootstrap interval: above 0 counts for, below 0 against, holding 0 for neither (too little
-    power is not evidence against). Holds where at least half are above and none below, fails where at least
-    half are below and none above; otherwise inconclusive."""
-    frame = trials.frame
-    low, high = column(frame, METRIC.token_specificity_r_low), column(frame, METRIC.token_specificity_r_high)
-    blocked = too_few(
-        CLAIM.token_specificity, min(len(low), len(high)), "a bootstrap interval", trials.min_trials
-    ) or unordered(CLAIM.token_specificity, trials)
+    blocked = unordered(CLAIM.token_specificity, trials)
     if blocked:
         return blocked
-    intervals = ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in zip(low, high))
-    evidence = f"95 % intervals of Spearman r: {intervals}"
-    above, below = int((low > 0).sum()), int((high < 0).sum())
-    if above and not below and 2 * above >= len(low):
-        return verdict(CLAIM.token_specificity, "holds", evidence)
-    if below and not above and 2 * below >= len(low):
-        return verdict(CLAIM.token_specificity, "fails", evidence)
-    return verdict(CLAIM.token_specificity, "inconclusive", evidence + f"; {above} above 0, {below} below")
+    return interval_verdict(
+        trials,
+        CLAIM.token_specificity,
+        METRIC.token_specificity_r,
+        TOKEN_SPECIFICITY_R,
+        True,
+        "Spearman r(peak snapshot, token entropy)",
+    )
+
+
+def norm_proxy_verdict(trials: Trials) -> Verdict:
+    judged = interval_verdict(
+        trials,
+        CLAIM.norm_proxy,
+        METRIC.norm_proxy_r_within,
+        NORM_PROXY_R,
+        False,
+        "within-snapshot r(probe error, decoder norm)",
+    )
+    pooled_r = ", ".join(f"{r:.2f}" for r in column(trials.frame, METRIC.norm_proxy_r))
+    return judged._replace(
+        evidence=f"{judged.evidence}; r pooled over snapshots as paper 1 reports it: {pooled_r or 'none'}"
+    )
 
 
 def pairs_of_kind(stabilities: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -276,38 +337,54 @@ def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
     return verdict(CLAIM.stability, "holds" if mean_share >= SAE_SHARED_LOW else "fails", evidence)
 
 
-def relie_verdict(frame: pd.DataFrame, stabilities: pd.DataFrame) -> Verdict:
-    seeds, ratios = pairs_of_kind(stabilities)
-    context = f"mean RelIE of the top {TOP_FEATURES} features at the last snapshot: " + (
-        ", ".join(f"{value:.2f}" for value in column(frame, METRIC.relie_top_mean)) or "none"
+def relie_verdict(trials: Trials, stabilities: pd.DataFrame) -> Verdict:
+    """RelIE as paper 2 uses it, to date when features start to matter: per trial, the onset of the top task
+    features' RelIE against the step where the task is learned. Holds where every trial's onset is near it, fails
+    where most are not; the seed pairs' top-feature overlap is a stability figure in the evidence."""
+    frame = trials.frame
+    seeds, _ = pairs_of_kind(stabilities)
+    overlap = (
+        f"; top-feature Jaccard across seeds {seeds['top_feature_jaccard'].mean():.2f} ({len(seeds)} pair(s))"
+        if len(seeds)
+        else ""
     )
-    if len(ratios):
-        context += (
-            f"; across expansion ratios the top features' Jaccard index is "
-            f"{ratios['top_feature_jaccard'].mean():.2f} ({len(ratios)} pair(s))"
-        )
-    if seeds.empty:
-        return verdict(CLAIM.relie, "inconclusive", "no two trials differ only in seed; " + context)
-    if (column(frame, METRIC.task_learned_snapshots) == 0).all():
-        # RelIE is each feature's share of the task's indirect effect: with no task, no effect to share.
+    blocked = too_few(CLAIM.relie, len(frame), "a task attribution", trials.min_trials)
+    if blocked:
+        return blocked._replace(evidence=blocked.evidence + overlap)
+    learned = frame.dropna(subset=[name for name in (METRIC.task_learned_step,) if name in frame])
+    if METRIC.task_learned_step not in frame or learned.empty:
         return verdict(
-            CLAIM.relie, "inconclusive", f"no trial learns the task (accuracy < {TASK_LEARNED_ACCURACY}); {context}"
+            CLAIM.relie, "inconclusive", f"no trial learns the task (accuracy >= {TASK_LEARNED_ACCURACY}){overlap}"
         )
-    jaccard = float(seeds[METRIC.top_feature_jaccard].mean())
-    evidence = (
-        f"top-feature Jaccard {jaccard:.2f} (range {seeds['top_feature_jaccard'].min():.2f} to "
-        f"{seeds['top_feature_jaccard'].max():.2f}) over {len(seeds)} seed pair(s); {context}"
+    first_steps = {run_id: steps[0] for run_id, steps in trials.steps.items() if steps}
+    learned_steps = learned[METRIC.task_learned_step]
+    dated = learned[[step > first_steps.get(run_id, -1) for run_id, step in zip(learned["run_id"], learned_steps)]]
+    if dated.empty:
+        return verdict(
+            CLAIM.relie, "inconclusive", f"the task is learned at the first snapshot: no onset can be dated{overlap}"
+        )
+    onsets = pd.to_numeric(dated.get(METRIC.relie_onset_step, pd.Series(np.nan, index=dated.index)), errors="coerce")
+    close = [
+        onset == onset and near(onset, learned_step)
+        for onset, learned_step in zip(onsets, dated[METRIC.task_learned_step])
+    ]
+    listed = "; ".join(
+        f"onset {onset:g} vs learned {learned_step:g}"
+        for onset, learned_step in zip(onsets, dated[METRIC.task_learned_step])
     )
-    return verdict(CLAIM.relie, "holds" if jaccard >= RELIE_JACCARD else "fails", evidence)
+    evidence = f"{sum(close)} of {len(close)} trials' top features start to matter near where the task is learned ({listed}){overlap}"
+    outcome = "holds" if all(close) else "fails" if 2 * sum(close) < len(close) else "inconclusive"
+    return verdict(CLAIM.relie, outcome, evidence)
 
 
 def causal_verdict(trials: Trials) -> Verdict:
+    """Features ranked on half the prompts, measured on the other half, against as many random features: holds
+    where ablating the top ones leaves under ABLATE_LEFT_BELOW and keeping them recovers over KEEP_RECOVERS_ABOVE
+    (each interval clear of its cut-off) while random ones do neither; judged only where attribution accounts for
+    the metric."""
     frame = trials.frame
-    learned = frame.dropna(
-        subset=[name for name in (METRIC.causal_ablate_relative, METRIC.causal_keep_relative) if name in frame]
-    )
-    if METRIC.causal_ablate_relative not in frame or METRIC.causal_keep_relative not in frame:
-        learned = frame.iloc[0:0]
+    names = (METRIC.causal_ablate_relative, METRIC.causal_keep_relative)
+    learned = frame.dropna(subset=list(names)) if all(name in frame for name in names) else frame.iloc[0:0]
     unlearned = len(frame) - len(learned)
     note = (
         f"; {unlearned} trial(s) never learn the task (accuracy < {TASK_LEARNED_ACCURACY}), left out"
@@ -317,19 +394,33 @@ def causal_verdict(trials: Trials) -> Verdict:
     blocked = too_few(CLAIM.causal, len(learned), "a snapshot where the task is learned", trials.min_trials)
     if blocked:
         return blocked._replace(evidence=blocked.evidence + note)
-    meets = (learned[METRIC.causal_ablate_relative] < ABLATE_LEFT_BELOW) & (
-        learned[METRIC.causal_keep_relative] > KEEP_RECOVERS_ABOVE
+
+    gap, error_share = (
+        numeric(learned, METRIC.attribution_gap_max).max(),
+        numeric(learned, METRIC.error_effect_share_max).max(),
     )
-    listed = "; ".join(
-        f"top {ABLATE_K} ablated {a:.2f}, top {int(k) if k == k else '?'} kept {b:.2f}"
-        for a, b, k in zip(
-            learned[METRIC.causal_ablate_relative],
-            learned[METRIC.causal_keep_relative],
-            learned.get(METRIC.causal_keep_k, pd.Series([float("nan")] * len(learned))),
+    ablate, keep = pooled(learned, METRIC.causal_ablate_relative), pooled(learned, METRIC.causal_keep_relative)
+    random_ablate = numeric(learned, METRIC.causal_random_ablate_relative).mean()
+    random_keep = numeric(learned, METRIC.causal_random_keep_relative).mean()
+    counts = f"{numeric(learned, METRIC.causal_ablate_k).max():.0f} ablated, {numeric(learned, METRIC.causal_keep_k).max():.0f} kept"
+    evidence = (
+        f"top features ablated leave {interval_text(ablate)}, kept alone recover {interval_text(keep)}; as many random "
+        f"features leave {random_ablate:.2f} and recover {random_keep:.2f} ({counts}; ranked and measured on "
+        f"separate halves of the prompts; attribution gap {gap:.2f}, error share {error_share:.2f}){note}"
+    )
+    if not (gap <= ATTRIBUTION_GAP_MAX and error_share <= ERROR_SHARE_MAX):
+        return verdict(
+            CLAIM.causal,
+            "inconclusive",
+            f"attribution does not account for the metric (gap above {ATTRIBUTION_GAP_MAX} or error share above "
+            f"{ERROR_SHARE_MAX}): the ranking ranks little; {evidence}",
         )
-    )
-    evidence = f"{int(meets.sum())} of {len(learned)} trials meet both thresholds (share of the clean-baseline gap: {listed}){note}"
-    return verdict(CLAIM.causal, "holds" if meets.all() else "fails", evidence)
+    breaks = against_smallest_effect(ablate, ABLATE_LEFT_BELOW, larger_holds=False)
+    restores = against_smallest_effect(keep, KEEP_RECOVERS_ABOVE, larger_holds=True)
+    beats_random = random_ablate >= ABLATE_LEFT_BELOW and random_keep <= KEEP_RECOVERS_ABOVE
+    if "fails" in (breaks, restores) or not beats_random:
+        return verdict(CLAIM.causal, "fails", evidence)
+    return verdict(CLAIM.causal, "holds" if breaks == restores == "holds" else "inconclusive", evidence)
 
 
 def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
@@ -341,13 +432,11 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     verdicts = [
         transition,
         emergence_verdict(trials, transition),
-        in_every_trial(
-            trials, CLAIM.norm_proxy, METRIC.norm_proxy_r, lambda r: r < NORM_PROXY_R, f"r < {NORM_PROXY_R}"
-        ),
+        norm_proxy_verdict(trials),
         quality_verdict(trials),
         stability_verdict(stabilities),
         token_specificity_verdict(trials),
-        relie_verdict(frame, stabilities),
+        relie_verdict(trials, stabilities),
         causal_verdict(trials),
     ]
     moving = unconverged(frame)
@@ -361,7 +450,7 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     ]
 
 
-PAIR_CLAIMS = (CLAIM.stability, CLAIM.relie)
+PAIR_CLAIMS = (CLAIM.stability,)
 """Claims judged on pairs of trials across the whole axis, never per value."""
 
 

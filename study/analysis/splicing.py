@@ -21,6 +21,9 @@ class SplicedLoss(NamedTuple):
     spliced_loss: list[float]
     delta_ce: list[float]
     """spliced minus clean."""
+    loss_recovered: list[float]
+    """1 - delta_ce / (mean-ablated minus clean): the share of the loss the layer's content is worth that the
+    reconstruction keeps (1: lossless, 0: no better than the layer's mean activation at every position)."""
 
 
 @torch.no_grad()
@@ -51,14 +54,32 @@ def spliced_loss(
         captured.append(torch.cat(parts))  # [n, length - 1, d]
     activations = torch.stack(captured, 2)  # [n, length - 1, S, d]
     reconstruction = reconstruct(activations.flatten(0, 1)).view(activations.shape)
-    spliced = []
-    for index, snapshot in enumerate(snapshots):
-        model = load_model(snapshot, device=device)
-        replacement = iter(reconstruction[:, :, index].split(BATCH_SIZE))
+    mean = activations.mean((0, 1), keepdim=True).expand_as(activations)
+    spliced = [
+        loss_with(snapshot, contexts, layer, reconstruction[:, :, index], device)
+        for index, snapshot in enumerate(snapshots)
+    ]
+    ablated = [
+        loss_with(snapshot, contexts, layer, mean[:, :, index], device) for index, snapshot in enumerate(snapshots)
+    ]
+    delta = [after - before for before, after in zip(clean, spliced)]
+    recovered = [
+        1 - change / (floor - before) if floor > before else float("nan")
+        for change, floor, before in zip(delta, ablated, clean)
+    ]
+    return SplicedLoss(clean, spliced, delta, recovered)
 
-        def splice(hidden: torch.Tensor) -> torch.Tensor:
-            return torch.cat([hidden[:, :1], next(replacement).to(hidden.device, hidden.dtype)], 1)  # noqa: B023
 
-        with residual_replaced(model, layer, splice):
-            spliced.append(next_token_loss(model, contexts, BATCH_SIZE))
-    return SplicedLoss(clean, spliced, [after - before for before, after in zip(clean, spliced)])
+def loss_with(
+    snapshot: Snapshot, contexts: torch.Tensor, layer: int, replacement: torch.Tensor, device: str | torch.device
+) -> float:
+    """The snapshot's next-token loss with positions 1 onwards of the layer's stream set to ``replacement``
+    [n, length - 1, d]."""
+    model = load_model(snapshot, device=device)
+    batches = iter(replacement.split(BATCH_SIZE))
+
+    def splice(hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([hidden[:, :1], next(batches).to(hidden.device, hidden.dtype)], 1)
+
+    with residual_replaced(model, layer, splice):
+        return next_token_loss(model, contexts, BATCH_SIZE)

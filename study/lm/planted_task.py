@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from study.record import ABLATE_K, ABLATE_LEFT_BELOW, KEEP_MIN, KEEP_RECOVERS_ABOVE, TOP_FEATURES
+from study.record import ABLATE_LEFT_BELOW, KEEP_RECOVERS_ABOVE, TOP_FEATURES, ablate_count, keep_count
 
 TaskKind = Literal["none", "sparse", "dense"]
 
@@ -136,15 +136,15 @@ def task_plan(
 
 def task_truth(plan: TaskPlan, coefficients: torch.Tensor, decoder: torch.Tensor, readout: torch.Tensor) -> dict:
     """What the causal analyses should read at the last snapshot: each planted feature's share of the task's logit
-    difference (linear, before the final layer norm), and with it the metric left with the top ABLATE_K features
-    ablated and kept with only the top KEEP_MIN."""
+    difference (linear, before the final layer norm), and with it the metric left with the top features ablated
+    and kept with only the top ones, as many as the causal claim changes in a dictionary the planted one's size."""
     classes = torch.tensor(plan.classes, dtype=torch.float64)
     along = decoder[:, -1] @ readout  # [F] each feature's push along u
     effects = (coefficients[:, plan.prompt_tokens] * classes).mean(1) * along
     ranked = effects.sort(descending=True).values
     total = float(effects.sum())
-    left = 1 - float(ranked[:ABLATE_K].sum()) / total
-    kept = float(ranked[:KEEP_MIN].sum()) / total
+    left = 1 - float(ranked[: ablate_count(len(effects))].sum()) / total
+    kept = float(ranked[: keep_count(len(effects))].sum()) / total
     return {
         **plan._asdict(),
         "ablate_left": left,
