@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from crosscoder.config import CrossCoderConfig, InputError, TrainingError
 from crosscoder.cpu_memory import reuse_freed_memory
 from crosscoder.data import Activations, array_batches, as_tensor, iterable_batches, take_sample
+from crosscoder.evolution import feature_dimensionality
 from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
 from crosscoder.resampling import resample_dead
@@ -30,6 +31,16 @@ from crosscoder.sharded import gather_model, shard_of, total, whole_reconstructi
 
 # step<N>.safetensors, or step<N>.rank<R>.safetensors for one shard of a crosscoder split over ranks.
 CHECKPOINT_NAME = re.compile(r"^step(\d+)(?:\.rank(\d+))?\.safetensors$")
+
+
+class DecoderRecord(NamedTuple):
+    """The decoder as it stood at a checkpoint, in the forms the evolution statistics read (``crosscoder.evolution``)."""
+
+    step: int
+    decoder_norms: torch.Tensor
+    """[F, S]"""
+    dimensionality: torch.Tensor
+    """[F, S] ``feature_dimensionality``"""
 
 
 class TrainResult(NamedTuple):
@@ -42,6 +53,9 @@ class TrainResult(NamedTuple):
     """Every ``log_every`` steps: step, loss, mse, sparsity penalty, l0, learning rate, coefficient, dead share."""
     initial_model: CrossCoder
     """The same crosscoder as initialised, before any step: the untrained control of every statistic."""
+    decoder_records: tuple[DecoderRecord, ...] = ()
+    """At every checkpoint written in this run (none for a crosscoder split over ranks): whether a statistic read
+    from the decoders had settled before the end of training, or was still moving."""
 
 
 def loss_drop_last_fifth(history: list[dict[str, float]]) -> float:
@@ -286,6 +300,7 @@ def fit(
     optimizer = make_optimizer(model)
 
     history: list[dict[str, float]] = []
+    records: list[DecoderRecord] = []
     start_step, tokens_since_fired = 0, torch.zeros(model.n_features, device=device)
     last_checkpoint = resumable_checkpoint(config.checkpoint_dir, model)
     if last_checkpoint is not None:
@@ -355,6 +370,9 @@ def fit(
                 Path(config.checkpoint_dir), step + 1, model, optimizer, tokens_since_fired, history
             )
             remove_older_checkpoints(last_checkpoint, model)
+            if model.process_group is None:
+                decoder = model.decoder_weight.detach().float().cpu()
+                records.append(DecoderRecord(step + 1, decoder.norm(dim=-1), feature_dimensionality(decoder)))
             if on_checkpoint is not None:
                 on_checkpoint(last_checkpoint, model)
 
@@ -362,4 +380,4 @@ def fit(
         model = gather_model(model)
     model.eval()
     metrics = evaluate(model, eval_activations if eval_activations is not None else sample)
-    return TrainResult(model, metrics, history, initial_model.to(device))
+    return TrainResult(model, metrics, history, initial_model.to(device), tuple(records))

@@ -211,7 +211,24 @@ class TrialCurves(NamedTuple):
     attribution_gap_by_snapshot: list[float]
     ablate_top_relative_by_snapshot: list[float]
     keep_top_relative_by_snapshot: list[float]
+    relie_top_by_snapshot: list[float]
 
+
+class AlongTraining(NamedTuple):
+    """The order statistics at each checkpoint of a trial's training (MLflow metrics ALONG_TRAINING_PREFIX + name,
+    step = the training step), read over the features live and resolved at the end."""
+
+    transition_step: float
+    transition_p_value: float
+    initial_share: float
+    emergence_near_share: float
+
+
+ALONG_TRAINING_PREFIX = "along_training/"
+"""Prefix of the AlongTraining curves."""
+SETTLED_SHARE = 0.05
+"""A share (initial_share) has settled where every later checkpoint reads it within this of the end's value (a
+turning step where every later one is near it, ``near``, or none turns)."""
 
 STEPS_CURVE = "explained_variance_by_snapshot"
 """The curve whose MLflow steps tell which snapshots a trial's crosscoder spans."""

@@ -101,3 +101,11 @@ def test_no_module_but_the_record_spells_a_logged_name():
     sources = [path for package in ("study", "reports") for path in (ROOT / package).rglob("*.py")]
     spelt = [found for path in sources if path.name != "record.py" for found in spelt_names(path, names)]
     assert not spelt, "spell these through study.record (METRIC, TAG, TRIAL_RESULT): " + ", ".join(spelt)
+
+
+def test_a_trial_logs_every_causal_figure_in_its_summary_and_curves():
+    from study.record import CausalCurves, CausalSummary, TrialCurves, TrialSummary
+
+    # claim_statistics splats the causal parts into the trial's: a field missing there fails every trial.
+    assert set(CausalSummary._fields) <= set(TrialSummary._fields)
+    assert set(CausalCurves._fields) <= set(TrialCurves._fields)

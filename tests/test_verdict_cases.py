@@ -16,7 +16,7 @@ from crosscoder.feature_statistics import Interval, bootstrap, pearson, spearman
 from crosscoder.probing import within_snapshot_correlation
 from study.analysis.causal_statistics import split_prompts
 from study.analysis.claim_statistics import near_share, token_specificity
-from study.analysis.rules import Trials, against_smallest_effect, judge
+from study.analysis.rules import Trials, against_smallest_effect, judge, judge_sweep
 from study.lm.planted import PRESETS, planted_folder, read_truth
 from study.record import NORM_PROXY_R, TOKEN_SPECIFICITY_R, TURN_ALPHA, ablate_count, keep_count
 from tests.trial_tables import good_trials
@@ -227,3 +227,40 @@ def test_causal_needs_its_intervals_clear_the_random_baseline_beaten_and_attribu
     assert outcomes(**straddling)["causal"] == "inconclusive"  # too few prompts to tell
     incomplete = dict(attribution_gap_max=[0.5, 0.6])
     assert outcomes(**incomplete)["causal"] == "inconclusive"  # the ranking explains too little of the metric
+
+
+def test_a_grid_with_a_failed_value_says_which():
+    frame = pd.DataFrame({"run_id": ["a", "b"], "params.expansion_ratio": ["4", "4"], **TURNING})
+    holed = Trials(frame, ["expansion_ratio"], {run_id: GRID for run_id in frame["run_id"]}, 2, True)
+    holed = holed._replace(unfinished=(("expansion_ratio=16", "FAILED"), ("expansion_ratio=4", "KILLED")))
+    transition = next(verdict for verdict in judge_sweep(holed, NO_PAIRS) if verdict.claim == "transition")
+    assert transition.by_value == (("expansion_ratio=4", "holds"), ("expansion_ratio=16", "missing: failed"))
+    assert transition.verdict == "holds"  # read from what finished, and saying what did not:
+    assert "read without 2 trial(s) that did not finish: expansion_ratio=16 (FAILED), expansion_ratio=4 (KILLED)" in (
+        transition.evidence
+    )
+
+
+def test_each_verdict_says_whether_its_statistic_had_settled_along_training():
+    frame = pd.DataFrame({"run_id": ["a", "b"], **TURNING})
+    checkpoints = [200, 400, 600, 800, 1000]
+
+    def evidence(turning_a: list[float], turning_b: list[float]) -> str:
+        along = {
+            run_id: pd.DataFrame({"step": checkpoints, "transition_step": turning, "initial_share": [0.3] * 5})
+            for run_id, turning in (("a", turning_a), ("b", turning_b))
+        }
+        trials = Trials(frame, ["seed"], {run_id: GRID for run_id in ("a", "b")}, 2, True, along_training=along)
+        return next(verdict.evidence for verdict in judge(trials, NO_PAIRS) if verdict.claim == "transition")
+
+    early = evidence([128.0, 16.0, 16.0, 16.0, 16.0], [16.0, 128.0, 16.0, 16.0, 16.0])
+    assert "turning step settled since 60% of the training steps in every trial" in early  # the later of the two
+    late = evidence([16.0] * 5, [16.0, 16.0, 16.0, 16.0, 128.0])
+    assert "still moving at the last checkpoint in 1 of 2 trials: turning step 16 → 128" in late
+    assert "not followed along training" in outcomes_evidence()
+
+
+def outcomes_evidence() -> str:
+    frame = pd.DataFrame({"run_id": ["a", "b"], **TURNING})
+    trials = Trials(frame, ["seed"], {run_id: GRID for run_id in ("a", "b")}, 2, True)
+    return next(verdict.evidence for verdict in judge(trials, NO_PAIRS) if verdict.claim == "emergence")

@@ -14,6 +14,9 @@ import torch
 
 from crosscoder import CrossCoder, CrossCoderMetrics
 from crosscoder.evolution import (
+    Emergence,
+    TurningPoint,
+    ValleyTest,
     emergence,
     feature_dimensionality,
     order_coherence,
@@ -31,9 +34,10 @@ from crosscoder.feature_statistics import (
 )
 from crosscoder.metrics import evaluate
 from crosscoder.probing import norm_proxy
+from crosscoder.trainer import DecoderRecord
 from study.analysis.causal_statistics import CausalStatistics
 from study.analysis.splicing import SplicedLoss
-from study.record import TrialCurves, TrialSummary, near
+from study.record import AlongTraining, TrialCurves, TrialSummary, near
 
 SAMPLED_FEATURES = 32
 """Features sampled for the probe (norm_proxy) and top-activation (alignment) analyses."""
@@ -58,6 +62,8 @@ class ClaimStatistics(NamedTuple):
     indirect effect at each snapshot and RelIE."""
     ablation_curves: pd.DataFrame
     """The task metric with the top-k features ablated / kept, per snapshot and k."""
+    along_training: pd.DataFrame
+    """``along_training``: the order statistics at each checkpoint of the training run."""
 
 
 @torch.no_grad()
@@ -143,6 +149,57 @@ def near_share(emergence_steps: list[int], turning_step: int | None) -> float:
     return sum(near(step, turning_step) for step in emergence_steps) / len(emergence_steps)
 
 
+class OrderStatistics(NamedTuple):
+    """What transition and emergence read from a crosscoder's decoders."""
+
+    dimensionality: torch.Tensor
+    """[S] total dimensionality of the live features at each snapshot."""
+    turn: TurningPoint
+    valley: ValleyTest
+    evolution: Emergence
+    near_share: float
+    """Share of the emergent features that emerge near the turning step."""
+
+
+def order_statistics(
+    dimensionality: torch.Tensor,
+    decoder_norms: torch.Tensor,
+    alive: torch.Tensor,
+    resolved: torch.Tensor,
+    steps: list[int],
+    seed: int,
+) -> OrderStatistics:
+    """transition from the total dimensionality ([F, S]) of the ``alive`` features at each snapshot (where it turns,
+    and whether more clearly than in random snapshot orders); emergence from the decoder norms ([F, S]) of the
+    ``resolved`` ones."""
+    total_dimensionality = dimensionality[alive].sum(0)
+    turn = turning_point(total_dimensionality, steps)
+    evolution = emergence(decoder_norms, steps, include=resolved)
+    emergent_steps = [steps[index] for index in evolution.emergence_index.tolist() if index > 0]
+    valley = valley_test(total_dimensionality, seed=seed)
+    return OrderStatistics(total_dimensionality, turn, valley, evolution, near_share(emergent_steps, turn.step))
+
+
+def along_training(
+    records: tuple[DecoderRecord, ...], alive: torch.Tensor, resolved: torch.Tensor, steps: list[int], seed: int
+) -> pd.DataFrame:
+    """The order statistics at each checkpoint's decoders (one row per training step), read over the features
+    live and resolved at the end: whether a verdict's statistics had settled before training stopped."""
+    rows = []
+    for record in records:
+        order = order_statistics(record.dimensionality, record.decoder_norms, alive, resolved, steps, seed)
+        rows.append(
+            AlongTraining(
+                transition_step=float(order.turn.step) if order.turn.step is not None else float("nan"),
+                transition_p_value=order.valley.p_value,
+                initial_share=order.evolution.initial_share,
+                emergence_near_share=order.near_share,
+            )._asdict()
+            | {"step": record.step}
+        )
+    return pd.DataFrame(rows, columns=["step", *AlongTraining._fields])
+
+
 class EvolutionControl(NamedTuple):
     """The evolution statistics of the crosscoder as initialised, before training: what they read by construction."""
 
@@ -179,10 +236,12 @@ def claim_statistics(
     causal: CausalStatistics,
     seed: int,
     loss_drop: float = float("nan"),
+    records: tuple[DecoderRecord, ...] = (),
 ) -> ClaimStatistics:
     """Statistics of ``model`` on held-out activations [N, S, d] whose token ids are ``token_ids`` [N];
     ``initial_model`` is the same crosscoder before training, the control; ``loss_drop`` is how much its
-    training loss still fell over the last fifth of its steps (``crosscoder.loss_drop_last_fifth``)."""
+    training loss still fell over the last fifth of its steps (``crosscoder.loss_drop_last_fifth``); ``records`` its
+    decoders at each checkpoint (``TrainResult.decoder_records``)."""
     model = model.eval()
     n_snapshots = len(steps)
     decoder_norms = metrics.decoder_norms
@@ -190,16 +249,12 @@ def claim_statistics(
     firings = (activations > 0).sum(0)
     alive = firings > 0
 
-    # transition: total dimensionality of the live features at each snapshot, and where it turns.
-    dimensionality = feature_dimensionality(model.decoder_weight.detach().cpu())[alive].sum(0)
-    turn = turning_point(dimensionality, steps)
-    valley = valley_test(dimensionality, seed=seed)
-
-    # emergence: dead features are left out, their decoders never left their (flat) initial norms;
-    # so are live ones whose decoders never moved measurably (unresolved), for the same reason.
+    # emergence leaves out dead features, whose decoders never left their (flat) initial norms, and live ones
+    # whose decoders never moved measurably (unresolved), for the same reason.
     still = unresolved(model.decoder_weight, initial_model.decoder_weight)
-    evolution = emergence(decoder_norms, steps, include=alive & ~still)
-    near_turn = near_share([steps[index] for index in evolution.emergence_index.tolist() if index > 0], turn.step)
+    decoder = model.decoder_weight.detach().float().cpu()
+    order = order_statistics(feature_dimensionality(decoder), decoder_norms, alive, alive & ~still, steps, seed)
+    dimensionality, turn, valley, evolution, near_turn = order
     control = evolution_control(initial_model, held_out, steps, alive)
     probes = probe_statistics(model, held_out, activations, decoder_norms, seed)
 
@@ -275,4 +330,10 @@ def claim_statistics(
             "sampled": torch.isin(torch.arange(len(alive)), probes.sampled).numpy(),
         }
     )
-    return ClaimStatistics(summary, by_snapshot, features.merge(causal.features, on="feature"), causal.curves)
+    return ClaimStatistics(
+        summary,
+        by_snapshot,
+        features.merge(causal.features, on="feature"),
+        causal.curves,
+        along_training(records, alive, alive & ~still, steps, seed),
+    )

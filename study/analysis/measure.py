@@ -167,6 +167,7 @@ def measure(trial: TrialConfig, result: TrainResult, data: TrialData, snapshots:
         causal,
         trial.crosscoder.seed,
         loss_drop_last_fifth(result.history),
+        result.decoder_records,
     )
     planted = None
     if folder is not None:

@@ -36,6 +36,7 @@ from study.record import (
     QUALITY_MIN_LOSS_RECOVERED,
     RULES,
     SAE_SHARED_LOW,
+    SETTLED_SHARE,
     TASK_LEARNED_ACCURACY,
     TOKEN_SPECIFICITY_R,
     TURN_ALPHA,
@@ -71,6 +72,10 @@ class Trials(NamedTuple):
     min_trials: int = MIN_COMPARABLE_TRIALS
     """Fewest trials a verdict is read from: 1 for one value of the swept key, whose claims are judged on each
     trial's own statistic against its own null or interval."""
+    unfinished: tuple[tuple[str, str], ...] = ()
+    """(axis value, MLflow status) of each trial of the sweep that did not finish: failed, killed or still running."""
+    along_training: dict[str, pd.DataFrame] = {}
+    """run_id -> its order statistics at each checkpoint (``study.record.AlongTraining``, a ``step`` column)."""
 
 
 def verdict(claim: str, outcome: str, evidence: str) -> Verdict:
@@ -180,6 +185,52 @@ def interval_verdict(trials: Trials, claim: str, name: str, smallest: float, lar
     sign = ">" if larger_holds else "<"
     evidence = f"{what} {interval_text(effect)} pooled over {len(values)} trial(s) (each: {per_trial}); holds {sign} {smallest}"
     return verdict(claim, against_smallest_effect(effect, smallest, larger_holds), evidence)
+
+
+def settled_since(values: pd.Series, same) -> float | None:
+    """The first training step from which every later checkpoint's value agrees (``same``) with the last one;
+    None with fewer than two checkpoints."""
+    if len(values) < 2:
+        return None
+    last, since = values.iloc[-1], values.index[-1]
+    for step, value in zip(values.index[::-1], values.iloc[::-1]):
+        if not same(value, last):
+            break
+        since = step
+    return since
+
+
+def settled(trials: Trials, frame: pd.DataFrame, name: str, same, what: str) -> str:
+    """Whether the statistic ``name`` had settled in the trials of ``frame`` before their training ended: "settled
+    since 40 % of the steps" (the latest over the trials), or "still moving" with the last two checkpoints' values
+    of the trials where it moved at the last checkpoint."""
+    moving, since_shares = [], []
+    for run_id in frame.get(METRIC.run_id, pd.Series(dtype=str)):
+        along = trials.along_training.get(run_id)
+        if along is None or name not in along or len(along) < 2:
+            continue
+        values = along.set_index("step")[name]
+        since = settled_since(values, same)
+        if since is None:
+            continue
+        if since == values.index[-1]:
+            moving.append(f"{what} {values.iloc[-2]:.3g} → {values.iloc[-1]:.3g}")
+        since_shares.append(since / values.index[-1])
+    if not since_shares:
+        return "not followed along training"
+    if moving:
+        return (
+            f"still moving at the last checkpoint in {len(moving)} of {len(since_shares)} trials: {'; '.join(moving)}"
+        )
+    return f"settled since {max(since_shares):.0%} of the training steps in every trial"
+
+
+def same_turn(first: float, second: float) -> bool:
+    return (np.isnan(first) and np.isnan(second)) or (not np.isnan(first + second) and near(first, second))
+
+
+def same_share(first: float, second: float) -> bool:
+    return abs(first - second) <= SETTLED_SHARE
 
 
 def transition_verdict(trials: Trials) -> Verdict:
@@ -429,9 +480,16 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     and carries the count in its evidence, where a reader of the verdicts alone sees it."""
     frame = trials.frame
     transition = transition_verdict(trials)
+    emergence = emergence_verdict(trials, transition)
     verdicts = [
-        transition,
-        emergence_verdict(trials, transition),
+        transition._replace(
+            evidence=f"{transition.evidence}; turning step "
+            + settled(trials, frame, METRIC.transition_step, same_turn, "turning step")
+        ),
+        emergence._replace(
+            evidence=f"{emergence.evidence}; initialization-dependent share "
+            + settled(trials, frame, METRIC.initial_share, same_share, "share")
+        ),
         norm_proxy_verdict(trials),
         quality_verdict(trials),
         stability_verdict(stabilities),
@@ -481,6 +539,34 @@ def natural_order(value) -> tuple:
     return tuple(key(item) for item in items)
 
 
+def value_label(keys: list[str], values) -> str:
+    """An axis value as the report prints it: ``key=value`` per swept key."""
+    return " · ".join(f"{key.removeprefix('params.')}={item}" for key, item in zip(keys, values))
+
+
+def without_unfinished(verdicts: list[Verdict], trials: Trials) -> list[Verdict]:
+    """Verdicts read from a grid with holes say so: the values left without a finished trial appear as missing
+    in the per-value verdicts, and every decided verdict names the trials it was read without."""
+    if not trials.unfinished:
+        return verdicts
+    listed = ", ".join(f"{label or 'trial'} ({status})" for label, status in trials.unfinished)
+    judged_values = {label for judged in verdicts for label, _ in judged.by_value}
+    missing = tuple(
+        dict.fromkeys(
+            (label, f"missing: {status.lower()}")
+            for label, status in trials.unfinished
+            if label and label not in judged_values
+        )
+    )
+    return [
+        judged._replace(
+            evidence=f"{judged.evidence}; read without {len(trials.unfinished)} trial(s) that did not finish: {listed}",
+            by_value=judged.by_value + missing if judged.by_value else judged.by_value,
+        )
+        for judged in verdicts
+    ]
+
+
 def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     """A verdict per claim for the whole sweep, with one per value of the swept key (its seeds pooled, each trial
     judged on its own statistic's null or interval, so one trial suffices). A claim that paper 1 expects to
@@ -490,14 +576,13 @@ def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     # Seeds are replicates of one value, never values: a seed sweep is one value, its seeds pooled.
     keys = [f"params.{key}" for key in trials.swept if key != "seed" and f"params.{key}" in trials.frame]
     if not keys or trials.frame.empty:
-        return pooled
+        return without_unfinished(pooled, trials)
     by_value: dict[str, list[tuple[str, str]]] = {}
     for value, group in sorted(trials.frame.groupby(keys, sort=False), key=lambda item: natural_order(item[0])):
-        values = value if isinstance(value, tuple) else (value,)
-        label = " · ".join(f"{key.removeprefix('params.')}={item}" for key, item in zip(keys, values))
+        label = value_label(keys, value if isinstance(value, tuple) else (value,))
         for judged in judge(trials._replace(frame=group, min_trials=1), stabilities.iloc[0:0]):
             by_value.setdefault(judged.claim, []).append((label, judged.verdict))
-    return [
+    per_value = [
         judged
         if judged.claim in PAIR_CLAIMS
         else judged._replace(
@@ -506,3 +591,4 @@ def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
         )
         for judged in pooled
     ]
+    return without_unfinished(per_value, trials)

@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from crosscoder.matching import matched_jaccard, stability
 from crosscoder.model import CrossCoder
-from study.analysis.rules import Trials, Verdict, axis_keys, judge_sweep
+from study.analysis.rules import Trials, Verdict, axis_keys, judge_sweep, value_label
 from study.record import (
+    ALONG_TRAINING_PREFIX,
     BY_AXIS_VALUE_ARTIFACT,
     COMPARED,
     CROSSCODER_ARTIFACT,
@@ -35,15 +36,23 @@ from study.record import (
     TOP_FEATURES,
     VERDICT_TAG,
     VERDICTS_ARTIFACT,
+    AlongTraining,
 )
 
 
 def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
+    """The sweep's finished trials, and the swept values of those that did not finish (failed, killed, running)."""
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
-        max_results=10_000,
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
+    )
+    runs = [run for run in children if run.info.status == "FINISHED"]
+    every_param = pd.DataFrame([run.data.params for run in children])
+    swept = sorted(str(name) for name in every_param.columns if every_param[name].nunique(dropna=False) > 1)
+    unfinished = tuple(
+        (value_label(axis_keys(swept), [run.data.params.get(key) for key in axis_keys(swept)]), run.info.status)
+        for run in children
+        if run.info.status != "FINISHED"
     )
     rows, steps = [], {}
     for run in runs:
@@ -60,9 +69,22 @@ def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
     frame = pd.DataFrame(rows)
     statistical_end = end_of_statistical_learning(client, parent_run_id)
     learns = learns_forward(client, parent_run_id)
-    param_columns = [c for c in frame.columns if c.startswith("params.")]
-    swept = sorted(c[len("params.") :] for c in param_columns if frame[c].nunique(dropna=False) > 1)
-    return Trials(frame, swept, steps, statistical_end, learns)
+    along = {run.info.run_id: along_training(client, run.info.run_id) for run in runs}
+    return Trials(frame, swept, steps, statistical_end, learns, unfinished=unfinished, along_training=along)
+
+
+def along_training(client: MlflowClient, run_id: str) -> pd.DataFrame:
+    """A trial's order statistics at each checkpoint: one row per training step (empty where none was logged)."""
+    columns: dict[str, dict[int, float]] = {}
+    for name in AlongTraining._fields:
+        for metric in client.get_metric_history(run_id, f"{ALONG_TRAINING_PREFIX}{name}"):
+            columns.setdefault(name, {})[int(metric.step)] = metric.value
+    frame = pd.DataFrame(columns).sort_index()
+    return (
+        frame.rename_axis("step").reset_index()
+        if len(frame)
+        else pd.DataFrame(columns=["step", *AlongTraining._fields])
+    )
 
 
 def end_of_statistical_learning(client: MlflowClient, parent_run_id: str) -> int | None:

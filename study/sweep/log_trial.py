@@ -15,11 +15,13 @@ from study.analysis.claim_statistics import ClaimStatistics
 from study.analysis.measure import TrialOutcome
 from study.record import (
     ABLATION_CURVES_ARTIFACT,
+    ALONG_TRAINING_PREFIX,
     CROSSCODER_ARTIFACT,
     DECODER_NORMS_ARTIFACT,
     DECODER_NORMS_FIGURE,
     FEATURES_ARTIFACT,
     TRAINING_PREFIX,
+    AlongTraining,
 )
 
 
@@ -51,6 +53,10 @@ def log_outcome(outcome: TrialOutcome) -> None:
             {f"{TRAINING_PREFIX}{key}": value for key, value in entry.items() if key != "step"}, step=int(entry["step"])
         )
     log_statistics(statistics, steps)
+    for row in statistics.along_training.to_dict("records"):
+        mlflow.log_metrics(
+            {f"{ALONG_TRAINING_PREFIX}{name}": row[name] for name in AlongTraining._fields}, step=int(row["step"])
+        )
     log_table(statistics.features, FEATURES_ARTIFACT)
     log_table(statistics.ablation_curves, ABLATION_CURVES_ARTIFACT)
     decoder_norms = pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps])
