@@ -30,7 +30,13 @@ class CrossCoderConfig:
 
     k: int = 32
     """Active features per token for topk and batchtopk (batchtopk: k x batch over the batch). Choose it near the
-    data's own L0 (an l1 crosscoder's): far above it features split into partial copies at a high EV."""
+    data's own L0 (an l1 crosscoder's): far above it features split into partial copies at a high EV. Set from
+    target_l0 where that is set."""
+
+    target_l0: float | None = None
+    """Active features per token (a feature counts once, active at any snapshot) to train to: topk and batchtopk
+    fire k = round(target_l0); jumprelu and l1 adapt their coefficient during training, starting from
+    sparsity_coefficient (``crosscoder.sparsity_control``). None: k and the coefficient stay as set."""
 
     jumprelu_bandwidth: float = 0.5
     """Width eps of the threshold's straight-through window, as a fraction of the median initial threshold."""
@@ -133,6 +139,20 @@ class CrossCoderConfig:
             raise InputError(f"resample_dead_every must be a positive integer or None, got {self.resample_dead_every}")
         if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
             raise InputError(f"sparsity_coefficient must be >= 0, got {self.sparsity_coefficient}")
+        if self.target_l0 is not None:
+            if not self.target_l0 >= 1:
+                raise InputError(f"target_l0 must be at least 1 active feature per token, got {self.target_l0}")
+            if METHODS[self.sparsity].uses_k:
+                object.__setattr__(self, "k", round(self.target_l0))  # frozen: set once, here
+            elif not self.lambda_ > 0:
+                raise InputError(
+                    "target_l0 adapts the sparsity coefficient from its start: set sparsity_coefficient > 0"
+                )
+
+    @property
+    def controls_l0(self) -> bool:
+        """Whether training adapts the coefficient toward target_l0 (a penalised method with a target)."""
+        return self.target_l0 is not None and not METHODS[self.sparsity].uses_k
 
     @property
     def lambda_(self) -> float:

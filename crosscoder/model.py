@@ -20,6 +20,7 @@ from crosscoder.config import CrossCoderConfig, InputError
 from crosscoder.methods import METHODS, SPARSE_STEP_MAX_DENSITY, CodeInputs, jumprelu_tanh_scale
 from crosscoder.sparse_codes import EncoderGradient, SparseCodes, encode, is_feature_major, sparse_decode
 from crosscoder.sparsity import CodeEntries, decoder_and_norms
+from crosscoder.sparsity_control import initial_control
 
 
 @functools.cache
@@ -157,6 +158,14 @@ class CrossCoder(nn.Module):
         self.register_buffer("input_scale", torch.ones(n_snapshots))
         # JumpReLU's straight-through window in units of the gated quantity, fixed at initialisation.
         self.register_buffer("jumprelu_window", torch.ones(()))
+        # The coefficient controller's state where it holds a target L0 (crosscoder.sparsity_control): saved with
+        # the weights, so a checkpoint resumes it and the saved crosscoder says which coefficient it settled on.
+        self.sparsity_control: torch.Tensor | None
+        if config.controls_l0:
+            assert config.target_l0 is not None  # controls_l0 says so
+            self.register_buffer("sparsity_control", initial_control(config.lambda_, config.target_l0))
+        else:
+            self.sparsity_control = None
 
     def decoder_norms(self) -> torch.Tensor:
         """[n_features, S]: ||W_D^{s,i}||, how strongly feature i is written at snapshot s."""

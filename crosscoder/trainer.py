@@ -28,6 +28,7 @@ from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
 from crosscoder.resampling import resample_dead
 from crosscoder.sharded import gather_model, shard_of, total, whole_reconstruction
+from crosscoder.sparsity_control import adapt, coefficient_of
 
 # step<N>.safetensors, or step<N>.rank<R>.safetensors for one shard of a crosscoder split over ranks.
 CHECKPOINT_NAME = re.compile(r"^step(\d+)(?:\.rank(\d+))?\.safetensors$")
@@ -222,6 +223,13 @@ class StepResult(NamedTuple):
     """[B, F] bool: features that fired on each token of the batch."""
 
 
+def sparsity_coefficient(model: CrossCoder) -> float:
+    """The coefficient in force before its warm-up factor: the controller's where it holds a target L0."""
+    if model.sparsity_control is not None:
+        return coefficient_of(model.sparsity_control)
+    return model.config.lambda_
+
+
 def training_step(model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.Tensor, step: int) -> StepResult:
     """Schedules for ``step``, forward, loss, backward and Adam update on one batch [B, S, d].
 
@@ -230,7 +238,7 @@ def training_step(model: CrossCoder, optimizer: torch.optim.Adam, batch: torch.T
     config = model.config
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * group["lr_scale"] * schedule_factor(step, config)
-    coefficient = config.lambda_ * sparsity_factor(step, config)
+    coefficient = sparsity_coefficient(model) * sparsity_factor(step, config)
     autocast = torch.autocast(batch.device.type, dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
     with autocast:
         output = model(batch)
@@ -337,6 +345,10 @@ def fit(
                 f"loss became {result.loss.item()} at step {step}; {where}; lower learning_rate or sparsity_coefficient"
             )
         tokens_since_fired = torch.where(result.active.any(0), 0.0, tokens_since_fired + batch.shape[0])
+        if model.sparsity_control is not None:
+            assert config.target_l0 is not None  # the control exists for a target
+            batch_l0 = total(result.active.float().sum(-1).mean(), model.process_group).item()
+            adapt(model.sparsity_control, batch_l0, config.target_l0, adapting=sparsity_factor(step, config) >= 1)
         if resamples_at(step, config):
             assert config.resample_dead_every is not None  # resamples_at says so
             dead = tokens_since_fired >= config.resample_dead_every * config.batch_size
@@ -356,7 +368,7 @@ def fit(
                     "sparsity_penalty": sparsity_penalty,
                     "l0": total(result.active.float().sum(-1).mean(), model.process_group).item(),
                     "learning_rate": config.learning_rate * schedule_factor(step, config),
-                    "sparsity_coefficient": config.lambda_ * sparsity_factor(step, config),
+                    "sparsity_coefficient": sparsity_coefficient(model) * sparsity_factor(step, config),
                     "dead_fraction": total(
                         (tokens_since_fired >= config.dead_window_tokens).float().sum(), model.process_group
                     ).item()

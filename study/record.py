@@ -101,6 +101,16 @@ class TrialSummary(NamedTuple):
     """L0 as a share of the activations' dimension (d_model): sparsity in the model's own units."""
     dead_fraction: float
     """Share of features that never fire on held-out tokens."""
+    live_features: float
+    """Features that fire on some held-out token: what a larger dictionary really adds."""
+    l0_per_snapshot: float
+    """Mean over snapshots of the active codes per token at each snapshot (JumpReLU gates each snapshot apart,
+    so a feature active at some snapshot, which l0 counts, may be silent at others)."""
+    l0_target_gap: float
+    """(l0 - target_l0) / target_l0 on held-out tokens (nan without a target)."""
+    sparsity_coefficient_reached: float
+    """The sparsity coefficient the trial ended with: the controller's where it held a target L0, else the set one
+    (0 for topk and batchtopk, which have none)."""
     mse: float
     """Reconstruction loss in the trainer's units."""
     loss_drop_last_fifth: float
@@ -256,6 +266,9 @@ COMPARED = (
     "l0",
     "control_l0",
     "dead_fraction",
+    "live_features",
+    "l0_target_gap",
+    "sparsity_coefficient_reached",
     "loss_drop_last_fifth",
     "delta_ce_max",
     "min_loss_recovered_by_snapshot",
@@ -310,6 +323,8 @@ KEEP_MIN = 20
 ABLATE_MAX_SHARE, KEEP_MAX_SHARE = 0.05, 0.10
 """The most of the dictionary ablated and kept: paper 1's counts are a small set only in a large dictionary (15 of
 128 features is an eighth of it), so in a small one the counts shrink to stay a small share."""
+L0_TARGET_TOLERANCE = 0.1
+"""A trial's held-out L0 within this share of its target_l0 is on target; outside, its run is tagged l0_target_missed."""
 UNCONVERGED_LOSS_DROP = 0.02
 """A trial whose training loss still fell by more than this share over its last fifth had not converged:
 its statistics describe a dictionary still moving, and the report flags it."""
@@ -335,6 +350,9 @@ LABELS = {
     "min_explained_variance_by_snapshot": "lowest EV over snapshots",
     "l0": "L0",
     "dead_fraction": "dead share",
+    "live_features": "live features",
+    "l0_target_gap": "L0 off its target (share)",
+    "sparsity_coefficient_reached": "sparsity coefficient reached",
     "delta_ce_max": "largest ΔCE (nats)",
     "transition_step": "turning step",
     "initial_share": "init.-dependent share",
@@ -605,10 +623,12 @@ TAG = Names(
         "search",
         "scheduler",
         "search_metric",
+        "l0_target_missed",
     )
 )
 """Run tags: the sweep's name and Tune's trial id (how a run is found again), a trial stopped by the scheduler,
-a trial's error, where it ran and on what, where it resumed; the parent's searcher, scheduler and their metric."""
+a trial's error, where it ran and on what, where it resumed; the parent's searcher, scheduler and their metric;
+a trial whose held-out L0 missed its target_l0 (one line: by how much, and what to change)."""
 ERROR_ARTIFACT = "error.txt"
 """A failed trial's traceback."""
 METRIC = Names(

@@ -32,9 +32,10 @@ from crosscoder.feature_statistics import (
     token_entropy,
     top_activation_overlap,
 )
+from crosscoder.methods import METHODS
 from crosscoder.metrics import evaluate
 from crosscoder.probing import norm_proxy
-from crosscoder.trainer import DecoderRecord
+from crosscoder.trainer import DecoderRecord, sparsity_coefficient
 from study.analysis.causal_statistics import CausalStatistics
 from study.analysis.splicing import SplicedLoss
 from study.record import AlongTraining, TrialCurves, TrialSummary, near
@@ -270,6 +271,10 @@ def claim_statistics(
         l0=metrics.l0,
         l0_per_dimension=metrics.l0 / held_out.shape[-1],
         dead_fraction=metrics.dead_fraction,
+        live_features=float(alive.sum()),
+        l0_per_snapshot=sum(metrics.l0_per_snapshot) / n_snapshots,
+        l0_target_gap=(metrics.l0 - target) / target if (target := model.config.target_l0) else float("nan"),
+        sparsity_coefficient_reached=sparsity_coefficient(model) if not METHODS[model.config.sparsity].uses_k else 0.0,
         mse=metrics.mse,
         loss_drop_last_fifth=loss_drop,
         transition_step=float(turn.step) if turn.step is not None else float("nan"),

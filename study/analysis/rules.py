@@ -323,7 +323,8 @@ def quality_verdict(trials: Trials) -> Verdict:
     meets = (
         (worst_ev >= QUALITY_MIN_EV)
         & ~(worst_ev <= control)
-        & (recovered >= QUALITY_MIN_LOSS_RECOVERED)
+        # nan: replacing the layer by its mean costs no loss (a model whose logits barely read it), nothing to recover
+        & ((recovered >= QUALITY_MIN_LOSS_RECOVERED) | recovered.isna())
         & (per_dimension <= QUALITY_MAX_L0_PER_DIMENSION)
         & (dead <= QUALITY_MAX_DEAD)
     )

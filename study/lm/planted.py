@@ -55,10 +55,10 @@ TRUTH = "truth.json"
 """The planted trajectory's answers, written last by a build."""
 PLANTED_DECODER = "planted_decoder.pt"
 """The planted dictionary [features, snapshots, d_model], in the units a crosscoder's decoder has."""
-PLANTED_VERSION = "planted-v3"
+PLANTED_VERSION = "planted-v4"
+"""Part of the cache key: raise it when the construction changes."""
 TASK_LOGIT_SCALE = 4.0
 """How strongly the answers' logits read the task direction (after the final layer norm): a few nats."""
-"""Part of the cache key: raise it when the construction changes."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ PRESETS = {
         steps=(0, 16, 128, 1000), collapse_from=16, statistical_end=16, specific_gone_at=16, appear_steps=(128,)
     ),
     "steps_32": PlantedConfig(steps=LOG_STEPS_32),
-    "task": PlantedConfig(task="sparse", task_onset=256, task_tokens=64),
+    "task": PlantedConfig(task="sparse", task_onset=256, task_tokens=64, task_features=2),
     "task_dense": PlantedConfig(task="dense", task_onset=256, task_tokens=128, n_shared=96),
 }
 """Named planted cases (``--trajectory planted:NAME``), each with its truth per claim in its truth.json: the

@@ -20,13 +20,19 @@ from study.record import (
     DECODER_NORMS_ARTIFACT,
     DECODER_NORMS_FIGURE,
     FEATURES_ARTIFACT,
+    L0_TARGET_TOLERANCE,
+    TAG,
     TRAINING_PREFIX,
     AlongTraining,
+    TrialSummary,
 )
 
 
 def log_statistics(statistics: ClaimStatistics, steps: list[int]) -> None:
     mlflow.log_metrics(statistics.summary._asdict())
+    missed = l0_target_missed(statistics.summary)
+    if missed:
+        mlflow.set_tag(TAG.l0_target_missed, missed)
     # Curves over snapshots use the snapshot's training step as MLflow's step; adjacent-pair curves
     # sit at the later snapshot of each pair. One call per snapshot: each call is a store write.
     by_step: dict[int, dict[str, float]] = {step: {} for step in steps}
@@ -35,6 +41,21 @@ def log_statistics(statistics: ClaimStatistics, steps: list[int]) -> None:
             by_step[snapshot_step][name] = value
     for snapshot_step, values in by_step.items():
         mlflow.log_metrics(values, step=snapshot_step)
+
+
+def l0_target_missed(summary: TrialSummary) -> str | None:
+    """One line where the held-out L0 missed its target by more than L0_TARGET_TOLERANCE: by how much, and what to
+    change; None on target or without one."""
+    gap = summary.l0_target_gap
+    if not abs(gap) > L0_TARGET_TOLERANCE:
+        return None
+    target = summary.l0 / (1 + gap)
+    coefficient = (
+        f" at coefficient {summary.sparsity_coefficient_reached:.3g}" if summary.sparsity_coefficient_reached else ""
+    )
+    side = "denser than" if gap > 0 else "sparser than"
+    advice = "raise target_l0 or n_steps" if gap > 0 else "lower target_l0, or raise expansion_ratio"
+    return f"held-out L0 {summary.l0:.1f} is {abs(gap):.0%} {side} target_l0 {target:g}{coefficient}: {advice}"
 
 
 def log_table(frame: pd.DataFrame, name: str) -> None:

@@ -154,12 +154,17 @@ def resolve(point: dict, cache_dir: str | None, resolved: dict[tuple, Resolved])
 
 
 def check_dictionary(config: TrialConfig, d_model: int, workers_per_trial: int = 1) -> None:
-    """TopK and BatchTopK keep k of n_features: k must be smaller, at the model's width, and (as each
-    worker offers its own best k) no more than the features one worker holds."""
+    """A target L0 must be below n_features; TopK and BatchTopK keep k of n_features: k must be smaller, at the
+    model's width, and (as each worker offers its own best k) no more than the features one worker holds."""
     crosscoder = config.crosscoder
+    n_features = crosscoder.n_features(d_model)
+    if crosscoder.target_l0 is not None and crosscoder.target_l0 >= n_features:
+        raise StudyInputError(
+            f"target_l0 = {crosscoder.target_l0} is not below n_features = {n_features} (expansion_ratio "
+            f"{crosscoder.expansion_ratio} x d_model {d_model}): no dictionary fires that many; lower target_l0"
+        )
     if not METHODS[crosscoder.sparsity].uses_k:
         return
-    n_features = crosscoder.n_features(d_model)
     if crosscoder.k >= n_features:
         raise StudyInputError(
             f"k = {crosscoder.k} is not below n_features = {n_features} (expansion_ratio {crosscoder.expansion_ratio} "
