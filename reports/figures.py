@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from study.record import ABLATE_LEFT_BELOW, COMPARED, KEEP_RECOVERS_ABOVE, LABELS  # noqa: E402
+from study.record import COMPARED, CUT_OFFS, LABELS  # noqa: E402
 
 
 def step_axis(axis) -> None:
@@ -281,8 +281,8 @@ def ablation_figure(
         axis.set_ylabel("task metric / clean metric")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=7)
-    ablated_axis.axhline(ABLATE_LEFT_BELOW, color="tab:red", linestyle="--", linewidth=0.8)
-    kept_axis.axhline(KEEP_RECOVERS_ABOVE, color="tab:red", linestyle="--", linewidth=0.8)
+    ablated_axis.axhline(CUT_OFFS.ablate_left_below, color="tab:red", linestyle="--", linewidth=0.8)
+    kept_axis.axhline(CUT_OFFS.keep_recovers_above, color="tab:red", linestyle="--", linewidth=0.8)
     for curve, style, what in (
         (ablate_curve, "v--", "top features ablated"),
         (keep_curve, "^-", "top features kept"),
@@ -298,10 +298,48 @@ def ablation_figure(
             )
     snapshot_axis.set_xscale("log")
     snapshot_axis.set_xlabel("training step")
-    snapshot_axis.axhline(ABLATE_LEFT_BELOW, color="tab:red", linestyle="--", linewidth=0.8)
-    snapshot_axis.axhline(KEEP_RECOVERS_ABOVE, color="tab:red", linestyle="--", linewidth=0.8)
+    snapshot_axis.axhline(CUT_OFFS.ablate_left_below, color="tab:red", linestyle="--", linewidth=0.8)
+    snapshot_axis.axhline(CUT_OFFS.keep_recovers_above, color="tab:red", linestyle="--", linewidth=0.8)
     snapshot_axis.set_ylabel("task metric / clean metric")
     snapshot_axis.set_title("per snapshot where the task is learned", fontsize=9)
     snapshot_axis.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def frontier_figure(trials: pd.DataFrame, axis_keys: list[str]) -> Figure | None:
+    """The sparsity/fidelity frontier: each trial's explained variance and loss recovered against its held-out L0,
+    one line per value of the swept keys but target_l0 (a target_l0 sweep traces each method's frontier), with the
+    untrained control's point: where dictionaries are compared, at what L0."""
+    if trials.empty or METRIC.l0 not in trials:
+        return None
+    keys = [f"params.{key}" for key in axis_keys if key not in ("target_l0", "seed") and f"params.{key}" in trials]
+    groups = list(trials.groupby(keys, sort=False)) if keys else [("all trials", trials)]
+    panels = [
+        (METRIC.explained_variance, "explained variance (held out)"),
+        (METRIC.min_loss_recovered_by_snapshot, "loss recovered, worst snapshot"),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(10, 3.8), squeeze=False)
+    for axis, (statistic, label) in zip(axes[0], panels):
+        for name, group in groups:
+            if statistic not in group:
+                continue
+            ordered = group.sort_values(METRIC.l0)
+            text = (
+                name
+                if isinstance(name, str)
+                else ", ".join(f"{k.removeprefix('params.')}={v}" for k, v in zip(keys, np.atleast_1d(name)))
+            )
+            axis.plot(ordered[METRIC.l0], ordered[statistic], "o-", label=text)
+        if statistic == METRIC.explained_variance and METRIC.control_l0 in trials:
+            axis.plot(
+                trials[METRIC.control_l0], trials[METRIC.control_explained_variance], "kx", label="untrained control"
+            )
+        axis.set_xlabel("L0 (active features per token, held out)")
+        axis.set_ylabel(label)
+        axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("sparsity against fidelity: each point a trial", fontsize=10)
     figure.tight_layout()
     return figure

@@ -79,6 +79,11 @@ def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:
             "Each claim statistic against the sweep's axis.",
             figures.statistics_figure(record.by_axis_value, record.axis_keys),
         ),
+        "frontier": (
+            "Explained variance and loss recovered against L0, each trial a point: the dictionaries compared at the "
+            "sparsity they reached (the untrained control's point for scale).",
+            figures.frontier_figure(record.trials, record.axis_keys),
+        ),
         "model_curves": (
             "Model-level curves of the trajectory: statistical learning shows as falling n-gram KL.",
             figures.model_curve_figure(record.model_curves),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from crosscoder.evolution import VALLEY_MIN_DEPTH
@@ -429,46 +430,86 @@ TOP_FEATURES = 10
 """Features per snapshot whose RelIE is summarised (and, in the sweep, compared across seeds)."""
 MATCH_THRESHOLD = 0.7
 """Cosine above which two matched features count as the same feature."""
-SAE_SHARED_LOW = 0.30
-"""Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
 RELIE_ONSET = 1 / 3
 """A feature starts to matter at the first snapshot where its RelIE against the last snapshot, |IE_s| / (|IE_s| +
 |IE_last|), reaches this: its indirect effect half of what it ends with."""
-ATTRIBUTION_GAP_MAX, ERROR_SHARE_MAX = 0.2, 0.5
-"""The causal claim is judged only where integrated gradients account for the metric (the effects add up to it
-within this share) and the features carry most of the effect (the reconstruction error at most this share): a
-ranking that explains little of the metric ranks nothing."""
-TURN_ALPHA = 0.05
-"""The transition's test level: a curve turns when random snapshot orders of its values turn as clearly in at most
-this share of orderings (the nominal rate of a false turn in a curve whose order means nothing)."""
-MONOTONE_FIT = 0.8
-"""A dimensionality curve that does not turn and of which a monotone curve explains at least this share of the
-variance only rises or falls: the transition fails there (below it, the curve is noise, and undecided)."""
-NEAR_SHARE = 0.5
-"""Emergence holds where at least this share of the emergent features emerge near the turning step ("mostly near
-the transition", read on the share, not on the median)."""
-MIN_EMERGENT_SHARE = 0.1
-"""Emergence needs at least this share of resolved features to emerge after the first snapshot."""
-NORM_PROXY_R = -0.5
-"""The smallest within-snapshot correlation of probe error and decoder norm that counts as tracking (a large effect):
-paper 1's -0.87 pools features and snapshots, and a time trend both share makes most of such a figure."""
-TOKEN_SPECIFICITY_R = 0.1
-"""The smallest Spearman r of peak snapshot and token entropy that counts as "early token-specific, later abstract"."""
-QUALITY_MIN_EV, QUALITY_MIN_LOSS_RECOVERED, QUALITY_MAX_DEAD = 0.85, 0.8, 0.10
-"""Explained variance (paper 1's 85 %) and share of the mean-ablation loss increase avoided (ΔCE relative to what the
-layer is worth; paper 2's < 0.5 nats is in one model's units), both at the worst snapshot, and dead share."""
-QUALITY_MAX_L0_PER_DIMENSION = 120 / 768
-"""Most active features per token as a share of d_model: paper 1's L0 < 120 on Pythia-160M's 768 dimensions."""
-ABLATE_LEFT_BELOW, KEEP_RECOVERS_ABOVE = 0.5, 0.9
-"""Paper 1's causal figures: ablating the top features leaves under half, keeping them recovers over 90 %."""
+
+
+@dataclass(frozen=True)
+class CutOffs:
+    """Every cut-off a verdict rule reads, named once with its reason. The sweep re-judges each verdict at the
+    NEIGHBOURS of the cut-offs it reads, and says whether it would flip there."""
+
+    turn_alpha: float = 0.05
+    """The transition's test level: a curve turns when random snapshot orders of its values turn as clearly in at
+    most this share of orderings (the nominal rate of a false turn in a curve whose order means nothing)."""
+    monotone_fit: float = 0.8
+    """A dimensionality curve that does not turn and of which a monotone curve explains at least this share of the
+    variance only rises or falls: the transition fails there (below it, the curve is noise, and undecided)."""
+    min_order_coherence: float = 0.5
+    """Order coherence every trial needs for an order claim to be judged at all (a shuffled trajectory has ~0)."""
+    min_resolved_share: float = 0.5
+    """Share of live features whose decoders moved from their initial value, for emergence to be read from them."""
+    min_emergent_share: float = 0.1
+    """Emergence needs at least this share of resolved features to emerge after the first snapshot."""
+    near_share: float = 0.5
+    """Emergence holds where at least this share of the emergent features emerge near the turning step ("mostly
+    near the transition", read on the share, not on the median)."""
+    norm_proxy_r: float = -0.5
+    """The smallest within-snapshot correlation of probe error and decoder norm that counts as tracking (a large
+    effect): paper 1's -0.87 pools features and snapshots, and a time trend both share makes most of such a figure."""
+    token_specificity_r: float = 0.1
+    """The smallest Spearman r of peak snapshot and token entropy that counts as "early token-specific, later
+    abstract"."""
+    quality_min_ev: float = 0.85
+    """Explained variance at the worst snapshot (paper 1's 85 %)."""
+    quality_min_loss_recovered: float = 0.8
+    """Share of the mean-ablation loss increase the reconstruction avoids, at the worst snapshot (ΔCE relative to
+    what the layer is worth; paper 2's < 0.5 nats is in one model's units)."""
+    quality_max_l0_per_dimension: float = 120 / 768
+    """Most active features per token as a share of d_model: paper 1's L0 < 120 on Pythia-160M's 768 dimensions."""
+    quality_max_dead: float = 0.10
+    """Largest dead share (paper 2 reads many dead features as poor training)."""
+    shared_share_low: float = 0.30
+    """Low end of the share of features shared across seeds published for SAEs (30-53 %)."""
+    ablate_left_below: float = 0.5
+    """Paper 1: ablating the top features leaves under half of the task metric..."""
+    keep_recovers_above: float = 0.9
+    """...and keeping only them recovers over 90 % of it."""
+    attribution_gap_max: float = 0.2
+    """The causal claim is judged only where integrated gradients account for the metric (the effects add up to it
+    within this share)..."""
+    error_share_max: float = 0.5
+    """...and the features carry most of the effect (the reconstruction error at most this share): a ranking that
+    explains little of the metric ranks nothing."""
+
+
+CUT_OFFS = CutOffs()
+"""The cut-offs the verdicts are judged at."""
+NEIGHBOURS = {
+    "turn_alpha": (0.025, 0.1),
+    "monotone_fit": (0.7, 0.9),
+    "min_order_coherence": (0.4, 0.6),
+    "min_resolved_share": (0.4, 0.6),
+    "min_emergent_share": (0.05, 0.2),
+    "near_share": (0.4, 0.6),
+    "norm_proxy_r": (-0.4, -0.6),
+    "token_specificity_r": (0.05, 0.2),
+    "quality_min_ev": (0.8, 0.9),
+    "quality_min_loss_recovered": (0.7, 0.9),
+    "quality_max_l0_per_dimension": (0.1, 0.2),
+    "quality_max_dead": (0.05, 0.2),
+    "shared_share_low": (0.2, 0.4),
+    "ablate_left_below": (0.4, 0.6),
+    "keep_recovers_above": (0.8, 0.95),
+    "attribution_gap_max": (0.1, 0.3),
+    "error_share_max": (0.4, 0.6),
+}
+"""The values either side of each cut-off at which every verdict reading it is judged again."""
 
 
 MIN_COMPARABLE_TRIALS = 2
 """No verdict from fewer finished trials that give the claim's statistic: it is inconclusive."""
-MIN_ORDER_COHERENCE = 0.5
-"""Order coherence every trial needs for an evolution claim (transition, emergence) to be judged at all."""
-MIN_RESOLVED_SHARE = 0.5
-"""Share of live features whose decoders moved from their initial value, for emergence to be read from them."""
 NEAR_FACTOR = 2.5
 """Two training steps are near when (1 + step) of one is within this factor of the other's: on the log axis
 pre-training schedules use, and the same at 4 snapshots as at 32 (a grid interval is not)."""
@@ -486,7 +527,7 @@ SHARED_RULES = (
     f"No verdict across the axis from fewer than {MIN_COMPARABLE_TRIALS} comparable trials (finished trials that "
     "give the claim's statistic): inconclusive. Pairs of trials (stability) differ in the compared key; trials with "
     "the same configuration are replicates, never pairs. The order claims (transition, emergence, token_specificity) "
-    f"are inconclusive unless every trial's snapshots evolve in their order (order coherence >= {MIN_ORDER_COHERENCE}; "
+    f"are inconclusive unless every trial's snapshots evolve in their order (order coherence >= {CUT_OFFS.min_order_coherence}; "
     "a frozen or shuffled trajectory has none) and forward (the model's held-out loss lower at the last snapshot than "
     "at the first; checkpoints in reverse order have the same coherence). A verdict read from trials that had not "
     f"converged (training loss still falling by more than {UNCONVERGED_LOSS_DROP:.0%} over the last fifth of the "
@@ -514,11 +555,11 @@ CLAIMS = (
         "per trial, the total feature dimensionality's turn (how much of the curve a fall-then-rise explains, each arm "
         f"at least {VALLEY_MIN_DEPTH:.0%} of its range) is tested against the same values in random snapshot orders; "
         "holds if every trial turns at "
-        f"p <= {TURN_ALPHA}, the turning steps of seeds of one configuration are near each other (within a factor of "
+        f"p <= {CUT_OFFS.turn_alpha}, the turning steps of seeds of one configuration are near each other (within a factor of "
         f"{NEAR_FACTOR} in 1 + step) and at "
         "or near the end of statistical learning (the first snapshot whose unigram KL is within "
         f"{STATISTICAL_END_TOLERANCE:.0%} of its range of its floor); fails if they are not, or if a trial without a "
-        f"turn has a curve a monotone one explains (fit >= {MONOTONE_FIT}); inconclusive otherwise, and where too few "
+        f"turn has a curve a monotone one explains (fit >= {CUT_OFFS.monotone_fit}); inconclusive otherwise, and where too few "
         "snapshots could show a turn at that level (fewer than 6)",
     ),
     Claim(
@@ -527,8 +568,8 @@ CLAIMS = (
         "initial_share, emergence_near_share, unresolved_share",
         "counted over resolved features (decoders that moved measurably from their initial value); follows the "
         "transition where it does not hold (fails with it, inconclusive with it); holds if in every trial at least "
-        f"{MIN_RESOLVED_SHARE:.0%} of live features are resolved, at least {MIN_EMERGENT_SHARE:.0%} of them emerge "
-        f"after the first snapshot, and at least {NEAR_SHARE:.0%} of those emerge near the trial's turning step; "
+        f"{CUT_OFFS.min_resolved_share:.0%} of live features are resolved, at least {CUT_OFFS.min_emergent_share:.0%} of them emerge "
+        f"after the first snapshot, and at least {CUT_OFFS.near_share:.0%} of those emerge near the trial's turning step; "
         "fails otherwise (the spread of the shares across trials is evidence, not a rule: paper 1 expects it to "
         "change with the dictionary)",
     ),
@@ -538,24 +579,24 @@ CLAIMS = (
         "norm_proxy_r_within, norm_proxy_r_within_low, norm_proxy_r_within_high",
         "per trial, the correlation between probe error and relative decoder norm within snapshots (each snapshot's "
         "mean over features taken out, so a time trend both share does not count) with its 95 % bootstrap interval "
-        f"over features; the trials' effects pooled: holds if the interval lies below {NORM_PROXY_R}, fails if it "
+        f"over features; the trials' effects pooled: holds if the interval lies below {CUT_OFFS.norm_proxy_r}, fails if it "
         "lies above, inconclusive if it holds it",
     ),
     Claim(
         "quality",
         "EV >= 85 %, L0 < 120 (paper 1); ΔCE < 0.5, few dead features (paper 2)",
         "min_explained_variance_by_snapshot, min_loss_recovered_by_snapshot, l0_per_dimension, dead_fraction",
-        f"holds if every trial, at its worst snapshot, explains at least {QUALITY_MIN_EV:.0%} of the variance (and more "
-        f"than the untrained control) and recovers at least {QUALITY_MIN_LOSS_RECOVERED:.0%} of the loss that "
-        f"replacing the layer by its mean costs, with L0 at most {QUALITY_MAX_L0_PER_DIMENSION:.3f} of d_model and "
-        f"at most {QUALITY_MAX_DEAD:.0%} dead features; fails otherwise",
+        f"holds if every trial, at its worst snapshot, explains at least {CUT_OFFS.quality_min_ev:.0%} of the variance (and more "
+        f"than the untrained control) and recovers at least {CUT_OFFS.quality_min_loss_recovered:.0%} of the loss that "
+        f"replacing the layer by its mean costs, with L0 at most {CUT_OFFS.quality_max_l0_per_dimension:.3f} of d_model and "
+        f"at most {CUT_OFFS.quality_max_dead:.0%} dead features; fails otherwise",
     ),
     Claim(
         "stability",
         "crosscoders find the same features across seeds (paper 2's check)",
         "shared_share (seed pairs)",
         f"holds if, between trials whose seeds differ and nothing else, the mean share of features matched one-to-one "
-        f"with cosine > {MATCH_THRESHOLD} is at least {SAE_SHARED_LOW} (the low end of published SAE levels); fails below",
+        f"with cosine > {MATCH_THRESHOLD} is at least {CUT_OFFS.shared_share_low} (the low end of published SAE levels); fails below",
     ),
     Claim(
         "token_specificity",
@@ -564,7 +605,7 @@ CLAIMS = (
         "per trial, the Spearman r between the snapshot where a feature's decoder norm peaks and the entropy of its "
         f"token ids, each read on the same count of its firings (a feature that fires more often is not more abstract for "
         "that), with its 95 % bootstrap interval over features; the trials' effects pooled: holds if the interval "
-        f"lies above {TOKEN_SPECIFICITY_R}, fails if below, inconclusive if it holds it",
+        f"lies above {CUT_OFFS.token_specificity_r}, fails if below, inconclusive if it holds it",
     ),
     Claim(
         "relie",
@@ -586,8 +627,8 @@ CLAIMS = (
         f"intervals over the measuring prompts. Ablated: paper 1's {ABLATE_K} features, at most "
         f"{ABLATE_MAX_SHARE:.0%} of the dictionary; kept: its {KEEP_SHARE:.2%} of the dictionary, at least {KEEP_MIN}, at "
         f"most {KEEP_MAX_SHARE:.0%}. Inconclusive where attribution misses the metric by more than "
-        f"{ATTRIBUTION_GAP_MAX:.0%} or the reconstruction error carries more than {ERROR_SHARE_MAX:.0%} of the effect; "
-        f"holds if ablating leaves under {ABLATE_LEFT_BELOW:.0%} and keeping recovers over {KEEP_RECOVERS_ABOVE:.0%} "
+        f"{CUT_OFFS.attribution_gap_max:.0%} or the reconstruction error carries more than {CUT_OFFS.error_share_max:.0%} of the effect; "
+        f"holds if ablating leaves under {CUT_OFFS.ablate_left_below:.0%} and keeping recovers over {CUT_OFFS.keep_recovers_above:.0%} "
         "(intervals clear of both) while as many random features do neither; fails if an interval lies on the wrong "
         "side or random features do as well; inconclusive otherwise",
     ),

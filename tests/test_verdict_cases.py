@@ -18,7 +18,7 @@ from study.analysis.causal_statistics import split_prompts
 from study.analysis.claim_statistics import near_share, token_specificity
 from study.analysis.rules import Trials, against_smallest_effect, judge, judge_sweep
 from study.lm.planted import PRESETS, planted_folder, read_truth
-from study.record import NORM_PROXY_R, TOKEN_SPECIFICITY_R, TURN_ALPHA, ablate_count, keep_count
+from study.record import CUT_OFFS, ablate_count, keep_count
 from tests.trial_tables import good_trials
 
 GRID = [0, 1, 2, 4, 8, 16, 32, 64, 128]
@@ -38,9 +38,9 @@ def outcomes(grid: list[int] = GRID, learns: bool | None = True, **changes) -> d
 def test_noise_curves_turn_no_more_often_than_the_nominal_rate(n_snapshots):
     generator = torch.Generator().manual_seed(n_snapshots)
     p_values = [valley_test(torch.randn(n_snapshots, generator=generator), 199, seed).p_value for seed in range(200)]
-    false_turns = sum(p <= TURN_ALPHA for p in p_values) / len(p_values)
+    false_turns = sum(p <= CUT_OFFS.turn_alpha for p in p_values) / len(p_values)
     # The rate's sampling error over 200 curves is about 1.5 points.
-    assert false_turns <= TURN_ALPHA + 0.03, false_turns
+    assert false_turns <= CUT_OFFS.turn_alpha + 0.03, false_turns
     if n_snapshots == 4:
         assert false_turns == 0 and smallest_valley_p(4) == 0.25  # four snapshots can never show a turn at 5 %
 
@@ -48,11 +48,11 @@ def test_noise_curves_turn_no_more_often_than_the_nominal_rate(n_snapshots):
 def test_a_real_turn_is_found_and_a_monotone_curve_fails():
     valley = [17.0, 17.6, 17.8, 18.0, 18.1, 17.3, 14.2, 7.0, 6.3, 8.4, 18.7, 19.3]  # the planted dictionary's
     rising = [18.1] * 7 + [19.6, 20.7, 21.4, 21.4, 21.4]  # the no_turn case's
-    assert valley_test(valley).p_value <= TURN_ALPHA
+    assert valley_test(valley).p_value <= CUT_OFFS.turn_alpha
     # The embedded model's x4 crosscoder: a collapse from initialisation, then a rise of a sixth of the range.
-    assert valley_test([46.05, 46.09, 45.95, 26.38, 7.83, 7.57, 9.36, 11.35, 13.49]).p_value <= TURN_ALPHA
+    assert valley_test([46.05, 46.09, 45.95, 26.38, 7.83, 7.57, 9.36, 11.35, 13.49]).p_value <= CUT_OFFS.turn_alpha
     flat = valley_test(rising)
-    assert flat.p_value > TURN_ALPHA and flat.valley_fit == 0 and flat.monotone_fit >= 0.99
+    assert flat.p_value > CUT_OFFS.turn_alpha and flat.valley_fit == 0 and flat.monotone_fit >= 0.99
     assert outcomes()["transition"] == "holds"
     assert outcomes(transition_p_value=[0.01, 0.7], transition_monotone_fit=[0.3, 0.95])["transition"] == "fails"
     # An exchangeable-noise curve has a minimum inside most of the time; it is undecided, not a turn.
@@ -180,13 +180,13 @@ def test_features_that_only_fire_more_often_are_not_read_as_abstract():
     same_tokens = (torch.rand(n_tokens, n_features, generator=generator) < firing_rate).float()
     assert spearman(peak.float(), token_entropy(same_tokens, token_ids)) > 0.5  # the confound, read on every firing
     confounded = token_specificity(same_tokens, token_ids, peak, n_snapshots, seed=0).r
-    assert against_smallest_effect(confounded, TOKEN_SPECIFICITY_R, larger_holds=True) != "holds", confounded
+    assert against_smallest_effect(confounded, CUT_OFFS.token_specificity_r, larger_holds=True) != "holds", confounded
     # The real thing: early features read two token ids, later ones many, at the same firing rate.
     vocabulary = 2 + 6 * peak  # token ids each feature fires on
     reads = (token_ids[:, None] % 50) < vocabulary[None, :]
     specific = (reads & (torch.rand(n_tokens, n_features, generator=generator) < 0.3)).float()
     real = token_specificity(specific, token_ids, peak, n_snapshots, seed=0).r
-    assert against_smallest_effect(real, TOKEN_SPECIFICITY_R, larger_holds=True) == "holds", real
+    assert against_smallest_effect(real, CUT_OFFS.token_specificity_r, larger_holds=True) == "holds", real
 
 
 def test_a_time_trend_shared_by_probe_errors_and_norms_is_not_a_proxy():
@@ -201,11 +201,11 @@ def test_a_time_trend_shared_by_probe_errors_and_norms_is_not_a_proxy():
     norms = 0.2 + 0.8 * trend + 0.05 * torch.randn(n_features, n_snapshots, generator=generator)
     errors = 0.5 - 0.4 * trend + 0.05 * torch.randn(n_features, n_snapshots, generator=generator)
     assert pearson(errors.flatten(), norms.flatten()) < -0.8  # paper 1's pooled figure would call it a proxy
-    assert against_smallest_effect(within(errors, norms), NORM_PROXY_R, larger_holds=False) != "holds"
+    assert against_smallest_effect(within(errors, norms), CUT_OFFS.norm_proxy_r, larger_holds=False) != "holds"
     # Where a feature's norm says how well a probe finds it, at every snapshot, the proxy holds.
     norms = torch.rand(n_features, n_snapshots, generator=generator)
     errors = 0.5 - 0.4 * norms + 0.03 * torch.randn(n_features, n_snapshots, generator=generator)
-    assert against_smallest_effect(within(errors, norms), NORM_PROXY_R, larger_holds=False) == "holds"
+    assert against_smallest_effect(within(errors, norms), CUT_OFFS.norm_proxy_r, larger_holds=False) == "holds"
 
 
 def test_a_small_dictionary_ablates_and_keeps_a_small_share_of_itself():
@@ -264,3 +264,14 @@ def outcomes_evidence() -> str:
     frame = pd.DataFrame({"run_id": ["a", "b"], **TURNING})
     trials = Trials(frame, ["seed"], {run_id: GRID for run_id in ("a", "b")}, 2, True)
     return next(verdict.evidence for verdict in judge(trials, NO_PAIRS) if verdict.claim == "emergence")
+
+
+def test_each_verdict_says_whether_it_would_flip_at_its_cut_offs_neighbours():
+    near_the_cut = dict(token_specificity_r=[0.25, 0.25], token_specificity_r_low=[0.13, 0.13])
+    frame = pd.DataFrame({"run_id": ["a", "b"], **dict(TURNING, **near_the_cut)})
+    trials = Trials(frame, ["seed"], {run_id: GRID for run_id in ("a", "b")}, 2, True)
+    verdicts = {verdict.claim: verdict for verdict in judge_sweep(trials, NO_PAIRS)}
+    specificity = verdicts["token_specificity"]
+    assert specificity.verdict == "holds"  # above 0.1, but not above the next value up:
+    assert "would flip at token_specificity_r 0.2 (inconclusive)" in specificity.evidence
+    assert verdicts["norm_proxy"].evidence.endswith("the same at the cut-offs' neighbouring values")

@@ -9,6 +9,7 @@ Over 300 lines for now: one verdict function per claim; the verdict issue rewrit
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -17,30 +18,16 @@ import pandas as pd
 from crosscoder.evolution import smallest_valley_p
 from crosscoder.feature_statistics import Interval
 from study.record import (
-    ABLATE_LEFT_BELOW,
-    ATTRIBUTION_GAP_MAX,
     CLAIM,
-    ERROR_SHARE_MAX,
-    KEEP_RECOVERS_ABOVE,
+    CUT_OFFS,
     METRIC,
     MIN_COMPARABLE_TRIALS,
-    MIN_EMERGENT_SHARE,
-    MIN_ORDER_COHERENCE,
-    MIN_RESOLVED_SHARE,
-    MONOTONE_FIT,
-    NEAR_SHARE,
-    NORM_PROXY_R,
-    QUALITY_MAX_DEAD,
-    QUALITY_MAX_L0_PER_DIMENSION,
-    QUALITY_MIN_EV,
-    QUALITY_MIN_LOSS_RECOVERED,
+    NEIGHBOURS,
     RULES,
-    SAE_SHARED_LOW,
     SETTLED_SHARE,
     TASK_LEARNED_ACCURACY,
-    TOKEN_SPECIFICITY_R,
-    TURN_ALPHA,
     UNCONVERGED_LOSS_DROP,
+    CutOffs,
     near,
 )
 
@@ -76,6 +63,8 @@ class Trials(NamedTuple):
     """(axis value, MLflow status) of each trial of the sweep that did not finish: failed, killed or still running."""
     along_training: dict[str, pd.DataFrame] = {}
     """run_id -> its order statistics at each checkpoint (``study.record.AlongTraining``, a ``step`` column)."""
+    cut_offs: CutOffs = CUT_OFFS
+    """The cut-offs the rules read (``judge_sweep`` also judges at their NEIGHBOURS)."""
 
 
 def verdict(claim: str, outcome: str, evidence: str) -> Verdict:
@@ -113,7 +102,7 @@ def unordered(claim: str, trials: Trials) -> Verdict | None:
             "inconclusive",
             "the model's held-out loss rises from the first snapshot to the last: not a training run",
         )
-    if len(coherence) and (coherence.fillna(-1.0) >= MIN_ORDER_COHERENCE).all():
+    if len(coherence) and (coherence.fillna(-1.0) >= trials.cut_offs.min_order_coherence).all():
         return None
     listed = ", ".join(f"{value:.2f}" for value in coherence)
     return verdict(
@@ -247,19 +236,19 @@ def transition_verdict(trials: Trials) -> Verdict:
         f"turn p-values {', '.join(f'{p:.3f}' for p in p_values)} (random snapshot orders as the null), monotone fit "
         f"{', '.join(f'{fit:.2f}' for fit in monotone)}; turning steps {sorted({int(step) for step in turning})}"
     )
-    if smallest_valley_p(len(grid)) > TURN_ALPHA:
+    if smallest_valley_p(len(grid)) > trials.cut_offs.turn_alpha:
         return verdict(
             CLAIM.transition,
             "inconclusive",
-            f"{len(grid)} snapshots cannot tell a turn from noise at {TURN_ALPHA:.0%} (smallest possible p "
+            f"{len(grid)} snapshots cannot tell a turn from noise at {trials.cut_offs.turn_alpha:.0%} (smallest possible p "
             f"{smallest_valley_p(len(grid)):.2f}); {evidence}",
         )
     if trials.statistical_end is not None:
         evidence += f"; statistical learning ends at step {trials.statistical_end} (unigram KL at its floor)"
-    turns = p_values <= TURN_ALPHA
+    turns = p_values <= trials.cut_offs.turn_alpha
     if not turns.all():
         # A curve a monotone one explains is a curve without a turn; one that is neither is noise: undecided.
-        flat_or_monotone = (~turns & (monotone.reindex(p_values.index) >= MONOTONE_FIT)).any()
+        flat_or_monotone = (~turns & (monotone.reindex(p_values.index) >= trials.cut_offs.monotone_fit)).any()
         return verdict(CLAIM.transition, "fails" if flat_or_monotone else "inconclusive", evidence)
     # Seeds of one configuration must turn at about the same step; another swept key may move it (the evidence
     # lists the steps, and the per-value verdicts judge each value on its own).
@@ -298,10 +287,10 @@ def emergence_verdict(trials: Trials, transition: Verdict) -> Verdict:
         return verdict(CLAIM.emergence, outcome, f"the transition {transition.verdict}; {evidence}")
     holds = (
         len(resolved) == len(shares)
-        and bool((resolved >= MIN_RESOLVED_SHARE).all())
-        and bool((1 - shares >= MIN_EMERGENT_SHARE).all())
+        and bool((resolved >= trials.cut_offs.min_resolved_share).all())
+        and bool((1 - shares >= trials.cut_offs.min_emergent_share).all())
         and len(near_shares) == len(shares)
-        and bool((near_shares >= NEAR_SHARE).all())
+        and bool((near_shares >= trials.cut_offs.near_share).all())
     )
     return verdict(CLAIM.emergence, "holds" if holds else "fails", evidence)
 
@@ -309,7 +298,7 @@ def emergence_verdict(trials: Trials, transition: Verdict) -> Verdict:
 def quality_verdict(trials: Trials) -> Verdict:
     """Each trial at its worst snapshot, in units of the model and the dictionary: explained variance (against the
     mean, and above the untrained control's), loss recovered (against mean ablation), L0 per dimension, dead share."""
-    frame = trials.frame
+    frame, cut = trials.frame, trials.cut_offs
     blocked = too_few(CLAIM.quality, len(frame), "quality metrics", trials.min_trials)
     if blocked:
         return blocked
@@ -321,12 +310,12 @@ def quality_verdict(trials: Trials) -> Verdict:
     per_dimension, dead = numeric(frame, METRIC.l0_per_dimension), numeric(frame, METRIC.dead_fraction)
     control = numeric(frame, METRIC.control_explained_variance)
     meets = (
-        (worst_ev >= QUALITY_MIN_EV)
+        (worst_ev >= cut.quality_min_ev)
         & ~(worst_ev <= control)
         # nan: replacing the layer by its mean costs no loss (a model whose logits barely read it), nothing to recover
-        & ((recovered >= QUALITY_MIN_LOSS_RECOVERED) | recovered.isna())
-        & (per_dimension <= QUALITY_MAX_L0_PER_DIMENSION)
-        & (dead <= QUALITY_MAX_DEAD)
+        & ((recovered >= cut.quality_min_loss_recovered) | recovered.isna())
+        & (per_dimension <= cut.quality_max_l0_per_dimension)
+        & (dead <= cut.quality_max_dead)
     )
     listed = "; ".join(
         f"worst EV {ev:.3f}, worst loss recovered {rec:.2f}, L0/d_model {dim:.3f}, dead {gone:.2f}"
@@ -344,7 +333,7 @@ def token_specificity_verdict(trials: Trials) -> Verdict:
         trials,
         CLAIM.token_specificity,
         METRIC.token_specificity_r,
-        TOKEN_SPECIFICITY_R,
+        trials.cut_offs.token_specificity_r,
         True,
         "Spearman r(peak snapshot, token entropy)",
     )
@@ -355,7 +344,7 @@ def norm_proxy_verdict(trials: Trials) -> Verdict:
         trials,
         CLAIM.norm_proxy,
         METRIC.norm_proxy_r_within,
-        NORM_PROXY_R,
+        trials.cut_offs.norm_proxy_r,
         False,
         "within-snapshot r(probe error, decoder norm)",
     )
@@ -370,7 +359,7 @@ def pairs_of_kind(stabilities: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     return stabilities[stabilities["kind"] == "seed"], stabilities[stabilities["kind"] == "expansion_ratio"]
 
 
-def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
+def stability_verdict(stabilities: pd.DataFrame, cut_offs: CutOffs = CUT_OFFS) -> Verdict:
     seeds, ratios = pairs_of_kind(stabilities)
     across_ratios = (
         f"; across expansion ratios {ratios['shared_share'].mean():.2f} of the smaller dictionary's features "
@@ -386,7 +375,7 @@ def stability_verdict(stabilities: pd.DataFrame) -> Verdict:
         f"{seeds['shared_share'].max():.2f}) over {len(seeds)} seed pair(s); "
         f"mean max cosine {seeds['mean_max_cosine'].mean():.2f}{across_ratios}"
     )
-    return verdict(CLAIM.stability, "holds" if mean_share >= SAE_SHARED_LOW else "fails", evidence)
+    return verdict(CLAIM.stability, "holds" if mean_share >= cut_offs.shared_share_low else "fails", evidence)
 
 
 def relie_verdict(trials: Trials, stabilities: pd.DataFrame) -> Verdict:
@@ -431,10 +420,10 @@ def relie_verdict(trials: Trials, stabilities: pd.DataFrame) -> Verdict:
 
 def causal_verdict(trials: Trials) -> Verdict:
     """Features ranked on half the prompts, measured on the other half, against as many random features: holds
-    where ablating the top ones leaves under ABLATE_LEFT_BELOW and keeping them recovers over KEEP_RECOVERS_ABOVE
+    where ablating the top ones leaves under ablate_left_below and keeping them recovers over keep_recovers_above
     (each interval clear of its cut-off) while random ones do neither; judged only where attribution accounts for
     the metric."""
-    frame = trials.frame
+    frame, cut = trials.frame, trials.cut_offs
     names = (METRIC.causal_ablate_relative, METRIC.causal_keep_relative)
     learned = frame.dropna(subset=list(names)) if all(name in frame for name in names) else frame.iloc[0:0]
     unlearned = len(frame) - len(learned)
@@ -460,16 +449,16 @@ def causal_verdict(trials: Trials) -> Verdict:
         f"features leave {random_ablate:.2f} and recover {random_keep:.2f} ({counts}; ranked and measured on "
         f"separate halves of the prompts; attribution gap {gap:.2f}, error share {error_share:.2f}){note}"
     )
-    if not (gap <= ATTRIBUTION_GAP_MAX and error_share <= ERROR_SHARE_MAX):
+    if not (gap <= cut.attribution_gap_max and error_share <= cut.error_share_max):
         return verdict(
             CLAIM.causal,
             "inconclusive",
-            f"attribution does not account for the metric (gap above {ATTRIBUTION_GAP_MAX} or error share above "
-            f"{ERROR_SHARE_MAX}): the ranking ranks little; {evidence}",
+            f"attribution does not account for the metric (gap above {cut.attribution_gap_max} or error share above "
+            f"{cut.error_share_max}): the ranking ranks little; {evidence}",
         )
-    breaks = against_smallest_effect(ablate, ABLATE_LEFT_BELOW, larger_holds=False)
-    restores = against_smallest_effect(keep, KEEP_RECOVERS_ABOVE, larger_holds=True)
-    beats_random = random_ablate >= ABLATE_LEFT_BELOW and random_keep <= KEEP_RECOVERS_ABOVE
+    breaks = against_smallest_effect(ablate, cut.ablate_left_below, larger_holds=False)
+    restores = against_smallest_effect(keep, cut.keep_recovers_above, larger_holds=True)
+    beats_random = random_ablate >= cut.ablate_left_below and random_keep <= cut.keep_recovers_above
     if "fails" in (breaks, restores) or not beats_random:
         return verdict(CLAIM.causal, "fails", evidence)
     return verdict(CLAIM.causal, "holds" if breaks == restores == "holds" else "inconclusive", evidence)
@@ -493,11 +482,15 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
         ),
         norm_proxy_verdict(trials),
         quality_verdict(trials),
-        stability_verdict(stabilities),
+        stability_verdict(stabilities, trials.cut_offs),
         token_specificity_verdict(trials),
         relie_verdict(trials, stabilities),
         causal_verdict(trials),
     ]
+    sparsity = sparsity_of(frame)
+    verdicts = (
+        [judged._replace(evidence=f"{judged.evidence}; {sparsity}") for judged in verdicts] if sparsity else verdicts
+    )
     moving = unconverged(frame)
     if moving is None:
         return verdicts
@@ -507,6 +500,19 @@ def judge(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
         else judged
         for judged in verdicts
     ]
+
+
+def sparsity_of(frame: pd.DataFrame) -> str | None:
+    """The held-out L0 of the trials a verdict reads (and their target): a claim about dictionaries is a claim at
+    some sparsity. None where no trial logged one."""
+    l0 = column(frame, METRIC.l0)
+    if l0.empty:
+        return None
+    targets = sorted(
+        set(pd.to_numeric(frame.get("params.target_l0", pd.Series(dtype=float)), errors="coerce").dropna())
+    )
+    target = f" (target_l0 {', '.join(f'{value:g}' for value in targets)})" if targets else ""
+    return f"trials at held-out L0 {l0.min():.1f} to {l0.max():.1f}{target}"
 
 
 PAIR_CLAIMS = (CLAIM.stability,)
@@ -569,6 +575,29 @@ def without_unfinished(verdicts: list[Verdict], trials: Trials) -> list[Verdict]
 
 
 def judge_sweep(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
+    """``judge_values``, each verdict's evidence ending with whether it would flip at the neighbouring values of
+    the cut-offs it reads (``study.record.NEIGHBOURS``): a verdict that flips there rests on the cut-off's choice."""
+    verdicts = judge_values(trials, stabilities)
+    flips: dict[str, list[str]] = {judged.claim: [] for judged in verdicts}
+    for name, neighbours in NEIGHBOURS.items():
+        for value in neighbours:
+            moved = trials._replace(cut_offs=replace(trials.cut_offs, **{name: value}))
+            for judged, other in zip(verdicts, judge_values(moved, stabilities)):
+                if other.verdict != judged.verdict:
+                    flips[judged.claim].append(f"{name} {value:g} ({other.verdict})")
+    return [
+        judged._replace(
+            evidence=f"{judged.evidence}; would flip at "
+            + ", ".join(flips[judged.claim])
+            + " of the cut-offs' neighbouring values"
+            if flips[judged.claim]
+            else f"{judged.evidence}; the same at the cut-offs' neighbouring values"
+        )
+        for judged in verdicts
+    ]
+
+
+def judge_values(trials: Trials, stabilities: pd.DataFrame) -> list[Verdict]:
     """A verdict per claim for the whole sweep, with one per value of the swept key (its seeds pooled, each trial
     judged on its own statistic's null or interval, so one trial suffices). A claim that paper 1 expects to
     change along the axis is judged at each value, not failed for changing. The overall outcome combines the

@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from study.record import ABLATE_LEFT_BELOW, KEEP_RECOVERS_ABOVE, TOP_FEATURES, ablate_count, keep_count
+from study.record import CUT_OFFS, TOP_FEATURES, ablate_count, keep_count
 
 TaskKind = Literal["none", "sparse", "dense"]
 
@@ -156,7 +156,7 @@ def task_truth(plan: TaskPlan, coefficients: torch.Tensor, decoder: torch.Tensor
         **plan._asdict(),
         "ablate_left": left,
         "keep_recovered": kept,
-        "carried_by_few": left < ABLATE_LEFT_BELOW and kept > KEEP_RECOVERS_ABOVE,
+        "carried_by_few": left < CUT_OFFS.ablate_left_below and kept > CUT_OFFS.keep_recovers_above,
         # As many as carry a sparse task; the top TOP_FEATURES where none does (dense).
         "top_features": effects.argsort(descending=True)[: len(plan.features) or TOP_FEATURES].tolist(),
     }

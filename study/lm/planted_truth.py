@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from crosscoder.evolution import smallest_valley_p
-from study.record import CLAIM, NEAR_SHARE, TURN_ALPHA, near
+from study.record import CLAIM, CUT_OFFS, near
 
 NOT_HOLDS = "not holds"
 """The expected verdict where fails and inconclusive are both right."""
@@ -49,8 +49,10 @@ def spearman(first: list[float], second: list[float]) -> float:
 
 def transition_truth(truth: dict) -> dict[str, str]:
     turning, end, count = truth["turning_step"], truth["statistical_end"], len(truth["steps"])
-    if smallest_valley_p(count) > TURN_ALPHA:
-        return expected("inconclusive", f"{count} snapshots cannot show a turn at {TURN_ALPHA:.0%}, whatever the curve")
+    if smallest_valley_p(count) > CUT_OFFS.turn_alpha:
+        return expected(
+            "inconclusive", f"{count} snapshots cannot show a turn at {CUT_OFFS.turn_alpha:.0%}, whatever the curve"
+        )
     if turning is None:
         return expected("fails", "the planted dimensionality never turns: it does not fall and rise again")
     if turning < end:
@@ -69,7 +71,7 @@ def emergence_truth(truth: dict) -> dict[str, str]:
     if turning is None:
         return expected("fails", "features emerge, but there is no transition for them to emerge near")
     share = sum(near(step, turning) for step in emergent) / len(emergent)
-    verdict = "holds" if share >= NEAR_SHARE else "fails"
+    verdict = "holds" if share >= CUT_OFFS.near_share else "fails"
     return expected(verdict, f"{share:.0%} of the {len(emergent)} emergent features emerge near step {turning}")
 
 
