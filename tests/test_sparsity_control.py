@@ -14,7 +14,13 @@ DATA = planted_features(8000, 3, 32, 96, seed=0).activations  # its own L0 is ab
 
 def trained(method: str, target: float, seed: int = 0):
     config = CrossCoderConfig(
-        expansion_ratio=4, sparsity=method, target_l0=target, n_steps=500, batch_size=256, learning_rate=4e-3, seed=seed
+        expansion_ratio=4,
+        sparsity=method,
+        target_l0=target,
+        n_steps=1000,
+        batch_size=256,
+        learning_rate=4e-3,
+        seed=seed,
     )
     return fit(DATA[:6000], config, eval_activations=DATA[6000:])
 
