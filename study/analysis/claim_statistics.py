@@ -7,6 +7,7 @@ Everything here reads the crosscoder and held-out activations; the language-mode
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import pandas as pd
@@ -293,7 +294,10 @@ def claim_statistics(
         norm_proxy_r_within_high=probes.norm_proxy_within.high,
         delta_ce_mean=float(delta_ce.mean()),
         delta_ce_max=float(delta_ce.max()),
-        min_loss_recovered_by_snapshot=min(spliced.loss_recovered),
+        # nan at snapshots whose layer is worth no loss (a model at initialisation): nothing to recover there.
+        min_loss_recovered_by_snapshot=min(
+            (value for value in spliced.loss_recovered if not math.isnan(value)), default=float("nan")
+        ),
         token_specificity_r=specificity.r.value,
         token_specificity_r_low=specificity.r.low,
         token_specificity_r_high=specificity.r.high,
