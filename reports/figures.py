@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from study.record import COMPARED, CUT_OFFS, LABELS  # noqa: E402
+from study.record import COMPARED, CUT_OFFS, LABELS, natural_order  # noqa: E402
 
 
 def step_axis(axis) -> None:
@@ -309,28 +309,24 @@ def ablation_figure(
 
 def frontier_figure(trials: pd.DataFrame, axis_keys: list[str]) -> Figure | None:
     """The sparsity/fidelity frontier: each trial's explained variance and loss recovered against its held-out L0,
-    one line per value of the swept keys but target_l0 (a target_l0 sweep traces each method's frontier), with the
-    untrained control's point: where dictionaries are compared, at what L0."""
+    one line per value of the swept keys but target_l0 and seed (a target_l0 sweep traces each method's frontier),
+    with the untrained control's points: at what L0 the dictionaries are compared."""
     if trials.empty or METRIC.l0 not in trials:
         return None
     keys = [f"params.{key}" for key in axis_keys if key not in ("target_l0", "seed") and f"params.{key}" in trials]
-    groups = list(trials.groupby(keys, sort=False)) if keys else [("all trials", trials)]
+    groups = sorted(trials.groupby(keys), key=lambda item: natural_order(item[0])) if keys else [((), trials)]
     panels = [
         (METRIC.explained_variance, "explained variance (held out)"),
         (METRIC.min_loss_recovered_by_snapshot, "loss recovered, worst snapshot"),
     ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(10, 3.8), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(10, 3.8), squeeze=False, sharex=True)
     for axis, (statistic, label) in zip(axes[0], panels):
         for name, group in groups:
             if statistic not in group:
                 continue
             ordered = group.sort_values(METRIC.l0)
-            text = (
-                name
-                if isinstance(name, str)
-                else ", ".join(f"{k.removeprefix('params.')}={v}" for k, v in zip(keys, np.atleast_1d(name)))
-            )
-            axis.plot(ordered[METRIC.l0], ordered[statistic], "o-", label=text)
+            text = ", ".join(f"{key.removeprefix('params.')}={value}" for key, value in zip(keys, np.atleast_1d(name)))
+            axis.plot(ordered[METRIC.l0], ordered[statistic], "o-", label=text or "trials")
         if statistic == METRIC.explained_variance and METRIC.control_l0 in trials:
             axis.plot(
                 trials[METRIC.control_l0], trials[METRIC.control_explained_variance], "kx", label="untrained control"

@@ -638,6 +638,20 @@ RULES = {claim.claim: claim.rule for claim in CLAIMS}
 """claim id -> its rule."""
 
 
+def natural_order(value) -> tuple:
+    """Sort key of axis values (one, or a tuple of several): numbers by value before other values, as logged params
+    are strings and "16" would come before "8"."""
+    items = value if isinstance(value, tuple) else (value,)
+
+    def key(item) -> tuple:
+        try:
+            return (0, float(item), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(item))
+
+    return tuple(key(item) for item in items)
+
+
 def near(step: float, other: float) -> bool:
     """Whether two training steps are near (NEAR_FACTOR)."""
     return abs(math.log1p(step) - math.log1p(other)) <= math.log(NEAR_FACTOR)

@@ -28,6 +28,7 @@ from study.record import (
     TASK_LEARNED_ACCURACY,
     UNCONVERGED_LOSS_DROP,
     CutOffs,
+    natural_order,
     near,
 )
 
@@ -531,19 +532,6 @@ def across_values(outcomes: list[str]) -> str:
     if len(decided) == 2:
         return "mixed"
     return decided.pop() if decided else "inconclusive"
-
-
-def natural_order(value) -> tuple:
-    """Axis values in their numeric order where they are numbers (logged params are strings: "16" after "8")."""
-    items = value if isinstance(value, tuple) else (value,)
-
-    def key(item) -> tuple:
-        try:
-            return (0, float(item), "")
-        except (TypeError, ValueError):
-            return (1, 0.0, str(item))
-
-    return tuple(key(item) for item in items)
 
 
 def value_label(keys: list[str], values) -> str:

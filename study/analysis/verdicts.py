@@ -37,6 +37,7 @@ from study.record import (
     VERDICT_TAG,
     VERDICTS_ARTIFACT,
     AlongTraining,
+    natural_order,
 )
 
 
@@ -112,11 +113,7 @@ def by_axis_value(trials: Trials) -> pd.DataFrame:
     keys = [f"params.{key}" for key in axis_keys(trials.swept)]
     rows = []
     groups = list(trials.frame.groupby(keys, dropna=False)) if keys else [((), trials.frame)]
-    groups.sort(
-        key=lambda item: tuple(
-            numeric_first(value) for value in (item[0] if isinstance(item[0], tuple) else (item[0],))
-        )
-    )
+    groups.sort(key=lambda item: natural_order(item[0]))
     for values, group in groups:
         values = values if isinstance(values, tuple) else (values,)
         for statistic in [name for name in COMPARED if name in trials.frame]:
@@ -131,14 +128,6 @@ def by_axis_value(trials: Trials) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
-
-
-def numeric_first(value: str) -> tuple:
-    """Sort key: numbers by value before other strings."""
-    try:
-        return (0, float(value), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(value))
 
 
 class LiveDictionary(NamedTuple):
