@@ -4,15 +4,15 @@ training, for the top-k ones ``k`` is the target itself (``CrossCoderConfig.targ
 A fixed coefficient reaches an L0 that moves with everything else: the dictionary size, the snapshots, the layer,
 and the number of steps (JumpReLU's L0 keeps falling for thousands of steps). The controller here is an integral
 one on the log scale: after the sparsity warm-up, every step moves log(coefficient) by CONTROL_RATE times
-log(running L0 x ratio / target), at most MAX_STEP, where the running L0 is an exponential mean over recent
+log(running L0 / target), at most MAX_STEP, where the running L0 is an exponential mean over recent
 training batches (the whole crosscoder's, on every rank of a split one). The coefficient therefore settles where
 the L0 equals the target. A proportional part was tried beside it and left out: a burst of L0 (dead features just
 resampled) made it silence the codes.
 
-The target is the L0 on held-out data, and a dictionary fires less on the tokens it is trained on (5-10 % on the
-embedded model's activations at 17 passes over them): given evaluation data, every ``log_every`` steps the trainer
-measures the L0 on HELD_OUT_SAMPLE held-out tokens, and ``ratio`` (a running mean of held-out over training L0)
-aims the training batches at the target the held-out tokens should read.
+The controller reads the training batches' L0; a dictionary fires a little more on tokens it was not trained on
+(held-out L0 5-10 % above the target on the embedded model's activations, at 17 passes over them). Correcting for
+that with a held-out sample was tried and left out: a crosscoder split over workers trains without evaluation data,
+and would then no longer train as one process does.
 
 The state is a buffer of the model: checkpoints carry it, a resumed run continues where it stopped, and the same
 seed gives the same coefficients and weights.
@@ -34,20 +34,11 @@ MAX_STEP = 0.02
 """Largest change of log(coefficient) in one step: a tenfold gap (the codes are dense when the warm-up ends) takes
 about 115 steps to close. L1's codes follow the coefficient within tens of steps; at 0.05 they overshot to a
 hundredth of the target before coming back (measured on crosscoder.synthetic's planted features)."""
-HELD_OUT_SAMPLE = 2048
-"""Held-out tokens the L0 is measured on every log_every steps: about 1 % of a run's compute."""
-RATIO_RANGE = (0.8, 1.25)
-"""The held-out-to-training ratio one observation may report: the gap is a few per cent, and just after dead
-features are resampled they fire on many held-out tokens at once (a ratio of 4 was observed, and the controller
-silenced the codes answering it)."""
-RATIO_DECAY = 0.8
-"""Weight of the ratio so far against each observation."""
 
 
 def initial_control(coefficient: float, target_l0: float) -> torch.Tensor:
-    """The controller's state [log coefficient, running training L0, held-out-to-training L0 ratio]: at the
-    configured coefficient, on target, no gap between held-out and training data yet."""
-    return torch.tensor([math.log(coefficient), target_l0, 1.0], dtype=torch.float64)
+    """The controller's state [log coefficient, running L0]: at the configured coefficient, on target."""
+    return torch.tensor([math.log(coefficient), target_l0], dtype=torch.float64)
 
 
 def coefficient_of(state: torch.Tensor) -> float:
@@ -59,14 +50,5 @@ def adapt(state: torch.Tensor, batch_l0: float, target_l0: float, adapting: bool
     the one that holds the target: up where the codes are too dense, down where too sparse. In place."""
     state[1] = RUNNING_DECAY * state[1] + (1 - RUNNING_DECAY) * batch_l0
     if adapting:
-        error = math.log(max(float(state[1] * state[2]), 1e-3) / target_l0)
+        error = math.log(max(float(state[1]), 1e-3) / target_l0)
         state[0] += max(-MAX_STEP, min(MAX_STEP, CONTROL_RATE * error))
-
-
-def observe_held_out(state: torch.Tensor, held_out_l0: float) -> None:
-    """Fold a held-out sample's L0 into the held-out-to-training ratio (against the running training L0), each
-    observation clipped to RATIO_RANGE. In place."""
-    if held_out_l0 > 0 and float(state[1]) > 0:
-        low, high = RATIO_RANGE
-        observed = max(low, min(high, held_out_l0 / float(state[1])))
-        state[2] = RATIO_DECAY * state[2] + (1 - RATIO_DECAY) * observed

@@ -28,7 +28,7 @@ from crosscoder.metrics import CrossCoderMetrics, evaluate
 from crosscoder.model import CrossCoder
 from crosscoder.resampling import resample_dead
 from crosscoder.sharded import gather_model, shard_of, total, whole_reconstruction
-from crosscoder.sparsity_control import HELD_OUT_SAMPLE, adapt, coefficient_of, observe_held_out
+from crosscoder.sparsity_control import adapt, coefficient_of
 
 # step<N>.safetensors, or step<N>.rank<R>.safetensors for one shard of a crosscoder split over ranks.
 CHECKPOINT_NAME = re.compile(r"^step(\d+)(?:\.rank(\d+))?\.safetensors$")
@@ -223,14 +223,6 @@ class StepResult(NamedTuple):
     """[B, F] bool: features that fired on each token of the batch."""
 
 
-@torch.no_grad()
-def held_out_l0(model: CrossCoder, sample: torch.Tensor) -> float:
-    """The whole crosscoder's L0 on ``sample`` [tokens, S, d] (held-out data), counted as evaluation counts it."""
-    device = model.decoder_weight.device
-    active = (model.feature_activations(sample.to(device).float()) > 0).float().sum(-1).mean()
-    return total(active, model.process_group).item()
-
-
 def sparsity_coefficient(model: CrossCoder) -> float:
     """The coefficient in force before its warm-up factor: the controller's where it holds a target L0."""
     if model.sparsity_control is not None:
@@ -317,7 +309,6 @@ def fit(
 
     history: list[dict[str, float]] = []
     records: list[DecoderRecord] = []
-    held_out_sample = eval_activations[:HELD_OUT_SAMPLE] if eval_activations is not None else None
     start_step, tokens_since_fired = 0, torch.zeros(model.n_features, device=device)
     last_checkpoint = resumable_checkpoint(config.checkpoint_dir, model)
     if last_checkpoint is not None:
@@ -364,8 +355,6 @@ def fit(
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             if resample_dead(model, optimizer, batch, dead, generator):
                 tokens_since_fired = torch.where(dead, 0.0, tokens_since_fired)
-        if (step + 1) % config.log_every == 0 and model.sparsity_control is not None and held_out_sample is not None:
-            observe_held_out(model.sparsity_control, held_out_l0(model, held_out_sample))
         if (step + 1) % config.log_every == 0 or step + 1 == config.n_steps:
             # Means over the steps since the last entry: one batch's loss varies by a few per cent, more
             # than the convergence figure (loss_drop_last_fifth) it would be read for.

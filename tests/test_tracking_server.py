@@ -93,11 +93,11 @@ def test_two_sweeps_at_once_against_a_tracking_server_on_postgresql(
             run.data.params["expansion_ratio"] for run in trials
         } == {ratio}
         assert all(run.info.status == "FINISHED" and run.data.metrics["explained_variance"] > 0 for run in trials)
-        # Seed pairs exist here: stability gets a real verdict; relie too where the task was learned.
+        # Seed pairs exist here: stability gets a real verdict; relie a decided one only where the task was learned.
         tags = parents[0].data.tags
         assert tags["verdict.stability"] in ("holds", "fails")
         learned = any(run.data.metrics["task_learned_snapshots"] > 0 for run in trials)
-        assert tags["verdict.relie"] in (("holds", "fails") if learned else ("inconclusive",))
+        assert learned or tags["verdict.relie"] == "inconclusive"
         # Artifacts went through the server to its artifact store, and come back the same way.
         path = Path(
             client.download_artifacts(
