@@ -18,6 +18,7 @@ import html
 import io
 import math
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,9 +34,11 @@ from study.record import CLAIM, METRIC
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
+from reports.features import BROWSER_FOLDER, browser_name, write_browsers
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
 from study.record import (
     COMPARED,
+    FEATURE_BROWSER,
     IE_COLUMN,
     LABELS,
     RELIE_COLUMN,
@@ -271,15 +274,41 @@ def per_value(verdict: dict) -> str:
     return ", ".join(f"{label} {outcome}" for label, outcome in verdict.get("by_value", [])) or "whole axis"
 
 
-def html_table(frame: pd.DataFrame, index: bool = False) -> str:
-    return (
-        frame.to_html(index=index, escape=True, border=0, classes="table")
-        if not frame.empty
-        else "<p><em>none</em></p>"
-    )
+def html_table(frame: pd.DataFrame, index: bool = False, links: dict[str, list[str]] | None = None) -> str:
+    """``frame`` as HTML, each cell escaped; ``links`` maps a column to one href per row ("" for none), which
+    turns that column's cells into links."""
+    if frame.empty:
+        return "<p><em>none</em></p>"
+    escaped = frame.map(lambda value: html.escape(str(value)))
+    for column, hrefs in (links or {}).items():
+        escaped[column] = [
+            f"<a href='{html.escape(href)}'>{cell}</a>" if href else cell for cell, href in zip(escaped[column], hrefs)
+        ]
+    return escaped.to_html(index=index, escape=False, border=0, classes="table")
 
 
-def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], out: Path) -> Path:
+def browser_links(record: SweepRecord, files: dict[str, str]) -> tuple[dict, dict]:
+    """Links from the trials table (a trial to its browser) and the RelIE table (a feature to its page)."""
+    trials = {"trial": [files.get(run_id, "") for run_id in record.trials.get(METRIC.run_id, [])]}
+    trials = {
+        column: [f"{BROWSER_FOLDER}/{name}" if name else "" for name in hrefs] for column, hrefs in trials.items()
+    }
+    labels = trial_labels(record)
+    by_label = {labels.get(run_id, run_id[:8]): run_id for run_id in files}
+    shown = {run_id: {page["feature"] for page in record.feature_pages[run_id]["features"]} for run_id in files}
+    relie = relie_table(record)
+    features = {
+        "feature": [
+            f"{BROWSER_FOLDER}/{files[by_label[trial]]}#feature-{feature}"
+            if trial in by_label and int(feature) in shown[by_label[trial]]
+            else ""
+            for trial, feature in zip(relie.get("trial", []), relie.get("feature", []))
+        ]
+    }
+    return trials, features
+
+
+def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], files: dict[str, str], out: Path) -> Path:
     title, facts = heading(record)
     facts_html = html.escape(facts).replace("**", "").replace("`", "")
     verdict_rows = "".join(
@@ -299,6 +328,7 @@ def write_html(record: SweepRecord, images: dict[str, tuple[str, bytes]], out: P
         f"<li><code>{html.escape(r.run_name)}</code> {html.escape(r.status)}: {html.escape(r.error)}</li>"
         for r in failed.itertuples()
     )
+    trial_links, feature_links = browser_links(record, files)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -317,11 +347,11 @@ figure {{ margin: 1em 0 2em; }} figure img {{ max-width: 100%; }} figcaption {{ 
 <h2>Statistics per axis value</h2>
 <p>mean ± standard deviation over seeds (number of trials) where an axis value has several trials</p>
 {html_table(axis_table(record), index=True)}
-<h2>Trials</h2>{html_table(trials_table(record))}
+<h2>Trials</h2><p>a trial's name opens its feature browser</p>{html_table(trials_table(record), links=trial_links)}
 <h2>Top features by indirect effect, with RelIE</h2>
 <p>RelIE at a snapshot: the share of the feature's absolute indirect effect (on the agreement logit difference)
-that belongs to that snapshot, among the snapshots compared.</p>
-{html_table(relie_table(record))}
+that belongs to that snapshot, among the snapshots compared. A feature id opens its page.</p>
+{html_table(relie_table(record), links=feature_links)}
 <h2>Plots</h2>{plots}
 </body></html>
 """
@@ -331,15 +361,27 @@ that belongs to that snapshot, among the snapshots compared.</p>
 
 
 def render_report(record: SweepRecord, out: Path) -> tuple[Path, Path]:
-    """report.html, summary.md and one PNG per plot in the local folder ``out``."""
+    """report.html, summary.md, one PNG per plot and a feature browser per trial (features/) in the local folder
+    ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    files = write_browsers(record, out / BROWSER_FOLDER, trial_labels(record))
     images = {}
     for name, (caption, figure) in build_figures(record).items():
         data = png_bytes(figure)
         (out / f"{name}.png").write_bytes(data)
         images[name] = (caption, data)
     markdown = write_markdown(record, {name: caption for name, (caption, _) in images.items()}, out)
-    return write_html(record, images, out), markdown
+    return write_html(record, images, files, out), markdown
+
+
+def log_browsers(client: MlflowClient, record: SweepRecord, folder: Path) -> None:
+    """Each trial's browser also in its own run, as features.html (MLflow's UI shows it there)."""
+    for run_id, run_name in zip(record.trials[METRIC.run_id], record.trials["run_name"]):
+        page = folder / browser_name(run_name)
+        if run_id in record.feature_pages and page.is_file():
+            with tempfile.TemporaryDirectory() as scratch:
+                shutil.copyfile(page, Path(scratch) / FEATURE_BROWSER)
+                client.log_artifact(run_id, str(Path(scratch) / FEATURE_BROWSER))
 
 
 def write_report(out: str, run_id: str | None = None, experiment: str | None = None, log: bool = False) -> SweepRecord:
@@ -360,6 +402,7 @@ def write_report(out: str, run_id: str | None = None, experiment: str | None = N
         location.upload_folder(folder)
         if log:
             client.log_artifacts(record.parent.info.run_id, str(folder), REPORT_FOLDER)
+            log_browsers(client, record, folder / BROWSER_FOLDER)
     return record
 
 

@@ -16,9 +16,12 @@ from study.record import (
     ABLATION_CURVES_ARTIFACT,
     BY_AXIS_VALUE_ARTIFACT,
     DECODER_NORMS_ARTIFACT,
+    FEATURE_PAGES_ARTIFACT,
     FEATURES_ARTIFACT,
     METRIC,
     MODEL_CURVES_ARTIFACT,
+    PARTNER_COLUMNS,
+    PARTNERS_ARTIFACT,
     PLOTTED_CURVES,
     ROBUSTNESS_FOLDER,
     STABILITY_ARTIFACT,
@@ -48,6 +51,10 @@ class SweepRecord(NamedTuple):
     stability: pd.DataFrame
     verdicts: list[dict]
     axis_keys: list[str]
+    feature_pages: dict[str, dict]
+    """run_id -> the trial's feature browser data (``study.analysis.feature_pages``)."""
+    partners: pd.DataFrame
+    """Matched feature pairs between trials: run_a, feature_a, run_b, feature_b, cosine."""
 
 
 def find_parent_run(client: MlflowClient, experiment: str | None, run_id: str | None) -> Run:
@@ -103,6 +110,7 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
     decoder_norms: dict[str, pd.DataFrame] = {}
     features: dict[str, pd.DataFrame] = {}
     ablation_curves: dict[str, pd.DataFrame] = {}
+    feature_pages: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         for run in children:
@@ -133,6 +141,9 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
                 path = artifact_or_none(client, run_id, name, scratch / run_id)
                 if path is not None:
                     table[run_id] = pd.read_parquet(path)
+            pages = artifact_or_none(client, run_id, FEATURE_PAGES_ARTIFACT, scratch / run_id)
+            if pages is not None:
+                feature_pages[run_id] = json.loads(pages.read_text())
 
         def parent_artifact(name: str) -> Path | None:
             return artifact_or_none(client, parent_id, name, scratch / "parent")
@@ -143,6 +154,8 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
         stability = read_csv(parent_artifact(f"{ROBUSTNESS_FOLDER}/{STABILITY_ARTIFACT}"))
         model_curves_file = parent_artifact(MODEL_CURVES_ARTIFACT)
         model_curves = pd.read_parquet(model_curves_file) if model_curves_file else pd.DataFrame()
+        partners_file = parent_artifact(f"{ROBUSTNESS_FOLDER}/{PARTNERS_ARTIFACT}")
+        partners = pd.read_parquet(partners_file) if partners_file else pd.DataFrame(columns=PARTNER_COLUMNS)
     trials = pd.DataFrame(rows)
     if not trials.empty:
         trials = trials.sort_values("run_name").reset_index(drop=True)
@@ -164,6 +177,8 @@ def read_sweep(client: MlflowClient, parent: Run) -> SweepRecord:
         stability,
         payload["verdicts"],
         payload["axis_keys"],
+        feature_pages,
+        partners,
     )
 
 

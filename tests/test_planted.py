@@ -6,7 +6,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
+import json
 import os
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -19,6 +21,7 @@ from crosscoder import CrossCoder
 from study.activations.residual import residual_stream
 from study.lm.planted import PLANTED_DECODER, PRESETS, PlantedConfig, planted_folder, read_truth
 from study.lm.trajectory import directory_trajectory, load_model, resolve_trajectory
+from study.record import FEATURE_PAGES_ARTIFACT
 from study.sweep.cli import main
 
 pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
@@ -142,6 +145,16 @@ def test_a_sweep_on_the_planted_trajectory_reads_the_truth_back(planted_cache, t
         assert metrics["metrics.token_specificity_r_low"] > 0  # early (token-specific) features peak first
     # RelIE and the causal claims need a task the planted model never learns: never a verdict.
     assert verdicts["causal"] == verdicts["relie"] == "inconclusive"
+    # The feature browser's pages: a feature recovering a token-specific planted feature fires on its planted token.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run_id in trials["run_id"]:
+        pages = json.loads(Path(client.download_artifacts(run_id, FEATURE_PAGES_ARTIFACT, str(tmp_path))).read_text())
+        specific = [page for page in pages["features"] if (page["planted"] or {}).get("kind") == "specific"]
+        assert specific, "no page of a recovered token-specific feature"
+        for page in specific:
+            (planted_token,) = page["planted"]["tokens"]
+            token, share = page["top_tokens"][0]
+            assert token == planted_token and share > 0.9, (page["feature"], page["top_tokens"], planted_token)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from study.analysis import verdicts
 from study.errors import run_cli
 from study.lm.trajectory import resolve_trajectory
+from study.record import FEATURE_BROWSER
 from study.sweep.cli import main
 from study.sweep.plan import activation_request
 from study.sweep.search_space import ACTIVATION_KEYS, grid_points, load_space
@@ -209,8 +211,10 @@ def test_large_pairs_are_matched_in_ray_tasks_with_the_figures_of_the_local_matc
     local = verdicts.feature_stability(trials)
     monkeypatch.setattr(verdicts, "LOCAL_PAIR_BYTES", 0)
     in_tasks = verdicts.feature_stability(trials)
-    assert len(local) == 3 and (local["kind"] == "expansion_ratio").all()
-    pd.testing.assert_frame_equal(local, in_tasks)
+    assert len(local.figures) == 3 and (local.figures["kind"] == "expansion_ratio").all()
+    pd.testing.assert_frame_equal(local.figures, in_tasks.figures)
+    pd.testing.assert_frame_equal(local.partners, in_tasks.partners)
+    assert set(local.partners["run_a"]) | set(local.partners["run_b"]) == set(trials.frame["run_id"])
 
 
 def test_the_mlflow_ui_opens_the_sweep_on_its_runs_named_by_their_values(finished_sweep, tmp_path):
@@ -272,30 +276,50 @@ def test_report_command_rewrites_the_report_from_mlflow_alone(finished_sweep, tm
     assert not (tmp_path / "x").exists() and finished_sweep.store.read_bytes() == before
 
 
-def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
+def headless_chromium() -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("CI must install chromium (.ci/run does, from Debian's packages)")
         pytest.skip("chromium is not installed")
+    return browser
+
+
+def chromium(*arguments: str) -> subprocess.CompletedProcess:
+    command = [headless_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_report_renders_in_headless_chromium(finished_sweep, tmp_path):
     page = finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report" / "report.html"
     screenshot = tmp_path / "report.png"
-    command = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        "--window-size=1400,4000",
-        f"--screenshot={screenshot}",
-        page.as_uri(),
-    ]
-    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    chromium("--window-size=1400,4000", f"--screenshot={screenshot}", page.as_uri())
     with Image.open(screenshot) as image:
         pixels = image.convert("RGB").resize((350, 1000))
         colours = len(pixels.getcolors(maxcolors=1 << 24))
         # A blank or broken page is one or two colours; text, tables and plots give hundreds.
         assert colours > 200, colours
+
+
+def test_the_feature_browser_shows_a_features_profile_contexts_and_logit_effects(finished_sweep, tmp_path):
+    """Each trial's features.html, opened in a real browser at a feature the report's RelIE table links to: the
+    script drew the feature's page (the file holds only data and the script that draws it)."""
+    report = finished_sweep.folder / "sweeps" / "er-expansion_ratio" / "report"
+    links = sorted(set(re.findall(r"href='(features/[^'#]+#feature-\d+)'", (report / "report.html").read_text())))
+    assert links, "the report links no feature page"
+    target = report / links[0].split("#")[0]
+    feature = links[0].split("#feature-")[1]
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", f"{target.as_uri()}#feature-{feature}").stdout
+    assert f"Feature {feature}" in dom
+    profile = re.search(r'<svg[^>]*id="profile-plot".*?</svg>', dom, re.S)
+    assert profile and profile.group(0).count("<circle") == 4  # a point per snapshot
+    contexts = re.search(r'<section id="contexts">.*?</section>', dom, re.S)
+    assert contexts and contexts.group(0).count("<mark>") >= 1  # the firing token highlighted in its context
+    logits = re.search(r'<section id="logit-effects">.*?</section>', dom, re.S)
+    assert logits and logits.group(0).count("<tr>") == 1 + 3  # a header and the first, middle and last snapshot
+    client = MlflowClient(f"sqlite:///{finished_sweep.store}")
+    for run_id in children(runs(finished_sweep.store, "er"))["run_id"]:
+        assert FEATURE_BROWSER in {artifact.path for artifact in client.list_artifacts(run_id)}
 
 
 def test_two_sweeps_at_once_one_killed_and_resumed_one_with_a_diverging_trial(

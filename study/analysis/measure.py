@@ -19,7 +19,8 @@ from study.activations.streaming import open_activations
 from study.analysis.attribution import agreement_task, planted_task
 from study.analysis.causal_statistics import causal_statistics
 from study.analysis.claim_statistics import ClaimStatistics, claim_statistics
-from study.analysis.planted_recovery import planted_recovery
+from study.analysis.feature_pages import feature_pages
+from study.analysis.planted_recovery import planted_recovery, recovered_by_feature
 from study.analysis.splicing import spliced_loss
 from study.lm.agreement import agreement_items
 from study.lm.planted import planted_truth_of, read_truth
@@ -45,6 +46,8 @@ class TrialOutcome(NamedTuple):
     """The training step of each of the crosscoder's snapshots."""
     planted: PlantedSummary | None
     """The crosscoder against the truth, on a planted trajectory; None elsewhere."""
+    pages: dict
+    """The feature browser's data of the trial's chosen features (``study.analysis.feature_pages``)."""
 
 
 class TrialData(NamedTuple):
@@ -153,9 +156,8 @@ def measure(trial: TrialConfig, result: TrainResult, data: TrialData, snapshots:
         trial.relie_span,
         trial.crosscoder.seed,
     )
-    held_out_tokens = torch.from_numpy(
-        cache.token_ids()[sum(cache.manifest["rows_per_shard"][:first_held_out]) :].astype("int64")
-    )
+    first_row = sum(cache.manifest["rows_per_shard"][:first_held_out])
+    held_out_tokens = torch.from_numpy(cache.token_ids()[first_row:].astype("int64"))
     statistics = claim_statistics(
         model,
         result.initial_model,
@@ -169,13 +171,26 @@ def measure(trial: TrialConfig, result: TrainResult, data: TrialData, snapshots:
         loss_drop_last_fifth(result.history),
         result.decoder_records,
     )
-    planted = None
+    planted, recovered = None, {}
     if folder is not None:
         features = statistics.features
         emergence_step = torch.from_numpy(features["emergence_step"].to_numpy())
         token_entropy = torch.from_numpy(features["token_entropy"].to_numpy())
-        planted = planted_recovery(model.decoder_weight, emergence_step, token_entropy, cache.steps, folder).summary
-    return TrialOutcome(result, statistics, cache.steps, planted)
+        recovery = planted_recovery(model.decoder_weight, emergence_step, token_entropy, cache.steps, folder)
+        planted, recovered = recovery.summary, recovered_by_feature(recovery, folder, tokenizer)
+    pages = feature_pages(
+        model,
+        data.held_out,
+        held_out_tokens,
+        torch.from_numpy(cache.positions()[first_row:].astype("int64")),
+        tokenizer,
+        snapshots,
+        cache.steps,
+        statistics.features,
+        trial.crosscoder.seed,
+        recovered,
+    )
+    return TrialOutcome(result, statistics, cache.steps, planted, pages)
 
 
 def train_and_measure(

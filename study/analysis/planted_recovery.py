@@ -19,12 +19,35 @@ SPECIFIC_ENTROPY = 0.5
 """A feature is token-specific when the entropy (nats) of the token ids carrying its activation is below
 this: 0 for one token id, 0.33 for a 90 / 10 split between two, log 2 = 0.69 for an even one."""
 
+SHOWN_TOKENS = 8
+"""A planted feature's tokens listed on the page of the feature that recovers it (shared ones have dozens)."""
+
 
 class PlantedRecovery(NamedTuple):
     summary: PlantedSummary
     """The scalars logged beside the trial's own statistics."""
     best_cosine: torch.Tensor
     """[planted features] the largest decoder cosine of any crosscoder feature with each."""
+    best_feature: torch.Tensor
+    """[planted features] the crosscoder feature with that cosine."""
+
+
+def recovered_by_feature(recovery: PlantedRecovery, folder: Path, tokenizer) -> dict[int, dict]:
+    """Each crosscoder feature that recovers a planted one (cosine at least RECOVERED_COSINE): the planted feature's
+    index, kind, tokens (as text) and the cosine; the closer planted feature where a crosscoder feature recovers two."""
+    truth = read_truth(folder)["features"]
+    found: dict[int, dict] = {}
+    for planted, (cosine, feature) in enumerate(zip(recovery.best_cosine.tolist(), recovery.best_feature.tolist())):
+        if cosine >= RECOVERED_COSINE and cosine > found.get(feature, {}).get("cosine", 0.0):
+            tokens = truth[planted]["tokens"]
+            found[feature] = {
+                "index": planted,
+                "kind": truth[planted]["kind"],
+                "tokens": [tokenizer.decode([token]) for token in tokens[:SHOWN_TOKENS]],
+                "token_count": len(tokens),
+                "cosine": round(cosine, 4),
+            }
+    return found
 
 
 def planted_recovery(
@@ -61,4 +84,4 @@ def planted_recovery(
         planted_initial_share=float((planted_emergence == 0).double().mean()),
         planted_turning_step=float(planted_turn) if planted_turn is not None else float("nan"),
     )
-    return PlantedRecovery(summary, best_cosine)
+    return PlantedRecovery(summary, best_cosine, best_feature)

@@ -28,6 +28,8 @@ from study.record import (
     MATCH_THRESHOLD,
     METRIC,
     MODEL_PREFIX,
+    PARTNER_COLUMNS,
+    PARTNERS_ARTIFACT,
     ROBUSTNESS_FOLDER,
     RULES,
     STABILITY_ARTIFACT,
@@ -135,6 +137,8 @@ class LiveDictionary(NamedTuple):
     """[live features, S, d] decoder of the trial's crosscoder, dead features dropped."""
     top_features: torch.Tensor
     """Indices (into ``decoder``) of the top features by indirect effect at the last snapshot."""
+    features: torch.Tensor
+    """[live features] each row's feature id in the whole crosscoder."""
 
 
 def live_dictionary(client: MlflowClient, run_id: str, folder: Path) -> LiveDictionary:
@@ -146,7 +150,11 @@ def live_dictionary(client: MlflowClient, run_id: str, folder: Path) -> LiveDict
         key=lambda column: int(column[len(IE_COLUMN) :]),
     )
     live_effects = torch.tensor(features[last_effect].to_numpy())[alive]
-    return LiveDictionary(model.decoder_weight.detach()[alive], live_effects.argsort(descending=True)[:TOP_FEATURES])
+    return LiveDictionary(
+        model.decoder_weight.detach()[alive],
+        live_effects.argsort(descending=True)[:TOP_FEATURES],
+        alive.nonzero().squeeze(1),
+    )
 
 
 def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
@@ -168,15 +176,28 @@ def pairs_differing_in(frame: pd.DataFrame, key: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def pair_figures(tracking_uri: str, run_a: str, run_b: str) -> tuple[float, float, int, float]:
-    """(shared share, mean max cosine, pairs, top-feature Jaccard) of two trials' crosscoders, each
-    downloaded from MLflow here, so that pairs can run anywhere in the cluster."""
+class PairFigures(NamedTuple):
+    """Two trials' crosscoders compared."""
+
+    shared_share: float
+    mean_max_cosine: float
+    pairs: int
+    top_feature_jaccard: float
+    partners: list[tuple[int, int, float]]
+    """(feature of A, its partner in B, cosine): the one-to-one matching above MATCH_THRESHOLD."""
+
+
+def pair_figures(tracking_uri: str, run_a: str, run_b: str) -> PairFigures:
+    """Two trials' crosscoders compared, each downloaded from MLflow here, so that pairs can run anywhere in the
+    cluster."""
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         a, b = (live_dictionary(client, run_id, Path(folder) / run_id) for run_id in (run_a, run_b))
     result = stability(a.decoder, b.decoder, MATCH_THRESHOLD)
     jaccard = matched_jaccard(result.match, a.top_features, b.top_features, MATCH_THRESHOLD)
-    return result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard
+    match = result.match
+    partners = list(zip(a.features[match.rows].tolist(), b.features[match.columns].tolist(), match.cosines.tolist()))
+    return PairFigures(result.shared_share, result.mean_max_cosine, result.n_pairs, jaccard, partners)
 
 
 # Two crosscoders of 64 MB together (float32; e.g. 3,600 features over 9 snapshots of d 128) match in
@@ -189,7 +210,15 @@ def crosscoder_bytes(client: MlflowClient, run_id: str) -> int:
     return sum(info.file_size or 0 for info in client.list_artifacts(run_id) if info.path == CROSSCODER_ARTIFACT)
 
 
-def feature_stability(trials: Trials) -> pd.DataFrame:
+class FeatureStability(NamedTuple):
+    figures: pd.DataFrame
+    """One row per pair of trials: kind, run_a, run_b, shared share, mean max cosine, pairs, top-feature Jaccard."""
+    partners: pd.DataFrame
+    """One row per matched feature pair: run_a, feature_a, run_b, feature_b, cosine (the feature browser's
+    partners)."""
+
+
+def feature_stability(trials: Trials) -> FeatureStability:
     """Stability between seeds (all pairs of trials differing only in seed) and, where the expansion
     ratio is swept, the share of the smaller dictionary's features with a partner in the larger;
     for each pair also the Jaccard index of their top features by indirect effect, after matching.
@@ -221,7 +250,17 @@ def feature_stability(trials: Trials) -> pd.DataFrame:
         figures = ray.get([task.remote(uri, run_a, run_b) for _, run_a, run_b in pairs])
     else:
         figures = [pair_figures(uri, run_a, run_b) for _, run_a, run_b in pairs]
-    return pd.DataFrame([(*pair, *figure) for pair, figure in zip(pairs, figures)], columns=columns)
+    partners = pd.DataFrame(
+        [
+            (run_a, feature_a, run_b, feature_b, cosine)
+            for (_, run_a, run_b), figure in zip(pairs, figures)
+            for feature_a, feature_b, cosine in figure.partners
+        ],
+        columns=PARTNER_COLUMNS,
+    )
+    return FeatureStability(
+        pd.DataFrame([(*pair, *figure[:-1]) for pair, figure in zip(pairs, figures)], columns=columns), partners
+    )
 
 
 def analyse_sweep(parent_run_id: str) -> list[Verdict]:
@@ -232,20 +271,22 @@ def analyse_sweep(parent_run_id: str) -> list[Verdict]:
     trials = finished_trials(client, parent_run_id)
     if trials.frame.empty:
         verdicts = [Verdict(claim, "inconclusive", rule, "no finished trial") for claim, rule in RULES.items()]
-        summary, stabilities = (
+        summary, stabilities, partners = (
             pd.DataFrame(),
             pd.DataFrame(columns=["kind", METRIC.shared_share, METRIC.mean_max_cosine, METRIC.top_feature_jaccard]),
+            pd.DataFrame(columns=PARTNER_COLUMNS),
         )
     else:
         summary = by_axis_value(trials)
-        stabilities = feature_stability(trials)
+        stabilities, partners = feature_stability(trials)
         verdicts = judge_sweep(trials, stabilities)
     with tempfile.TemporaryDirectory() as folder:
         summary.to_csv(Path(folder) / BY_AXIS_VALUE_ARTIFACT, index=False)
         stabilities.to_csv(Path(folder) / STABILITY_ARTIFACT, index=False)
         payload = {"axis_keys": axis_keys(trials.swept), "verdicts": [verdict._asdict() for verdict in verdicts]}
         (Path(folder) / VERDICTS_ARTIFACT).write_text(json.dumps(payload, indent=1))
-        for name in (BY_AXIS_VALUE_ARTIFACT, STABILITY_ARTIFACT, VERDICTS_ARTIFACT):
+        partners.to_parquet(Path(folder) / PARTNERS_ARTIFACT, index=False)
+        for name in (BY_AXIS_VALUE_ARTIFACT, STABILITY_ARTIFACT, VERDICTS_ARTIFACT, PARTNERS_ARTIFACT):
             client.log_artifact(parent_run_id, str(Path(folder) / name), ROBUSTNESS_FOLDER)
     for verdict in verdicts:
         client.set_tag(parent_run_id, f"{VERDICT_TAG}{verdict.claim}", verdict.verdict)

@@ -19,6 +19,7 @@ from study.record import (
     CROSSCODER_ARTIFACT,
     DECODER_NORMS_ARTIFACT,
     DECODER_NORMS_FIGURE,
+    FEATURE_PAGES_ARTIFACT,
     FEATURES_ARTIFACT,
     L0_TARGET_TOLERANCE,
     TAG,
@@ -66,7 +67,7 @@ def log_table(frame: pd.DataFrame, name: str) -> None:
 
 def log_outcome(outcome: TrialOutcome) -> None:
     """Everything a trial produced, into the active MLflow run."""
-    result, statistics, steps, planted = outcome
+    result, statistics, steps, planted, pages = outcome
     if planted is not None:
         mlflow.log_metrics(planted._asdict())
     for entry in result.history:
@@ -80,6 +81,7 @@ def log_outcome(outcome: TrialOutcome) -> None:
         )
     log_table(statistics.features, FEATURES_ARTIFACT)
     log_table(statistics.ablation_curves, ABLATION_CURVES_ARTIFACT)
+    mlflow.log_dict(pages, FEATURE_PAGES_ARTIFACT)
     decoder_norms = pd.DataFrame(result.metrics.decoder_norms.numpy(), columns=[f"step{step}" for step in steps])
     log_table(decoder_norms, DECODER_NORMS_ARTIFACT)
     with tempfile.TemporaryDirectory() as folder:
