@@ -103,7 +103,7 @@ class CrossCoderConfig:
     resample_dead_every: int | None = 250
     """Steps between resamplings: features that fired on none of the last this-many steps' tokens get the
     error of a badly reconstructed token as their new direction (crosscoder.resampling); none in the cool-down
-    or the last two fifths of the steps. None never resamples."""
+    or the last two fifths of the steps (the last half for jumprelu with a target_l0). None never resamples."""
 
     dead_window_tokens: int = 1_000_000
     """A feature that has not fired over this many training tokens counts as dead."""

@@ -100,11 +100,16 @@ def sparsity_factor(step: int, config: CrossCoderConfig) -> float:
 
 def resamples_at(step: int, config: CrossCoderConfig) -> bool:
     """Whether dead features are resampled after ``step``: every ``resample_dead_every`` steps, and neither in
-    the learning rate's cool-down nor in the last two fifths of the steps. A re-aimed feature needs time to
-    settle, and the last fifth is where ``loss_drop_last_fifth`` reads whether the loss has flattened: a
-    resampling just before it measured the recovery from the resampling instead."""
+    the learning rate's cool-down nor in the last two fifths of the steps (the last half for JumpReLU with a
+    ``target_l0``). A re-aimed feature needs time to settle, and the last fifth is where ``loss_drop_last_fifth``
+    reads whether the loss has flattened: a resampling just before it measured the recovery from the resampling
+    instead. Resampled features fire in a burst that the L0 controller answers by raising the coefficient, and
+    JumpReLU's L0 follows its coefficient hundreds of steps late (l1's within tens): resampled at 500 of 1,000
+    steps, an x16 JumpReLU crosscoder ended 12 % above its target on held-out data, at 250 only 2 % below it
+    (bench/README.md)."""
     every = config.resample_dead_every
-    last_resampling = config.n_steps * min(1 - config.lr_cooldown_fraction, 0.6)
+    settling = 0.5 if config.target_l0 is not None and config.sparsity == "jumprelu" else 0.6
+    last_resampling = config.n_steps * min(1 - config.lr_cooldown_fraction, settling)
     return every is not None and (step + 1) % every == 0 and step + 1 < last_resampling
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from reports.sweep_record import ReportInputError, SweepRecord, read_sweep
+from reports.sweep_record import ReportInputError, SweepRecord, read_sweep, trial_labels
 from study.record import FEATURE_BROWSER, MATCH_THRESHOLD
 from study.tracking import tracking_uri
 
@@ -100,8 +100,6 @@ def write_trial_browser(run_id: str, out: Path) -> Path:
     record = read_sweep(client, client.get_run(parent_id))
     if run_id not in record.feature_pages:
         raise ReportInputError(f"trial {run_id} logged no {FEATURE_BROWSER} data: it did not finish, or predates it")
-    from reports.robustness import trial_labels  # the report's labels; robustness imports this module
-
     only_this = record._replace(feature_pages={run_id: record.feature_pages[run_id]})
     files = write_browsers(only_this, out, trial_labels(record), back="")
     return out / files[run_id]

@@ -35,7 +35,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from reports import figures
 from reports.features import BROWSER_FOLDER, browser_name, write_browsers
-from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep
+from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep, trial_labels
 from study.record import (
     COMPARED,
     FEATURE_BROWSER,
@@ -58,20 +58,6 @@ VERDICT_COLOURS = {
 }
 TOP_FEATURES_SHOWN = 5
 """Top features by indirect effect listed per trial, with their RelIE."""
-
-
-def trial_labels(record: SweepRecord) -> dict[str, str]:
-    """run_id -> "key=value ..." over the swept keys (the run name where nothing is swept)."""
-    keys = record.axis_keys + (
-        ["seed"]
-        if "seed" not in record.axis_keys and record.trials.get("params.seed", pd.Series()).nunique() > 1
-        else []
-    )
-    labels = {}
-    for row in record.trials.to_dict("records"):
-        described = " ".join(f"{key}={row.get(f'params.{key}')}" for key in keys if f"params.{key}" in row)
-        labels[row[METRIC.run_id]] = described or row["run_name"]
-    return labels
 
 
 def build_figures(record: SweepRecord) -> dict[str, tuple[str, plt.Figure]]:

@@ -189,3 +189,17 @@ def read_csv(path: Path | None) -> pd.DataFrame:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+
+
+def trial_labels(record: SweepRecord) -> dict[str, str]:
+    """run_id -> "key=value ..." over the swept keys (the run name where nothing is swept)."""
+    keys = record.axis_keys + (
+        ["seed"]
+        if "seed" not in record.axis_keys and record.trials.get("params.seed", pd.Series()).nunique() > 1
+        else []
+    )
+    labels = {}
+    for row in record.trials.to_dict("records"):
+        described = " ".join(f"{key}={row.get(f'params.{key}')}" for key in keys if f"params.{key}" in row)
+        labels[row[METRIC.run_id]] = described or row["run_name"]
+    return labels

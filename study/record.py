@@ -687,11 +687,18 @@ TAG = Names(
         "scheduler",
         "search_metric",
         "l0_target_missed",
+        "trial_workers",
+        "cache_location",
+        "storage_location",
     )
 )
 """Run tags: the sweep's name and Tune's trial id (how a run is found again), a trial stopped by the scheduler,
-a trial's error, where it ran and on what, where it resumed; the parent's searcher, scheduler and their metric;
-a trial whose held-out L0 missed its target_l0 (one line: by how much, and what to change)."""
+a trial's error, where it ran and on what (its node, GPU share and ids, the Ray Train workers it was split over),
+where it resumed; the parent's searcher, scheduler and their metric, where its activation cache and Tune storage
+lived (credentials stripped); a trial whose held-out L0 missed its target_l0
+(one line: by how much, and what to change)."""
+OPTION_TAG = "option."
+"""Prefix of the parent run's tag per sweep option (``study.sweep.options.SweepOptions``), credentials stripped."""
 ERROR_ARTIFACT = "error.txt"
 """A failed trial's traceback."""
 METRIC = Names(

@@ -444,6 +444,14 @@ def test_no_resampling_in_the_cooldown_or_the_last_two_fifths():
     assert [step + 1 for step in range(1000) if resamples_at(step, config)] == [250, 500]
     longer_cooldown = replace(config, lr_cooldown_fraction=0.5)
     assert [step + 1 for step in range(1000) if resamples_at(step, longer_cooldown)] == [250]
+    # With a target L0, JumpReLU's slow controller needs the last half to answer the resampled features' burst.
+    assert [step + 1 for step in range(1000) if resamples_at(step, replace(config, target_l0=8, sparsity="l1"))] == [
+        250,
+        500,
+    ]
+    targeted = replace(config, target_l0=8, sparsity="jumprelu")
+    assert [step + 1 for step in range(1000) if resamples_at(step, targeted)] == [250]
+    assert [step + 1 for step in range(2000) if resamples_at(step, replace(targeted, n_steps=2000))] == [250, 500, 750]
 
 
 def test_every_sparsity_method_is_declared_once_and_named_in_the_config_type():

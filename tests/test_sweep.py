@@ -417,8 +417,17 @@ def test_a_trial_split_over_two_workers_on_streamed_activations_trains_the_same_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{finished_sweep.store}")  # beside the one-process sweep
     assert main(arguments) == 0
     client = MlflowClient(f"sqlite:///{finished_sweep.store}")
-    split = children(runs(finished_sweep.store, "er-workers"))
+    frame = runs(finished_sweep.store, "er-workers")
+    split = children(frame)
     assert len(split) == 1 and split["status"].iloc[0] == "FINISHED"
+    # The record says how it ran: a one-value axis names the run by its value (never Tune's trial id), the child
+    # its workers, the parent every option and where the cache and the storage lived.
+    assert split["tags.mlflow.runName"].iloc[0] == "expansion_ratio=4" and split["tags.trial_workers"].iloc[0] == "2"
+    parent = frame[frame["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["tags.option.workers_per_trial"] == "2" and parent["tags.option.max_concurrent"] == "0"
+    assert parent["tags.option.search"] == "grid" and parent["tags.option.gpus_per_trial"] == "0.0"
+    assert "fresh-cache" in parent["tags.cache_location"]
+    assert parent["tags.storage_location"].endswith("sweeps/er-workers-expansion_ratio")
     assert {"transition_found", "initial_share", "explained_variance"} <= set(
         client.get_run(split["run_id"].iloc[0]).data.metrics
     )

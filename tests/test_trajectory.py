@@ -6,6 +6,7 @@ import shutil
 import time
 
 import pytest
+import ray
 import torch
 from conftest import mirror_as_hub_cache
 
@@ -18,6 +19,7 @@ from study.lm.trajectory import (
     pythia_revisions,
     resolve_trajectory,
 )
+from study.sweep.cli import main
 
 
 def test_hub_revision_and_local_folder_load_the_same_weights(tiny_trajectory_folder):
@@ -109,3 +111,22 @@ def test_a_snapshot_is_loaded_once_until_its_checkpoint_changes(tiny_trajectory_
     reloaded = load_model(directory_trajectory(tmp_path).snapshot(16))
     assert reloaded is not first
     assert torch.equal(reloaded.gpt_neox.embed_in.weight, model.gpt_neox.embed_in.weight)
+
+
+def test_a_checkpoint_cut_short_names_its_file_before_ray_starts(tiny_trajectory_folder, tmp_path):
+    """A trajectory folder whose step's weights were cut short: the sweep stops at planning (bad input: one line,
+    exit 2, through study.errors.run_cli) with the file's name; the intact folder passes the same check."""
+    folder = tmp_path / "trajectory"
+    shutil.copytree(tiny_trajectory_folder, folder)
+    arguments = ["seed", "--trajectory", str(folder), "--set", "n_snapshots=3", "--dry-run"]
+    assert main(arguments) == 0
+    weights = sorted(folder.glob("step*/model.safetensors"))[-1]
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(StudyInputError) as error:
+        main(arguments)
+    assert str(weights) in str(error.value) and "cut short" in str(error.value) and "\n" not in str(error.value)
+    weights.write_bytes(whole[:4])
+    with pytest.raises(StudyInputError, match="too short"):
+        main(arguments)
+    assert not ray.is_initialized()

@@ -7,8 +7,10 @@ a revision such as ``step1000`` (Pythia), or a ``save_pretrained`` folder with n
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,6 +106,41 @@ class Trajectory:
         for snapshot in self.snapshots:
             with explained_load_errors(snapshot):
                 AutoConfig.from_pretrained(snapshot.source, revision=snapshot.revision)
+
+    def check_files(self) -> None:
+        """Every local snapshot's weight files whole, by their headers and sizes (nothing loaded): a checkpoint cut
+        short or overwritten names its file here, before Ray starts, not as a failed extraction block."""
+        for snapshot in self.snapshots:
+            folder = Path(snapshot.source).expanduser()
+            if not folder.is_dir():
+                continue  # a hub revision: the hub's own download checks it
+            for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+                reason = damaged_weight_file(path)
+                if reason is not None:
+                    raise StudyInputError(
+                        f"checkpoint {path} is damaged: {reason}; restore it (or save the step again with "
+                        "save_pretrained), or move its step<N>/ folder out of the trajectory"
+                    )
+
+
+def damaged_weight_file(path: Path) -> str | None:
+    """Why a weight file cannot be whole, or None: a safetensors file must be exactly its 8-byte header length,
+    its JSON header and the data the header's offsets reach; a PyTorch .bin a zip archive."""
+    size = path.stat().st_size
+    if path.suffix == ".bin":
+        return None if zipfile.is_zipfile(path) else f"{size:,} bytes that are not a PyTorch zip archive"
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 <= length <= size - 8:
+            return f"{size:,} bytes, too short for the header it announces"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "its header is not JSON"
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    needed = 8 + length + end
+    return None if size == needed else f"{size:,} bytes where its header needs {needed:,} (cut short?)"
 
 
 def pythia_revisions() -> list[str]:

@@ -26,9 +26,10 @@ import pandas as pd
 
 from study.analysis.verdicts import Verdict
 from study.errors import StudyInputError
-from study.record import TAG
+from study.paths import cache_location
+from study.record import OPTION_TAG, TAG
 from study.sweep.execute import check_resumable, experiment_path, run_trials
-from study.sweep.options import SweepOptions, add_flags, options_of
+from study.sweep.options import SweepOptions, add_flags, options_of, recorded_options, without_credentials
 from study.sweep.plan import describe, plan_sweep
 from study.sweep.prepare import prepare_sweep
 from study.sweep.search_space import available_axes
@@ -90,10 +91,15 @@ def run(
         TAG.search_metric: f"{options.metric} ({options.mode})",
     }
     local_cache = None if options.local_cache is None else str(Path(options.local_cache).resolve())
+    option_tags = {f"{OPTION_TAG}{name}": value for name, value in recorded_options(options).items()} | {
+        TAG.cache_location: without_credentials(cache_location(options.cache_dir).uri),
+        TAG.storage_location: without_credentials(experiment_path(options, plan.sweep_name).uri),
+    }
     context = prepare_sweep(
         plan,
         options.cache_dir,
         search_tags,
+        option_tags,
         options.artifacts,
         judged_while_training=options.judged_while_training,
         local_cache=local_cache,

@@ -7,6 +7,7 @@ import argparse
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from study.errors import StudyInputError
 from study.record import METRIC, PROGRESS_METRICS
@@ -105,6 +106,31 @@ class SweepOptions:
 
 
 HINTS = typing.get_type_hints(SweepOptions)
+SECRET_QUERY_KEYS = ("secret", "password", "token", "key", "credential", "signature")
+"""Query parameters of a location dropped from the record: object-store URIs can carry keys in them."""
+
+
+def without_credentials(location: str) -> str:
+    """``location`` as the record may show it: a URI's user part (``me:password@``, ``KEY:SECRET@``) and
+    secret-bearing query parameters removed (``postgresql://me:pw@host/db`` -> ``postgresql://host/db``)."""
+    parts = urlsplit(location)
+    if not parts.scheme or "://" not in location:
+        return location
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = urlencode(
+        [(key, value) for key, value in parse_qsl(parts.query) if not any(s in key.lower() for s in SECRET_QUERY_KEYS)]
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def recorded_options(options: SweepOptions) -> dict[str, str]:
+    """Every option as the parent run records it (tags ``option.<name>``): locations without credentials."""
+    return {
+        item.name: without_credentials(str(value))
+        if isinstance(value := getattr(options, item.name), str)
+        else str(value)
+        for item in fields(SweepOptions)
+    }
 
 
 def choices(name: str) -> tuple[str, ...] | None:

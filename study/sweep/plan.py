@@ -191,7 +191,9 @@ def plan_sweep(
     activation_sets = {}
     for point in grid_points(space, ACTIVATION_KEYS):
         trajectory = resolve(point, cache_dir, resolved)
-        activation_sets[activation_set(point)] = ActivationSet(point, trajectory, activation_request(point, trajectory))
+        request = activation_request(point, trajectory)
+        request.trajectory.check_files()
+        activation_sets[activation_set(point)] = ActivationSet(point, trajectory, request)
     for point, config in configs:
         check_dictionary(config, resolved[trajectory_spec(point)].d_model, workers_per_trial)
     name = axis_name(axis)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from study.activations.extraction import ensure_activations
@@ -67,12 +68,14 @@ def prepare_sweep(
     plan: SweepPlan,
     cache_dir: str | None,
     search_tags: dict[str, str],
+    option_tags: dict[str, str],
     artifacts: str | None = None,
     judged_while_training: bool = True,
     local_cache: str | None = None,
 ) -> SweepContext:
     """Extract every activation set (Ray Data), open the parent run (reused on resume, tagged with how
-    the trials are searched: ``search_tags``; a new experiment's artifacts at ``artifacts``) and log the
+    the trials are searched: ``search_tags``, and with every sweep option and location: ``option_tags``, re-tagged
+    on resume, where the options may differ; a new experiment's artifacts at ``artifacts``) and log the
     model-level curves once. ``judged_while_training``: a searcher or scheduler reads held-out metrics
     at every checkpoint. ``local_cache``: a folder on each node where trials keep copies of the shards
     they read."""
@@ -93,6 +96,7 @@ def prepare_sweep(
     }
     params = {"axis": plan.axis, **{f"base.{key}": value for key, value in base.items()}}
     experiment_id, parent_run_id = parent_run(plan.experiment, plan.sweep_name, params, tags, artifacts)
+    MlflowClient().log_batch(parent_run_id, tags=[RunTag(key, value) for key, value in option_tags.items()])
     if not any(
         name.startswith(MODEL_PREFIX) for name in MlflowClient().get_run(parent_run_id).data.metrics
     ):  # once per sweep, also on resume
@@ -106,4 +110,5 @@ def prepare_sweep(
         tuple(plan.swept),
         judged_while_training,
         local_cache=local_cache,
+        axis=plan.axis,
     )

@@ -48,6 +48,8 @@ class SweepContext(NamedTuple):
     """Split each trial's crosscoder over several Ray Train workers; None trains it in the trial's process."""
     local_cache: str | None = None
     """A folder on each node where trials keep copies of the cache files they read (None: read the cache)."""
+    axis: str = ""
+    """The sweep's axis: a trial's run is named by its value where no key varies (a one-value axis)."""
 
 
 def report_checkpoint(path: Path, progress: dict[str, float]) -> None:
@@ -88,12 +90,14 @@ def measured_on_workers(
     return measure(trial, result._replace(metrics=evaluate(result.model, data.held_out)), data, snapshots)
 
 
-def tag_resources(context) -> None:
-    """Where the trial runs: its node, the GPU share Tune granted it, and which GPUs Ray gave it (none on CPU)."""
+def tag_resources(context, workers: int) -> None:
+    """Where the trial runs: its node, the GPU share Tune granted it, which GPUs Ray gave it (none on CPU), and
+    the Ray Train workers its crosscoder is split over (1: trained in the trial's own process)."""
     mlflow.set_tag(TAG.ray_node_id, ray.get_runtime_context().get_node_id())
     mlflow.set_tags(
         {TAG.gpu_share: str(context.get_trial_resources().required_resources.get("GPU", 0.0))}
         | {TAG.ray_gpu_ids: ",".join(str(gpu) for gpu in ray.get_gpu_ids())}
+        | {TAG.trial_workers: str(workers)}
     )
 
 
@@ -104,7 +108,11 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     trial = TrialConfig.from_flat(config)
     context = tune.get_context()
     mlflow.set_tracking_uri(sweep.tracking_uri)
-    name = run_name(config, sweep.swept) or context.get_trial_name()
+    name = (
+        run_name(config, sweep.swept)
+        or run_name(config, (sweep.axis,) if sweep.axis in config else ())
+        or f"{sweep.axis} trial {int(context.get_trial_id().rsplit('_', 1)[-1])}"
+    )
     run_id = child_run(sweep.experiment_id, sweep.parent_run_id, context.get_trial_id(), name)
     existing = MlflowClient().get_run(run_id)
     if existing.info.status == "FINISHED":
@@ -119,7 +127,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     with mlflow.start_run(run_id=run_id) as run:
         try:
             mlflow.log_params({key: str(value) for key, value in config.items()})
-            tag_resources(context)
+            tag_resources(context, sweep.workers.count if sweep.workers is not None else 1)
             resumed_from = restore_checkpoint(checkpoints)
             if resumed_from is not None:
                 mlflow.set_tag(TAG.resumed_from_step, str(resumed_from))
