@@ -117,6 +117,22 @@ def close_stopped_run(experiment_id: str, parent_run_id: str, trial_id: str) -> 
         client.set_terminated(run_id, status="KILLED")
 
 
+def close_interrupted_sweep(experiment_id: str, parent_run_id: str) -> None:
+    """After an interrupted sweep (no trial is in flight any more): every child run still RUNNING (a trial
+    process that could not close its own) ends KILLED, and the parent run is tagged as interrupted and ends
+    KILLED; the same command reopens both."""
+    client = MlflowClient()
+    in_flight = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=10_000,
+    )
+    for run in in_flight:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_tag(parent_run_id, TAG.sweep_interrupted, "true")
+    client.set_terminated(parent_run_id, status="KILLED")
+
+
 UI_PORT = 5000
 """Where ``mlflow ui`` listens by default."""
 

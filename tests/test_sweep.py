@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
+import ray
 import torch
 from conftest import migrated_store
 from mlflow.tracking import MlflowClient
@@ -392,6 +393,73 @@ def test_two_sweeps_at_once_one_killed_and_resumed_one_with_a_diverging_trial(
     assert (after["status"] == "FINISHED").all()
     assert after.set_index("run_id").loc[finished[0], "end_time"] == end_time  # not run again
     assert len(runs(store, "resumed")) == 3
+
+
+def interrupt(arguments: list[str], log: Path, wait_for, second_after: float | None = None) -> float:
+    """Start ``python -m study.sweep`` in its own process group, send it Ctrl-C's SIGINT once ``wait_for()`` holds
+    (and again ``second_after`` seconds later); its exit code must be 130. Returns the seconds it took to exit."""
+    environment = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "study.sweep", *arguments],
+            cwd=REPO,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the whole foreground group
+        )
+        deadline = time.time() + 240
+        while not wait_for() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, "the sweep ended before it could be interrupted:\n" + log.read_text()[-3000:]
+        sent = time.time()
+        os.killpg(process.pid, signal.SIGINT)
+        if second_after is not None:
+            time.sleep(second_after)
+            os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    return time.time() - sent
+
+
+def test_ctrl_c_mid_trial_keeps_every_run_and_the_same_command_continues(
+    tiny_trajectory_folder, tmp_path, store, ray_cluster
+):
+    """Ctrl-C once: Tune stops the trial in flight, which keeps its checkpoints; its run ends KILLED (none left
+    RUNNING), the parent says the sweep was interrupted, the command says how to continue, exit 130. Twice: it
+    exits at once. The same command again ends with exactly one FINISHED run per trial, the stopped one continued
+    from its last checkpoint."""
+    arguments = sweep_arguments(
+        tiny_trajectory_folder,
+        tmp_path,
+        *("--experiment", "ctrl-c", "--set", "expansion_ratio={grid_search: [4, 8]}"),
+        *("--set", "n_steps=4000", "--max-concurrent", "1"),
+    )
+    log = tmp_path / "sweep.log"
+    seconds = interrupt(arguments, log, lambda: "[start]" in log.read_text(), second_after=0.5)
+    assert "interrupted again: exiting now" in log.read_text() and seconds < 15, seconds
+
+    storage = tmp_path / "sweeps" / "ctrl-c-expansion_ratio"
+    earlier = len(list(storage.glob("*/checkpoint_*")))
+    interrupt(
+        arguments, log, lambda: "[start]" in log.read_text() and len(list(storage.glob("*/checkpoint_*"))) > earlier
+    )
+    output = log.read_text()
+    assert "interrupted: 0 of 2 trial(s) finished and are kept, 1 stopped in flight" in output, output[-3000:]
+    assert "Run the same command again to continue" in output
+    frame = runs(store, "ctrl-c")
+    assert not (frame["status"] == "RUNNING").any(), frame[["status", "tags.mlflow.runName"]]
+    parent = frame[frame["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["status"] == "KILLED" and parent["tags.sweep_interrupted"] == "true"
+    assert set(children(frame)["status"]) == {"KILLED"}
+
+    assert main(arguments) == 0
+    frame = runs(store, "ctrl-c")
+    trials = children(frame)
+    assert len(trials) == 2 and trials["tags.tune_trial_id"].nunique() == 2 and len(frame) == 3
+    assert (trials["status"] == "FINISHED").all()
+    assert trials["tags.resumed_from_step"].astype(float).max() > 0  # continued from a checkpoint, not from step 0
+    parent = frame[frame["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["status"] == "FINISHED" and parent["tags.sweep_interrupted"] == "false"
 
 
 def test_a_trial_split_over_two_workers_on_streamed_activations_trains_the_same_crosscoder(

@@ -34,14 +34,20 @@ from study.sweep.plan import describe, plan_sweep
 from study.sweep.prepare import prepare_sweep
 from study.sweep.search_space import available_axes
 from study.sweep.summary import summarise
-from study.tracking import check_artifact_location, check_store, tracking_uri, ui_instructions
+from study.tracking import (
+    check_artifact_location,
+    check_store,
+    close_interrupted_sweep,
+    tracking_uri,
+    ui_instructions,
+)
 
 
 class SweepResult(NamedTuple):
     """What a sweep gives back to Python (``run``)."""
 
     trials: pd.DataFrame
-    """One row per trial: its swept values, status (done, FAILED, stopped early) and headline metrics;
+    """One row per trial: its swept values, status (done, FAILED, stopped early, interrupted) and headline metrics;
     for a dry run, the planned trials."""
     verdicts: list[Verdict]
     """One per claim (empty for a dry run)."""
@@ -49,6 +55,8 @@ class SweepResult(NamedTuple):
     """The sweep's MLflow run."""
     report: str | None
     """Where the HTML report was written, if it was."""
+    interrupted: bool = False
+    """Whether Ctrl-C stopped the sweep (no verdicts then: the same command continues it)."""
 
 
 def as_overrides(overrides: Sequence[str] | Mapping[str, object]) -> list[str]:
@@ -104,7 +112,9 @@ def run(
         judged_while_training=options.judged_while_training,
         local_cache=local_cache,
     )
-    table = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
+    table, interrupted = run_trials(plan.space, plan.swept, plan.sweep_name, context, options)
+    if interrupted:
+        return interrupted_sweep(plan, table, context.experiment_id, context.parent_run_id, options)
     report_folder = experiment_path(options, plan.sweep_name) / "report"
     failed, verdicts, report_ok = summarise(context.parent_run_id, table, report_folder)
     print(
@@ -118,6 +128,25 @@ def run(
     if failed:
         print(f"{failed} trial(s) failed", file=sys.stderr)
     return SweepResult(table, verdicts, context.parent_run_id, report)
+
+
+INTERRUPTED = 130
+"""Exit code of a sweep stopped by Ctrl-C (the shell's for SIGINT)."""
+
+
+def interrupted_sweep(plan, table: pd.DataFrame, experiment_id: str, parent_run_id: str, options: SweepOptions):
+    """Ctrl-C: close the runs left in flight (KILLED), mark the parent interrupted, and say how to continue."""
+    close_interrupted_sweep(experiment_id, parent_run_id)
+    planned = len(plan.trials) * options.num_samples
+    done = int((table["status"] == "done").sum()) if len(table) else 0
+    stopped = int((table["status"] == "interrupted").sum()) if len(table) else 0
+    print(
+        f"interrupted: {done} of {planned} trial(s) finished and are kept, {stopped} stopped in flight (their runs "
+        "KILLED). Run the same command again to continue: finished trials are not re-run, stopped ones restart "
+        "from their last checkpoint.",
+        file=sys.stderr,
+    )
+    return SweepResult(table, [], parent_run_id, None, interrupted=True)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -161,5 +190,7 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     result = run(args.axis, overrides_of(args), args.experiment, options_of(args))
+    if result.interrupted:
+        return INTERRUPTED
     failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())
     return 1 if failed else 0

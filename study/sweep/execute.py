@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
+from typing import NamedTuple
 
 import pandas as pd
 import ray
@@ -144,10 +148,37 @@ def build_tuner(
     )
 
 
+class TrialsRun(NamedTuple):
+    table: pd.DataFrame
+    """One row per trial Tune started: its swept values, done, FAILED, stopped early or interrupted, TABLE_METRICS."""
+    interrupted: bool
+    """Whether Ctrl-C (SIGINT) stopped the sweep before every trial ended."""
+
+
+def exit_at_once(signal_number, frame) -> None:
+    """A second Ctrl-C: Tune is already saving its state after the first; leave without waiting for it."""
+    print("\ninterrupted again: exiting now; run the same command to continue", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def fit_interruptible(tuner: tune.Tuner):
+    """``tuner.fit()``, and whether Ctrl-C stopped it. Tune answers the first SIGINT itself (it stops the trials,
+    keeps their checkpoints, saves its state) and then puts back the handler it found: ours, which exits at once
+    on a second one, and whose presence afterwards tells that the first came."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return tuner.fit(), False
+    previous = signal.signal(signal.SIGINT, exit_at_once)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is exit_at_once
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_trials(
     space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: SweepOptions
-) -> pd.DataFrame:
-    """Run every trial; one row per trial: its swept values, done or FAILED, TABLE_METRICS."""
+) -> TrialsRun:
+    """Run every trial (until Ctrl-C)."""
     tuner = build_tuner(space, swept, sweep_name, context, options)
     # Progress is TrialLines' one line per trial; Ray's newer console output ignores verbose=0,
     # and MLflow would draw a bar per artifact the analysis downloads.
@@ -157,13 +188,16 @@ def run_trials(
     for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     rows = []
-    for result in tuner.fit():  # type: ignore[attr-defined]  # ResultGrid iterates by index
+    results, interrupted = fit_interruptible(tuner)
+    for result in results:
         metrics = result.metrics or {}
         status = "FAILED" if result.error else "done"
-        if not result.error and TRIAL_RESULT.seconds not in metrics:  # the scheduler stopped it at a checkpoint
-            status = "stopped early"
-            close_stopped_run(context.experiment_id, context.parent_run_id, metrics.get(TRIAL_RESULT.trial_id, ""))
+        if not result.error and TRIAL_RESULT.seconds not in metrics:
+            status = "interrupted"
+            if not interrupted:  # the scheduler stopped it at a checkpoint
+                status = "stopped early"
+                close_stopped_run(context.experiment_id, context.parent_run_id, metrics.get(TRIAL_RESULT.trial_id, ""))
         row = {key: result.config.get(key) for key in swept}
         row.update({"status": status, **{name: metrics.get(name) for name in TABLE_METRICS}})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return TrialsRun(pd.DataFrame(rows), interrupted)

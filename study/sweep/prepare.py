@@ -17,7 +17,7 @@ from study.activations.extraction import ensure_activations
 from study.analysis.model_curves import model_curves
 from study.lm.trajectory import Trajectory
 from study.ray_runtime import ensure_ray
-from study.record import MODEL_CURVES, MODEL_CURVES_ARTIFACT, MODEL_PREFIX
+from study.record import MODEL_CURVES, MODEL_CURVES_ARTIFACT, MODEL_PREFIX, TAG
 from study.sweep.plan import ActivationSet, SweepPlan
 from study.sweep.trial import SweepContext
 from study.tracking import parent_run, tracking_uri
@@ -96,6 +96,8 @@ def prepare_sweep(
     }
     params = {"axis": plan.axis, **{f"base.{key}": value for key, value in base.items()}}
     experiment_id, parent_run_id = parent_run(plan.experiment, plan.sweep_name, params, tags, artifacts)
+    # Re-tagged on every run of the sweep: a resumed sweep may run with other options, and is no longer interrupted.
+    option_tags = option_tags | {TAG.sweep_interrupted: "false"}
     MlflowClient().log_batch(parent_run_id, tags=[RunTag(key, value) for key, value in option_tags.items()])
     if not any(
         name.startswith(MODEL_PREFIX) for name in MlflowClient().get_run(parent_run_id).data.metrics

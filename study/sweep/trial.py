@@ -150,6 +150,9 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             mlflow.log_text(traceback.format_exc(), ERROR_ARTIFACT)
             mlflow.end_run(status="FAILED")
             raise
+        except BaseException:  # stopped from outside (Ctrl-C, a scheduler's stop): killed, not failed
+            mlflow.end_run(status="KILLED")
+            raise
         finally:
             shutil.rmtree(checkpoints, ignore_errors=True)
     tune.report(
