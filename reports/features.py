@@ -23,8 +23,9 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from reports.sweep_record import ReportInputError, SweepRecord, read_sweep, trial_labels
+from study.errors import StudyInputError
 from study.record import FEATURE_BROWSER, MATCH_THRESHOLD
-from study.tracking import tracking_uri
+from study.tracking import check_store, tracking_uri
 
 PAGE = (Path(__file__).parent / "feature_browser.html").read_text()
 """The page's HTML, style and script; %TITLE%, %BACK% and %DATA% are filled in per trial."""
@@ -89,6 +90,7 @@ def write_browsers(
 
 def write_trial_browser(run_id: str, out: Path) -> Path:
     """The browser of one finished trial, read from the store at ``tracking_uri()``, into ``out``."""
+    check_store(tracking_uri())
     client = MlflowClient(tracking_uri())
     try:
         run = client.get_run(run_id)
@@ -118,6 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ReportInputError as error:
+    except (ReportInputError, StudyInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -36,6 +36,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from reports import figures
 from reports.features import BROWSER_FOLDER, browser_name, write_browsers
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep, trial_labels
+from study.errors import StudyInputError
 from study.record import (
     COMPARED,
     FEATURE_BROWSER,
@@ -47,7 +48,7 @@ from study.record import (
     UNCONVERGED_LOSS_DROP,
 )
 from study.storage import Location
-from study.tracking import tracking_uri
+from study.tracking import check_store, tracking_uri
 
 VERDICT_COLOURS = {
     "holds": "#1a7f37",
@@ -379,6 +380,7 @@ def write_report(out: str, run_id: str | None = None, experiment: str | None = N
         raise ReportInputError(
             f"no MLflow store at {uri[len('sqlite:///') :]}; run this where the sweep ran or set MLFLOW_TRACKING_URI"
         )
+    check_store(uri)  # a tracking server that refuses this environment's credentials: one line, exit 2
     client = MlflowClient(uri)
     record = read_sweep(client, find_parent_run(client, experiment, run_id))
     location = Location.of(out)
@@ -411,6 +413,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ReportInputError as error:
+    except (ReportInputError, StudyInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from study.errors import StudyInputError
@@ -26,8 +27,41 @@ def tracking_uri() -> str:
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+"""The environment variables from which MLflow's client reads an authenticated server's user and password."""
+
+
+def tracking_credentials() -> dict[str, str]:
+    """The MLflow credentials of this process's environment, for the trials to set in theirs: they travel with the
+    sweep's context (Ray's object store), never in a job's ``runtime_env``, which Ray's dashboard shows."""
+    return {name: os.environ[name] for name in CREDENTIALS if os.environ.get(name)}
+
+
+def check_server(uri: str) -> None:
+    """A tracking server must answer, and accept this environment's credentials, before Ray starts."""
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        user = os.environ.get(CREDENTIALS[0])
+        if error.get_http_status_code() == 401:
+            who = f"user '{user}'" if user else "no credentials (MLFLOW_TRACKING_USERNAME is not set)"
+            raise StudyInputError(
+                f"MLflow server {uri} refused {who}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to "
+                "an account of that server"
+            ) from None
+        if error.get_http_status_code() == 403:
+            raise StudyInputError(
+                f"MLflow server {uri} lets user '{user}' in but not read experiments; ask its admin for a permission"
+            ) from None
+        raise StudyInputError(f"MLflow server {uri} did not answer: {str(error).splitlines()[0][:200]}") from None
+
+
 def check_store(uri: str) -> None:
-    """An existing SQLite store must be an SQLite database: MLflow would fail on it deep inside SQLAlchemy."""
+    """An existing SQLite store must be an SQLite database (MLflow would fail on it deep inside SQLAlchemy); a
+    tracking server must answer and accept the credentials (``check_server``)."""
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+        return
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri[len("sqlite:///") :])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -19,8 +20,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(backend: str, folder: Path) -> Iterator[str]:
-    """``mlflow server`` on ``backend`` (artifacts proxied into ``folder``); yields its URL once it answers."""
+def mlflow_server(
+    backend: str, folder: Path, app_name: str | None = None, environment: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``mlflow server`` on ``backend`` (artifacts proxied into ``folder``), as ``app_name`` (e.g. basic-auth) with
+    ``environment`` added to this process's; yields its URL once it answers."""
     port = free_port()
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(
@@ -28,9 +32,11 @@ def mlflow_server(backend: str, folder: Path) -> Iterator[str]:
             *(sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend),
             *("--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)),
             *("--workers", "1"),
+            *(("--app-name", app_name) if app_name else ()),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **(environment or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -41,6 +42,7 @@ from study.record import (
     AlongTraining,
     natural_order,
 )
+from study.tracking import tracking_credentials
 
 
 def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
@@ -187,9 +189,10 @@ class PairFigures(NamedTuple):
     """(feature of A, its partner in B, cosine): the one-to-one matching above MATCH_THRESHOLD."""
 
 
-def pair_figures(tracking_uri: str, run_a: str, run_b: str) -> PairFigures:
-    """Two trials' crosscoders compared, each downloaded from MLflow here, so that pairs can run anywhere in the
-    cluster."""
+def pair_figures(tracking_uri: str, run_a: str, run_b: str, credentials: dict[str, str]) -> PairFigures:
+    """Two trials' crosscoders compared, each downloaded from MLflow here (with ``credentials``, those of
+    ``study.tracking.tracking_credentials``, on another node), so that pairs can run anywhere in the cluster."""
+    os.environ.update(credentials)
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         a, b = (live_dictionary(client, run_id, Path(folder) / run_id) for run_id in (run_a, run_b))
@@ -239,7 +242,7 @@ def feature_stability(trials: Trials) -> FeatureStability:
         for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio"))
         for run_a, run_b in pairs_differing_in(trials.frame, key)
     ]
-    uri = mlflow.get_tracking_uri()
+    uri, credentials = mlflow.get_tracking_uri(), tracking_credentials()
     in_tasks = False
     if ray.is_initialized():
         client = MlflowClient(uri)
@@ -247,9 +250,9 @@ def feature_stability(trials: Trials) -> FeatureStability:
         in_tasks = any(sizes[run_a] + sizes[run_b] > LOCAL_PAIR_BYTES for _, run_a, run_b in pairs)
     if in_tasks:
         task = ray.remote(num_cpus=1)(pair_figures)
-        figures = ray.get([task.remote(uri, run_a, run_b) for _, run_a, run_b in pairs])
+        figures = ray.get([task.remote(uri, run_a, run_b, credentials) for _, run_a, run_b in pairs])
     else:
-        figures = [pair_figures(uri, run_a, run_b) for _, run_a, run_b in pairs]
+        figures = [pair_figures(uri, run_a, run_b, credentials) for _, run_a, run_b in pairs]
     partners = pd.DataFrame(
         [
             (run_a, feature_a, run_b, feature_b, cosine)
