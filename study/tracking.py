@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,14 +32,30 @@ CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 """The environment variables from which MLflow's client reads an authenticated server's user and password."""
 
 
-def tracking_credentials() -> dict[str, str]:
-    """The MLflow credentials of this process's environment, for the trials to set in theirs: they travel with the
-    sweep's context (Ray's object store), never in a job's ``runtime_env``, which Ray's dashboard shows."""
-    return {name: os.environ[name] for name in CREDENTIALS if os.environ.get(name)}
+RIDE_THROUGH = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "8", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
+"""MLflow's client retries a request whose server does not answer, waiting 2, 4, 8, ... seconds (each wait at most
+120): 8 retries ride through an outage of about 6 minutes (a restart, an upgrade, a network blip) before the call
+fails. Set for the sweep and its trials unless the environment sets them."""
+
+
+def tracking_environment() -> dict[str, str]:
+    """MLflow's retry settings (RIDE_THROUGH, or this environment's) and credentials, for the trials to set in
+    theirs: they travel with the sweep's context (Ray's object store), never in a job's ``runtime_env``, which Ray's
+    dashboard shows. The credentials are left out where the environment has none."""
+    retries = {name: os.environ.get(name, default) for name, default in RIDE_THROUGH.items()}
+    return retries | {name: os.environ[name] for name in CREDENTIALS if os.environ.get(name)}
 
 
 def check_server(uri: str) -> None:
-    """A tracking server must answer, and accept this environment's credentials, before Ray starts."""
+    """A tracking server must answer (at once: a mistyped address is not an outage to ride through), and accept
+    this environment's credentials, before Ray starts."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except OSError as error:
+        reason = getattr(error, "reason", error)
+        raise StudyInputError(
+            f"MLflow server {uri} does not answer ({reason}); start it, or point MLFLOW_TRACKING_URI at one that runs"
+        ) from None
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as error:

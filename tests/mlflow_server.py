@@ -21,11 +21,15 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_server(
-    backend: str, folder: Path, app_name: str | None = None, environment: dict[str, str] | None = None
+    backend: str,
+    folder: Path,
+    app_name: str | None = None,
+    environment: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
     """``mlflow server`` on ``backend`` (artifacts proxied into ``folder``), as ``app_name`` (e.g. basic-auth) with
-    ``environment`` added to this process's; yields its URL once it answers."""
-    port = free_port()
+    ``environment`` added to this process's, on ``port`` (a free one by default); yields its URL once it answers."""
+    port = port or free_port()
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(
         [

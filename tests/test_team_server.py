@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking import MlflowClient
 
-from tests.mlflow_server import mlflow_server
+from tests.mlflow_server import free_port, mlflow_server
 from tests.test_sweep import REPO, sweep_arguments
 
 pytestmark = pytest.mark.slow  # starts Ray, a sweep, a server or a browser: not in the fast tier
@@ -119,3 +120,36 @@ def test_a_sweep_on_the_team_server_keeps_its_secrets_out_of_every_record(
         outsider.get_run(runs[0].info.run_id)
     with pytest.raises(MlflowException, match="error code 403"):
         outsider.set_tag(runs[0].info.run_id, "vandalised", "yes")
+
+
+def test_a_sweep_rides_through_its_tracking_server_going_away_for_35_seconds(
+    tiny_trajectory_folder, tmp_path, ray_cluster
+):
+    """The server stops once the first trial has finished, while the next one opens and logs its run, and comes
+    back 35 s later on the same port and store: the sweep finishes, each trial with one FINISHED run."""
+    port, backend = free_port(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    arguments = sweep_arguments(tiny_trajectory_folder, tmp_path, "--experiment", "outage", "--max-concurrent", "1")
+    arguments[0] = "seed"
+    log = tmp_path / "sweep.log"
+    with mlflow_server(backend, tmp_path, port=port) as url:
+        address = ray_cluster.get_runtime_context().gcs_address
+        environment = dict(os.environ, MLFLOW_TRACKING_URI=url, RAY_ADDRESS=address)
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "study.sweep", *arguments, "--set", "seed={grid_search: [0, 1]}"],
+            cwd=REPO,
+            env=environment,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 300
+        while "[done]" not in log.read_text() and sweep.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    assert sweep.poll() is None, "the sweep ended before the outage:\n" + log.read_text()[-3000:]
+    time.sleep(35)
+    assert log.read_text().count("[done]") < 2, "the second trial did not wait for the server"
+    with mlflow_server(backend, tmp_path, port=port) as url:
+        assert sweep.wait(timeout=400) == 0, log.read_text()[-3000:]
+        runs = MlflowClient(url).search_runs([MlflowClient(url).get_experiment_by_name("outage").experiment_id])
+    trials = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(runs) == 3 and len({run.data.tags["tune_trial_id"] for run in trials}) == 2
+    assert all(run.info.status == "FINISHED" for run in runs)

@@ -42,7 +42,7 @@ from study.record import (
     AlongTraining,
     natural_order,
 )
-from study.tracking import tracking_credentials
+from study.tracking import tracking_environment
 
 
 def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
@@ -189,10 +189,10 @@ class PairFigures(NamedTuple):
     """(feature of A, its partner in B, cosine): the one-to-one matching above MATCH_THRESHOLD."""
 
 
-def pair_figures(tracking_uri: str, run_a: str, run_b: str, credentials: dict[str, str]) -> PairFigures:
-    """Two trials' crosscoders compared, each downloaded from MLflow here (with ``credentials``, those of
-    ``study.tracking.tracking_credentials``, on another node), so that pairs can run anywhere in the cluster."""
-    os.environ.update(credentials)
+def pair_figures(tracking_uri: str, run_a: str, run_b: str, environment: dict[str, str]) -> PairFigures:
+    """Two trials' crosscoders compared, each downloaded from MLflow here (with the ``environment`` of
+    ``study.tracking.tracking_environment``, on another node), so that pairs can run anywhere in the cluster."""
+    os.environ.update(environment)
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         a, b = (live_dictionary(client, run_id, Path(folder) / run_id) for run_id in (run_a, run_b))
@@ -242,7 +242,7 @@ def feature_stability(trials: Trials) -> FeatureStability:
         for kind, key in (("seed", "seed"), ("expansion_ratio", "expansion_ratio"))
         for run_a, run_b in pairs_differing_in(trials.frame, key)
     ]
-    uri, credentials = mlflow.get_tracking_uri(), tracking_credentials()
+    uri, environment = mlflow.get_tracking_uri(), tracking_environment()
     in_tasks = False
     if ray.is_initialized():
         client = MlflowClient(uri)
@@ -250,9 +250,9 @@ def feature_stability(trials: Trials) -> FeatureStability:
         in_tasks = any(sizes[run_a] + sizes[run_b] > LOCAL_PAIR_BYTES for _, run_a, run_b in pairs)
     if in_tasks:
         task = ray.remote(num_cpus=1)(pair_figures)
-        figures = ray.get([task.remote(uri, run_a, run_b, credentials) for _, run_a, run_b in pairs])
+        figures = ray.get([task.remote(uri, run_a, run_b, environment) for _, run_a, run_b in pairs])
     else:
-        figures = [pair_figures(uri, run_a, run_b, credentials) for _, run_a, run_b in pairs]
+        figures = [pair_figures(uri, run_a, run_b, environment) for _, run_a, run_b in pairs]
     partners = pd.DataFrame(
         [
             (run_a, feature_a, run_b, feature_b, cosine)

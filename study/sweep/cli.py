@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
@@ -38,6 +39,7 @@ from study.tracking import (
     check_artifact_location,
     check_store,
     close_interrupted_sweep,
+    tracking_environment,
     tracking_uri,
     ui_instructions,
 )
@@ -81,6 +83,7 @@ def run(
         raise StudyInputError(f"unknown sweep option(s) {', '.join(sorted(unknown))}; see study.sweep.SweepOptions")
     options = replace(options or SweepOptions(), **option_values)
     options.check()
+    os.environ.update(tracking_environment())  # the driver rides through an outage as its trials do
     check_store(tracking_uri())
     plan = plan_sweep(axis, as_overrides(overrides), experiment, options.cache_dir, options.workers_per_trial)
     headline, *details = describe(plan, options.num_samples).splitlines()

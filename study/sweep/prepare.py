@@ -20,7 +20,7 @@ from study.ray_runtime import ensure_ray
 from study.record import MODEL_CURVES, MODEL_CURVES_ARTIFACT, MODEL_PREFIX, TAG
 from study.sweep.plan import ActivationSet, SweepPlan
 from study.sweep.trial import SweepContext
-from study.tracking import parent_run, tracking_credentials, tracking_uri
+from study.tracking import parent_run, tracking_environment, tracking_uri
 
 
 def git_commit() -> str:
@@ -113,5 +113,5 @@ def prepare_sweep(
         judged_while_training,
         local_cache=local_cache,
         axis=plan.axis,
-        tracking_credentials=tracking_credentials(),
+        tracking_environment=tracking_environment(),
     )

@@ -51,9 +51,9 @@ class SweepContext(NamedTuple):
     """A folder on each node where trials keep copies of the cache files they read (None: read the cache)."""
     axis: str = ""
     """The sweep's axis: a trial's run is named by its value where no key varies (a one-value axis)."""
-    tracking_credentials: dict[str, str] = {}
-    """MLflow's user and password (``study.tracking.tracking_credentials``), set in each trial's environment: a
-    trial on another node has no other way to them that Ray's dashboard would not show."""
+    tracking_environment: dict[str, str] = {}
+    """MLflow's retry settings, user and password (``study.tracking.tracking_environment``), set in each trial's
+    environment: a trial on another node has no other way to them that Ray's dashboard would not show."""
 
 
 def report_checkpoint(path: Path, progress: dict[str, float]) -> None:
@@ -111,7 +111,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     reported to Tune, which keeps them in the sweep's storage."""
     trial = TrialConfig.from_flat(config)
     context = tune.get_context()
-    os.environ.update(sweep.tracking_credentials)
+    os.environ.update(sweep.tracking_environment)
     mlflow.set_tracking_uri(sweep.tracking_uri)
     name = (
         run_name(config, sweep.swept)
