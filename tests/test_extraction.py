@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,13 @@ import torch
 
 from study.activations.cache import CorruptShardError
 from study.activations.contexts import sample_contexts
-from study.activations.extraction import ActivationRequest, ensure_activations
+from study.activations.extraction import (
+    ActivationRequest,
+    activation_bytes,
+    check_space,
+    ensure_activations,
+    free_bytes,
+)
 from study.errors import StudyInputError
 from study.lm.pretrain_config import TINY
 from study.lm.trajectory import directory_trajectory, load_model, load_tokenizer
@@ -123,7 +130,13 @@ def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory,
     request = small_request(trajectory, contexts_per_shard=2, n_tokens=2000)
     script = textwrap.dedent(
         f"""
-        from study.activations.extraction import ActivationRequest, ensure_activations
+        from study.activations.extraction import (
+    ActivationRequest,
+    activation_bytes,
+    check_space,
+    ensure_activations,
+    free_bytes,
+)
         from study.lm.trajectory import directory_trajectory
         request = ActivationRequest(directory_trajectory({str(trajectory.snapshots[0].source.rsplit("/", 1)[0])!r}),
                                     layers=(0, 1), n_tokens=2000, context_length=32, contexts_per_shard=2, batch_size=8)
@@ -165,7 +178,13 @@ def test_two_concurrent_requests_build_once(trajectory, ray_cluster, tmp_path):
     source = trajectory.snapshots[0].source.rsplit("/", 1)[0]
     script = textwrap.dedent(
         f"""
-        from study.activations.extraction import ActivationRequest, ensure_activations
+        from study.activations.extraction import (
+    ActivationRequest,
+    activation_bytes,
+    check_space,
+    ensure_activations,
+    free_bytes,
+)
         from study.lm.trajectory import directory_trajectory
         request = ActivationRequest(directory_trajectory({source!r}), layers=(1,), n_tokens=2000, context_length=32,
                                     contexts_per_shard=8, batch_size=8)
@@ -251,3 +270,52 @@ def test_streaming_split_over_ranks_by_snapshot_gives_the_cache_rows(trajectory,
     torch.multiprocessing.spawn(read_a_shard_split_by_snapshot, args=(3, port, request, tmp_path), nprocs=3)
     for rank in range(3):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), cache.shard(1, 1)), rank
+
+
+def fill(path: Path, size: int) -> None:
+    """A ballast file of ``size`` bytes, allocated at once."""
+    with path.open("wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, max(1, size))
+
+
+def test_a_disk_that_fills_during_extraction_says_where_and_the_same_call_resumes(trajectory, ray_cluster):
+    """On a small file system (.ci/run mounts an 8 MB tmpfs): too little room from the start is refused before
+    extraction with the bytes needed; room at the start but none once shards land is one line naming the
+    location, the shards written are kept, and the same call, once space is freed, finishes the cache."""
+    if not os.environ.get("CROSSCODER_TEST_SMALL_DISK"):
+        pytest.skip("CROSSCODER_TEST_SMALL_DISK is not set (.ci/run mounts a small tmpfs where it can)")
+    disk = Path(os.environ["CROSSCODER_TEST_SMALL_DISK"]) / f"run-{os.getpid()}"
+    shutil.rmtree(disk, ignore_errors=True)
+    disk.mkdir()
+    ballast = disk / "ballast"
+    try:
+        request = small_request(trajectory, layers=(1,), n_tokens=1000, contexts_per_shard=2)
+        needed = activation_bytes(request, TINY.hidden_size)
+        fill(ballast, free_bytes(disk) - needed // 2)
+        with pytest.raises(StudyInputError, match=r"activation cache .* needs \d+\.\d MB more and its file system has"):
+            check_space(request, disk, TINY.hidden_size)
+        ballast.unlink()
+        check_space(request, disk, TINY.hidden_size)  # room now
+
+        units = disk / "activations" / request.cache_key()
+
+        def fill_once_shards_land() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and len(list(units.glob("build-*/units/*.json"))) < 2:
+                time.sleep(0.02)
+            fill(ballast, free_bytes(disk))
+
+        watcher = threading.Thread(target=fill_once_shards_land)
+        watcher.start()
+        with pytest.raises(StudyInputError, match=r"no space left in .* while extracting activations \(\d+ of \d+"):
+            ensure_activations(request, disk, progress=False)
+        watcher.join()
+        kept = {path.name: path.stat().st_mtime_ns for path in units.glob("build-*/units/*.json")}
+        assert kept and not (units / "manifest.json").exists()
+        ballast.unlink()
+        cache = ensure_activations(request, disk, progress=False)
+        assert cache.corrupt_units() == [] and cache.incomplete_units() == []
+        after = {path.name: path.stat().st_mtime_ns for path in units.glob("build-*/units/*.json")}
+        assert all(after[name] == written for name, written in kept.items())  # kept, not extracted again
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)

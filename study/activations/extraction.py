@@ -24,10 +24,12 @@ Over 300 lines on purpose: the Ray Data job, its units, its resumable records an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -335,6 +337,56 @@ def unfinished_build(folder: Location) -> Location:
     return folder / f"build-{uuid.uuid4().hex[:12]}"
 
 
+def activation_bytes(request: ActivationRequest, d_model: int) -> int:
+    """Bytes the request's cache holds: its rows (whole contexts) at every snapshot and layer, in 2-byte floats,
+    and each row's token id and position."""
+    rows_per_context = request.context_length - 1
+    rows = -(-request.n_tokens // rows_per_context) * rows_per_context
+    return rows * (len(request.trajectory.snapshots) * len(request.layers) * d_model * 2 + 6)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes of the file system ``path`` is (or would be) on."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_space(request: ActivationRequest, cache_dir: str | Path | None, d_model: int) -> None:
+    """Before Ray starts: a local cache's file system must hold what the request still needs (on an object store
+    a write that does not fit fails as its store says)."""
+    location = cache_location(cache_dir)
+    if not location.is_local:
+        return
+    folder = Path(location.path) / "activations" / request.cache_key()
+    if (folder / MANIFEST).is_file():
+        return  # built: at most a damaged file to rewrite
+    written = sum(path.stat().st_size for path in folder.rglob("*.npy")) if folder.is_dir() else 0
+    needed, free = activation_bytes(request, d_model) - written, free_bytes(folder)
+    if needed > free:
+        raise StudyInputError(
+            f"the activation cache {folder.parent} needs {needed / 1e6:.1f} MB more and its file system has "
+            f"{free / 1e6:.1f} MB free: free space there, or choose --cache-dir elsewhere"
+        )
+
+
+def no_space_left(error: BaseException) -> bool:
+    """Whether a disk filled up somewhere under ``error`` (Ray Data wraps a UDF's OSError in its own exceptions)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if (isinstance(current, OSError) and current.errno == errno.ENOSPC) or "No space left on device" in str(
+            current
+        ):
+            return True
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return False
+
+
 def ensure_activations(
     request: ActivationRequest, cache_dir: str | Path | None = None, progress: bool = True
 ) -> ActivationCache:
@@ -376,7 +428,19 @@ def ensure_activations(
             (s, k) for s in range(len(request.trajectory.snapshots)) for k in range(n_shards) if (s, k) not in done
         ]
         if pending:
-            for record in run_units(request, contexts, pending, build, progress):
+            try:
+                records = run_units(request, contexts, pending, build, progress)
+            except Exception as error:
+                if not no_space_left(error):
+                    raise
+                units = len(request.trajectory.snapshots) * n_shards
+                written = len(completed_units(build))
+                raise StudyInputError(
+                    f"no space left in {root} while extracting activations ({written} of {units} shards written "
+                    f"and kept; the whole cache takes {activation_bytes(request, config.hidden_size) / 1e6:.1f} MB): "
+                    "free space there or choose --cache-dir elsewhere, then run the same command: it resumes"
+                ) from None
+            for record in records:
                 done[(record["snapshot"], record["shard"])] = record
         write_manifest(folder, build, request, done, token_files, n_shards, config.hidden_size)
     return ActivationCache(folder)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 from transformers import AutoConfig
 
 from crosscoder.methods import METHODS
-from study.activations.extraction import ActivationRequest
+from study.activations.extraction import ActivationRequest, check_space
 from study.errors import StudyInputError
 from study.lm.trajectory import Trajectory, explained_load_errors, resolve_trajectory
 from study.sweep.search_space import (
@@ -196,6 +196,9 @@ def plan_sweep(
         activation_sets[activation_set(point)] = ActivationSet(point, trajectory, request)
     for point, config in configs:
         check_dictionary(config, resolved[trajectory_spec(point)].d_model, workers_per_trial)
+    for chosen in activation_sets.values():
+        if chosen.point["activation_mode"] == "cache":
+            check_space(chosen.request, cache_dir, resolved[trajectory_spec(chosen.point)].d_model)
     name = axis_name(axis)
     experiment = experiment or f"crosscoder-{name}"
     return SweepPlan(
