@@ -691,13 +691,14 @@ TAG = Names(
         "cache_location",
         "storage_location",
         "sweep_interrupted",
+        "skipped_checkpoints",
     )
 )
 """Run tags: the sweep's name and Tune's trial id (how a run is found again), a trial stopped by the scheduler,
 a trial's error, where it ran and on what (its node, GPU share and ids, the Ray Train workers it was split over),
-where it resumed; the parent's searcher, scheduler and their metric, where its activation cache and Tune storage
-lived (credentials stripped), and whether the sweep was last interrupted (Ctrl-C); a trial whose held-out L0 missed its target_l0
-(one line: by how much, and what to change)."""
+where it resumed and which damaged checkpoints it skipped to get there; the parent's searcher, scheduler and their
+metric, where its activation cache and Tune storage lived (credentials stripped), and whether the sweep was last
+interrupted (Ctrl-C); a trial whose held-out L0 missed its target_l0 (one line: by how much, and what to change)."""
 OPTION_TAG = "option."
 """Prefix of the parent run's tag per sweep option (``study.sweep.options.SweepOptions``), credentials stripped."""
 ERROR_ARTIFACT = "error.txt"

@@ -168,18 +168,28 @@ def close_stopped_run(experiment_id: str, parent_run_id: str, trial_id: str) -> 
         client.set_terminated(run_id, status="KILLED")
 
 
-def close_interrupted_sweep(experiment_id: str, parent_run_id: str) -> None:
-    """After an interrupted sweep (no trial is in flight any more): every child run still RUNNING (a trial
-    process that could not close its own) ends KILLED, and the parent run is tagged as interrupted and ends
-    KILLED; the same command reopens both."""
+def close_orphaned_runs(experiment_id: str, parent_run_id: str, status: str, error: str | None = None) -> int:
+    """Once no trial is in flight: every child run still RUNNING belongs to a trial process that died without
+    closing it (Ctrl-C, the OOM killer, a lost node); it ends ``status``, with ``error`` as its error tag. Returns
+    how many there were."""
     client = MlflowClient()
-    in_flight = client.search_runs(
+    orphans = client.search_runs(
         [experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
         max_results=10_000,
     )
-    for run in in_flight:
-        client.set_terminated(run.info.run_id, status="KILLED")
+    for run in orphans:
+        if error is not None:
+            client.set_tag(run.info.run_id, TAG.error, error)
+        client.set_terminated(run.info.run_id, status=status)
+    return len(orphans)
+
+
+def close_interrupted_sweep(experiment_id: str, parent_run_id: str) -> None:
+    """After Ctrl-C: the runs left in flight end KILLED, and the parent run is tagged as interrupted and ends
+    KILLED; the same command reopens both."""
+    close_orphaned_runs(experiment_id, parent_run_id, "KILLED")
+    client = MlflowClient()
     client.set_tag(parent_run_id, TAG.sweep_interrupted, "true")
     client.set_terminated(parent_run_id, status="KILLED")
 

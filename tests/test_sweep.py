@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from study.analysis import verdicts
 from study.errors import run_cli
-from study.lm.trajectory import resolve_trajectory
+from study.lm.trajectory import damaged_weight_file, resolve_trajectory
 from study.record import FEATURE_BROWSER
 from study.sweep.cli import main
 from study.sweep.plan import activation_request
@@ -441,7 +441,7 @@ def test_ctrl_c_mid_trial_keeps_every_run_and_the_same_command_continues(
     storage = tmp_path / "sweeps" / "ctrl-c-expansion_ratio"
     earlier = len(list(storage.glob("*/checkpoint_*")))
     interrupt(
-        arguments, log, lambda: "[start]" in log.read_text() and len(list(storage.glob("*/checkpoint_*"))) > earlier
+        arguments, log, lambda: "[start]" in log.read_text() and len(list(storage.glob("*/checkpoint_*"))) > earlier + 2
     )
     output = log.read_text()
     assert "interrupted: 0 of 2 trial(s) finished and are kept, 1 stopped in flight" in output, output[-3000:]
@@ -452,12 +452,21 @@ def test_ctrl_c_mid_trial_keeps_every_run_and_the_same_command_continues(
     assert parent["status"] == "KILLED" and parent["tags.sweep_interrupted"] == "true"
     assert set(children(frame)["status"]) == {"KILLED"}
 
+    # Then every checkpoint Tune keeps of the stopped trial but its first is cut short: it resumes from that one.
+    newest = max(storage.glob("*/checkpoint_*/step*.safetensors"), key=lambda path: path.stat().st_mtime)
+    first, *later = sorted(newest.parent.parent.glob("checkpoint_*/step*.safetensors"))
+    for path in later:
+        path.write_bytes(path.read_bytes()[:1000])
+
     assert main(arguments) == 0
     frame = runs(store, "ctrl-c")
     trials = children(frame)
     assert len(trials) == 2 and trials["tags.tune_trial_id"].nunique() == 2 and len(frame) == 3
     assert (trials["status"] == "FINISHED").all()
-    assert trials["tags.resumed_from_step"].astype(float).max() > 0  # continued from a checkpoint, not from step 0
+    resumed = trials[trials["tags.resumed_from_step"].notna()].iloc[0]  # continued from a checkpoint, not step 0
+    assert resumed["tags.resumed_from_step"] == first.stem.removeprefix("step")
+    skipped = resumed["tags.skipped_checkpoints"].split("; ")
+    assert skipped and set(skipped) <= {f"{path.parent.name}: {damaged_weight_file(path)}" for path in later}
     parent = frame[frame["tags.mlflow.parentRunId"].isna()].iloc[0]
     assert parent["status"] == "FINISHED" and parent["tags.sweep_interrupted"] == "false"
 

@@ -28,8 +28,10 @@ import pandas as pd
 from study.analysis.verdicts import Verdict
 from study.errors import StudyInputError
 from study.paths import cache_location
+from study.ray_runtime import ensure_ray
 from study.record import OPTION_TAG, TAG
 from study.sweep.execute import check_resumable, experiment_path, run_trials
+from study.sweep.memory import check_memory, largest_node_memory
 from study.sweep.options import SweepOptions, add_flags, options_of, recorded_options, without_credentials
 from study.sweep.plan import describe, plan_sweep
 from study.sweep.prepare import prepare_sweep
@@ -101,6 +103,8 @@ def run(
         TAG.scheduler: options.scheduler,
         TAG.search_metric: f"{options.metric} ({options.mode})",
     }
+    ensure_ray()
+    check_memory(plan, largest_node_memory(), options.workers_per_trial)  # before any trial starts
     local_cache = None if options.local_cache is None else str(Path(options.local_cache).resolve())
     option_tags = {f"{OPTION_TAG}{name}": value for name, value in recorded_options(options).items()} | {
         TAG.cache_location: without_credentials(cache_location(options.cache_dir).uri),
@@ -195,5 +199,5 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.axis, overrides_of(args), args.experiment, options_of(args))
     if result.interrupted:
         return INTERRUPTED
-    failed = "status" in result.trials and bool((result.trials["status"] == "FAILED").any())
+    failed = "status" in result.trials and bool(result.trials["status"].str.startswith("FAILED").any())
     return 1 if failed else 0

@@ -22,7 +22,7 @@ from study.sweep.options import SweepOptions
 from study.sweep.search_space import to_tune
 from study.sweep.trial import SweepContext, run_trial
 from study.sweep.workers import WorkerPlan
-from study.tracking import close_stopped_run
+from study.tracking import close_orphaned_runs, close_stopped_run
 
 MAX_FAILURES = 2
 """Restarts of a trial (node lost, worker killed) before it counts as failed."""
@@ -175,6 +175,11 @@ def fit_interruptible(tuner: tune.Tuner):
         signal.signal(signal.SIGINT, previous)
 
 
+def killed_for_memory(error: BaseException) -> bool:
+    """Whether Ray's OOM killer ended the trial (its error says so in its type or its text)."""
+    return "OutOfMemoryError" in type(error).__name__ or "out of memory" in str(error).lower()
+
+
 def run_trials(
     space: dict, swept: list[str], sweep_name: str, context: SweepContext, options: SweepOptions
 ) -> TrialsRun:
@@ -189,9 +194,19 @@ def run_trials(
         logging.getLogger(name).setLevel(logging.CRITICAL)
     rows = []
     results, interrupted = fit_interruptible(tuner)
+    if not interrupted:
+        close_orphaned_runs(
+            context.experiment_id,
+            context.parent_run_id,
+            "FAILED",
+            "its process died before it could close this run (killed for memory, or its node lost), "
+            f"{MAX_FAILURES + 1} times",
+        )
     for result in results:
         metrics = result.metrics or {}
         status = "FAILED" if result.error else "done"
+        if result.error is not None and killed_for_memory(result.error):
+            status = "FAILED: out of memory"
         if not result.error and TRIAL_RESULT.seconds not in metrics:
             status = "interrupted"
             if not interrupted:  # the scheduler stopped it at a checkpoint

@@ -54,6 +54,8 @@ class SweepPlan(NamedTuple):
     """The grid's points (sampled keys not yet drawn)."""
     activation_sets: dict[str, ActivationSet]
     """``activation_set(point)`` -> the activations of the trials at that point."""
+    d_models: dict[str, int]
+    """``activation_set(point)`` -> the width of its model's residual stream."""
 
 
 def sweep_name_of(experiment: str, axis: str) -> str:
@@ -201,8 +203,9 @@ def plan_sweep(
             check_space(chosen.request, cache_dir, resolved[trajectory_spec(chosen.point)].d_model)
     name = axis_name(axis)
     experiment = experiment or f"crosscoder-{name}"
+    d_models = {key: resolved[trajectory_spec(chosen.point)].d_model for key, chosen in activation_sets.items()}
     return SweepPlan(
-        name, space, experiment, sweep_name_of(experiment, name), swept_keys(space), trials, activation_sets
+        name, space, experiment, sweep_name_of(experiment, name), swept_keys(space), trials, activation_sets, d_models
     )
 
 

@@ -18,7 +18,7 @@ from study.storage import Location
 
 def log_trials_table(parent_run_id: str, table: pd.DataFrame) -> int:
     """The trials table and the done / failed counts into the parent run; the number failed."""
-    failed = int((table["status"] == "FAILED").sum()) if len(table) else 0
+    failed = int(table["status"].str.startswith("FAILED").sum()) if len(table) else 0
     with mlflow.start_run(run_id=parent_run_id):
         mlflow.log_metrics({"trials_done": len(table) - failed, "trials_failed": failed})
         with tempfile.TemporaryDirectory() as folder:
@@ -56,6 +56,13 @@ def summarise(parent_run_id: str, table: pd.DataFrame, report_folder: Location) 
     warning = convergence_warning(table)
     if warning:
         print(warning)
+    out_of_memory = int((table["status"] == "FAILED: out of memory").sum()) if len(table) else 0
+    if out_of_memory:
+        print(
+            f"{out_of_memory} trial(s) killed for memory by Ray: lower expansion_ratio, batch_size or n_tokens, or split "
+            "each crosscoder with --workers-per-trial (study/sweep/memory.py estimates a trial's need)",
+            file=sys.stderr,
+        )
     failed = log_trials_table(parent_run_id, table)
     verdicts = analyse_sweep(parent_run_id)
     for verdict in verdicts:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import mlflow
+import pyarrow.fs as pafs
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -20,7 +21,7 @@ from ray import tune
 from crosscoder import evaluate
 from study.activations.extraction import ActivationRequest
 from study.analysis.measure import crosscoder_config, measure, open_trial_data, train_and_measure
-from study.lm.trajectory import Snapshot
+from study.lm.trajectory import Snapshot, damaged_weight_file
 from study.record import ERROR_ARTIFACT, TAG, TRIAL_RESULT
 from study.sweep.log_trial import log_outcome
 from study.sweep.search_space import activation_set
@@ -66,14 +67,35 @@ def report_checkpoint(path: Path, progress: dict[str, float]) -> None:
     )
 
 
-def restore_checkpoint(folder: Path) -> int | None:
-    """Copy Tune's latest checkpoint of this trial (if any) into ``folder``; the step it holds."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    checkpoint.to_directory(str(folder))
-    steps = [int(path.stem.removeprefix("step")) for path in folder.glob("step*.safetensors")]
-    return max(steps) if steps else None
+class Restored(NamedTuple):
+    step: int | None
+    """The step of the checkpoint restored (None: none, the trial starts from step 0)."""
+    skipped: list[str]
+    """Newer checkpoints that could not be read, each with why."""
+
+
+def restore_checkpoint(folder: Path) -> Restored:
+    """Copy the newest readable checkpoint Tune keeps of this trial into ``folder``: Tune's latest, or, where its
+    crosscoder file is damaged (cut short, overwritten), the one before it, and so on."""
+    latest = tune.get_checkpoint()
+    if latest is None:
+        return Restored(None, [])
+    # Tune keeps every checkpoint a trial reported, side by side in the trial's folder of the storage.
+    trial_folder = latest.path.rstrip("/").rsplit("/", 1)[0]
+    listing = latest.filesystem.get_file_info(pafs.FileSelector(trial_folder))
+    kept = sorted((info.path for info in listing if info.base_name.startswith("checkpoint_")), reverse=True)
+    skipped: list[str] = []
+    for path in kept if latest.path.rstrip("/") in kept else [latest.path]:
+        shutil.rmtree(folder, ignore_errors=True)
+        tune.Checkpoint(path, filesystem=latest.filesystem).to_directory(str(folder))
+        files = sorted(folder.glob("step*.safetensors"))
+        reasons = [reason for file in files if (reason := damaged_weight_file(file)) is not None]
+        if files and not reasons:
+            return Restored(max(int(file.stem.removeprefix("step")) for file in files), skipped)
+        skipped.append(f"{path.rsplit('/', 1)[-1]}: {reasons[0] if reasons else 'no crosscoder file'}")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return Restored(None, skipped)
 
 
 def measured_on_workers(
@@ -133,9 +155,11 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         try:
             mlflow.log_params({key: str(value) for key, value in config.items()})
             tag_resources(context, sweep.workers.count if sweep.workers is not None else 1)
-            resumed_from = restore_checkpoint(checkpoints)
+            resumed_from, skipped = restore_checkpoint(checkpoints)
             if resumed_from is not None:
                 mlflow.set_tag(TAG.resumed_from_step, str(resumed_from))
+            if skipped:  # the run says which checkpoints it could not use, and why
+                mlflow.set_tag(TAG.skipped_checkpoints, "; ".join(skipped)[:5000])
             key = activation_set(config)
             if sweep.workers is not None:
                 outcome = measured_on_workers(trial, sweep.caches[key], sweep.snapshots[key], checkpoints, sweep)
