@@ -516,6 +516,11 @@ def test_a_trial_split_over_two_workers_on_streamed_activations_trains_the_same_
         with safe_open(path, framework="pt") as handle:
             weights[name] = {key: handle.get_tensor(key) for key in handle.keys()}
     assert weights["split"].keys() == weights["single"].keys()
+    # The axis holds target_l0 at 8: the split crosscoder's controller read the global L0 and settled where the
+    # single one did (its state is the sparsity_control buffer compared below, the L0 reached the same).
+    assert split["params.target_l0"].iloc[0] == single["params.target_l0"].iloc[0] == "8"
+    assert split["metrics.l0"].iloc[0] == pytest.approx(single["metrics.l0"].iloc[0], rel=1e-3)
+    assert "sparsity_control" in weights["single"]
     for key, value in weights["single"].items():
         # Two ranks sum their halves of each reconstruction: float32 reduction order, no more.
         torch.testing.assert_close(weights["split"][key], value, atol=1e-5, rtol=1e-4, msg=key)
