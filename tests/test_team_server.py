@@ -56,8 +56,11 @@ def team_server(tmp_path_factory):
         yield url
 
 
-def sweep_process(url: str, folder: Path, password: str, ray_address: str | None) -> subprocess.CompletedProcess:
-    arguments = sweep_arguments(Path(os.environ["TINY_TRAJECTORY"]), folder, "--experiment", "team", "--set", "seed=0")
+def sweep_process(
+    url: str, trajectory: Path, folder: Path, password: str, ray_address: str | None
+) -> subprocess.CompletedProcess:
+    """A one-trial seed sweep as the researcher, with ``password``, in its own process."""
+    arguments = sweep_arguments(trajectory, folder, "--experiment", "team", "--set", "seed=0")
     arguments[0] = "seed"
     environment = dict(
         os.environ, MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME="researcher", MLFLOW_TRACKING_PASSWORD=password
@@ -70,9 +73,8 @@ def sweep_process(url: str, folder: Path, password: str, ray_address: str | None
     )
 
 
-def test_a_wrong_password_is_one_line_before_ray_starts(team_server, tiny_trajectory_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("TINY_TRAJECTORY", str(tiny_trajectory_folder))
-    result = sweep_process(team_server, tmp_path, "not-the-password", ray_address=None)
+def test_a_wrong_password_is_one_line_before_ray_starts(team_server, tiny_trajectory_folder, tmp_path):
+    result = sweep_process(team_server, tiny_trajectory_folder, tmp_path, "not-the-password", ray_address=None)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert line.startswith(f"error: MLflow server {team_server} refused user 'researcher'"), line
@@ -86,9 +88,9 @@ def test_a_sweep_on_the_team_server_keeps_its_secrets_out_of_every_record(
     """The researcher's sweep runs on the session's Ray, whose workers never saw the credentials (as on a cluster):
     trials and the report read them from the sweep. No run, artifact, log, storage file or Ray job holds the
     password; an outsider of the server reads nothing of it."""
-    monkeypatch.setenv("TINY_TRAJECTORY", str(tiny_trajectory_folder))
     assert "MLFLOW_TRACKING_PASSWORD" not in os.environ  # the session's Ray workers inherit none
-    result = sweep_process(team_server, tmp_path, RESEARCHER_PASSWORD, ray_cluster.get_runtime_context().gcs_address)
+    address = ray_cluster.get_runtime_context().gcs_address
+    result = sweep_process(team_server, tiny_trajectory_folder, tmp_path, RESEARCHER_PASSWORD, address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     secret = RESEARCHER_PASSWORD.encode()
     assert secret not in (result.stdout + result.stderr).encode()

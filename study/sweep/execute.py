@@ -199,8 +199,8 @@ def run_trials(
             context.experiment_id,
             context.parent_run_id,
             "FAILED",
-            "its process died before it could close this run (killed for memory, or its node lost), "
-            f"{MAX_FAILURES + 1} times",
+            "its process died before it could close this run (killed for memory, or its node lost) and Tune's "
+            f"{MAX_FAILURES} restarts ran out",
         )
     for result in results:
         metrics = result.metrics or {}
