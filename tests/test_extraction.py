@@ -130,13 +130,7 @@ def test_a_killed_extraction_resumes_without_redoing_finished_shards(trajectory,
     request = small_request(trajectory, contexts_per_shard=2, n_tokens=2000)
     script = textwrap.dedent(
         f"""
-        from study.activations.extraction import (
-    ActivationRequest,
-    activation_bytes,
-    check_space,
-    ensure_activations,
-    free_bytes,
-)
+        from study.activations.extraction import ActivationRequest, ensure_activations
         from study.lm.trajectory import directory_trajectory
         request = ActivationRequest(directory_trajectory({str(trajectory.snapshots[0].source.rsplit("/", 1)[0])!r}),
                                     layers=(0, 1), n_tokens=2000, context_length=32, contexts_per_shard=2, batch_size=8)
@@ -178,13 +172,7 @@ def test_two_concurrent_requests_build_once(trajectory, ray_cluster, tmp_path):
     source = trajectory.snapshots[0].source.rsplit("/", 1)[0]
     script = textwrap.dedent(
         f"""
-        from study.activations.extraction import (
-    ActivationRequest,
-    activation_bytes,
-    check_space,
-    ensure_activations,
-    free_bytes,
-)
+        from study.activations.extraction import ActivationRequest, ensure_activations
         from study.lm.trajectory import directory_trajectory
         request = ActivationRequest(directory_trajectory({source!r}), layers=(1,), n_tokens=2000, context_length=32,
                                     contexts_per_shard=8, batch_size=8)

@@ -432,7 +432,7 @@ def test_ctrl_c_mid_trial_keeps_every_run_and_the_same_command_continues(
         tiny_trajectory_folder,
         tmp_path,
         *("--experiment", "ctrl-c", "--set", "expansion_ratio={grid_search: [4, 8]}"),
-        *("--set", "n_steps=4000", "--max-concurrent", "1"),
+        *("--set", "n_steps=2000", "--max-concurrent", "1"),
     )
     log = tmp_path / "sweep.log"
     seconds = interrupt(arguments, log, lambda: "[start]" in log.read_text(), second_after=0.5)
