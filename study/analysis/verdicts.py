@@ -51,9 +51,13 @@ def finished_trials(client: MlflowClient, parent_run_id: str) -> Trials:
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
     )
-    runs = [run for run in children if run.info.status == "FINISHED"]
     every_param = pd.DataFrame([run.data.params for run in children])
     swept = sorted(str(name) for name in every_param.columns if every_param[name].nunique(dropna=False) > 1)
+    # In the axis's order (then the seed's): each verdict's evidence lists its trials' figures in this order.
+    runs = sorted(
+        (run for run in children if run.info.status == "FINISHED"),
+        key=lambda run: natural_order(tuple(run.data.params.get(key) for key in [*axis_keys(swept), "seed"])),
+    )
     unfinished = tuple(
         (value_label(axis_keys(swept), [run.data.params.get(key) for key in axis_keys(swept)]), run.info.status)
         for run in children
