@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from reports.sweep_record import ReportInputError, SweepRecord, read_sweep, trial_labels
-from study.errors import StudyInputError
+from study.errors import run_cli
 from study.record import FEATURE_BROWSER, MATCH_THRESHOLD
 from study.tracking import check_store, tracking_uri
 
@@ -118,8 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ReportInputError, StudyInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: sys.exit(main()))

@@ -36,7 +36,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from reports import figures
 from reports.features import BROWSER_FOLDER, browser_name, write_browsers
 from reports.sweep_record import ReportInputError, SweepRecord, find_parent_run, read_sweep, trial_labels
-from study.errors import StudyInputError
+from study.errors import run_cli
 from study.record import (
     COMPARED,
     FEATURE_BROWSER,
@@ -411,8 +411,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ReportInputError, StudyInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: sys.exit(main()))

@@ -12,6 +12,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from study.errors import StudyInputError
 from study.record import (
     ABLATION_CURVES_ARTIFACT,
     BY_AXIS_VALUE_ARTIFACT,
@@ -30,7 +31,7 @@ from study.record import (
 )
 
 
-class ReportInputError(ValueError):
+class ReportInputError(StudyInputError):
     """The experiment or run asked for does not exist, or is not a sweep's parent run."""
 
 
